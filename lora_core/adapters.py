@@ -1,0 +1,321 @@
+"""LoRA / LoCon adapters in bypass form, attached to a module tree by forward hooks.
+
+An adapter computes ``y = base(x) + scale * up(down(dropout(x)))`` with ``scale = alpha / rank``
+(``alpha / sqrt(rank)`` with rsLoRA). ``down`` is a Linear, or a Conv2d with the base layer's kernel,
+stride, padding and dilation; ``up`` is a Linear or 1x1 Conv2d. ``down`` starts Kaiming-uniform from a
+seeded generator and ``up`` at zero, so a fresh adapter leaves the model's output unchanged.
+
+Adapters never replace a module of the base model: :meth:`AdapterSet.attach` registers forward hooks
+and returns a handle whose ``remove()`` restores the tree exactly. Names stay the same, so weight
+patches that other tools apply by parameter name (a stacked LoRA, say) keep working, and a host that
+shares one module tree between several model copies can attach a different adapter set to each copy
+for the duration of a call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TARGET_PRESETS, AdapterConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Shape of one adapter: enough to rebuild it without the base model."""
+
+    name: str  # "<component>.<module path>", e.g. "unet.input_blocks.1.1.proj_in"
+    kind: str  # "linear" | "conv"
+    in_features: int
+    out_features: int
+    rank: int
+    alpha: float
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AdapterSpec:
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            in_features=int(d["in_features"]),
+            out_features=int(d["out_features"]),
+            rank=int(d["rank"]),
+            alpha=float(d["alpha"]),
+            kernel_size=tuple(d["kernel_size"]),
+            stride=tuple(d["stride"]),
+            padding=tuple(d["padding"]),
+            dilation=tuple(d["dilation"]),
+        )
+
+    @property
+    def down_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.rank, self.in_features)
+        return (self.rank, self.in_features, *self.kernel_size)
+
+    @property
+    def up_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.out_features, self.rank)
+        return (self.out_features, self.rank, 1, 1)
+
+
+class LoRAModule(nn.Module):
+    """One adapter: ``delta(x) = scale * up(down(dropout(x)))``. Holds no reference to the base layer."""
+
+    def __init__(self, spec: AdapterSpec, dropout: float = 0.0, use_rslora: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.kind == "linear":
+            self.lora_down: nn.Module = nn.Linear(spec.in_features, spec.rank, bias=False)
+            self.lora_up: nn.Module = nn.Linear(spec.rank, spec.out_features, bias=False)
+        elif spec.kind == "conv":
+            self.lora_down = nn.Conv2d(
+                spec.in_features,
+                spec.rank,
+                spec.kernel_size,
+                stride=spec.stride,
+                padding=spec.padding,
+                dilation=spec.dilation,
+                bias=False,
+            )
+            self.lora_up = nn.Conv2d(spec.rank, spec.out_features, 1, bias=False)
+        else:
+            raise ValueError(f"adapter kind={spec.kind!r} is not supported; allowed: linear, conv")
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = spec.alpha / (math.sqrt(spec.rank) if use_rslora else spec.rank)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.lora_down.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)
+        return self.lora_up(self.lora_down(self.dropout(x))) * self.scale
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def resolve_patterns(targets: str | tuple[str, ...]) -> tuple[str, ...] | None:
+    """Preset name or pattern tuple -> patterns; ``None`` means every Linear/Conv2d."""
+    if isinstance(targets, str):
+        return TARGET_PRESETS[targets] if targets else ()
+    return targets
+
+
+def find_targets(
+    root: nn.Module, component: str, targets: str | tuple[str, ...], config: AdapterConfig
+) -> list[AdapterSpec]:
+    """Specs for every module of ``root`` the config targets, in ``named_modules`` order."""
+    patterns = resolve_patterns(targets)
+    if patterns == ():
+        return []
+    specs: list[AdapterSpec] = []
+    for name, module in root.named_modules():
+        if not name or not isinstance(module, ADAPTABLE):
+            continue
+        is_kxk_conv = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+        # LoCon: every k x k conv on top of the chosen targets.
+        wanted = patterns is None or _matches(name, patterns) or (is_kxk_conv and config.algorithm == "locon")
+        if not wanted:
+            continue
+        spec = module_spec(module, f"{component}.{name}", config)
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def module_spec(
+    module: nn.Module, name: str, config: AdapterConfig, rank: int | None = None, alpha: float | None = None
+) -> AdapterSpec | None:
+    """The adapter shape for ``module``; ``None`` for layers an adapter cannot sit on (grouped convs)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or isinstance(module.padding, str):
+            logger.debug("skipping %s (grouped conv or string padding)", name)
+            return None
+        kxk = tuple(module.kernel_size) != (1, 1)
+        return AdapterSpec(
+            name=name,
+            kind="conv",
+            in_features=module.in_channels,
+            out_features=module.out_channels,
+            rank=rank if rank is not None else (config.effective_conv_rank if kxk else config.rank),
+            alpha=alpha if alpha is not None else (config.effective_conv_alpha if kxk else config.alpha),
+            kernel_size=tuple(module.kernel_size),
+            stride=tuple(module.stride),
+            padding=tuple(module.padding),
+            dilation=tuple(module.dilation),
+        )
+    if isinstance(module, nn.Linear):
+        return AdapterSpec(
+            name=name,
+            kind="linear",
+            in_features=module.in_features,
+            out_features=module.out_features,
+            rank=rank if rank is not None else config.rank,
+            alpha=alpha if alpha is not None else config.alpha,
+        )
+    return None
+
+
+class AttachHandle:
+    """Removes the hooks an :class:`AdapterSet` registered; usable as a context manager."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> AttachHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class AdapterSet(nn.Module):
+    """A named collection of :class:`LoRAModule` that can be attached to (and removed from) module trees."""
+
+    def __init__(self, specs: list[AdapterSpec], config: AdapterConfig) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError(
+                "no layer matched the adapter targets "
+                f"(unet_targets={config.unet_targets!r}, text_targets={config.text_targets!r}); "
+                "pick another preset or check the module-name patterns"
+            )
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("adapter names must be unique")
+        self.config = config
+        self.specs: dict[str, AdapterSpec] = {s.name: s for s in specs}
+        # ModuleDict keys cannot contain ".", so the modules are stored under positional keys.
+        self.adapters = nn.ModuleList(LoRAModule(s, config.dropout, config.use_rslora) for s in specs)
+        self._index = {s.name: i for i, s in enumerate(specs)}
+
+    @classmethod
+    def create(
+        cls, roots: Mapping[str, nn.Module], config: AdapterConfig, seed: int = 0
+    ) -> AdapterSet:
+        """Find targets in each component root (``{"unet": ..., "te": ...}``) and initialise them from ``seed``."""
+        specs: list[AdapterSpec] = []
+        for component, root in roots.items():
+            targets = config.text_targets if component.startswith("te") else config.unet_targets
+            specs += find_targets(root, component, targets, config)
+        adapters = cls(specs, config)
+        generator = torch.Generator().manual_seed(seed)
+        for module in adapters.adapters:
+            module.reset_parameters(generator)
+        return adapters
+
+    def __getitem__(self, name: str) -> LoRAModule:
+        return self.adapters[self._index[name]]  # type: ignore[return-value]
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def items(self) -> Iterator[tuple[str, LoRAModule]]:
+        for name in self.specs:
+            yield name, self[name]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def attach(self, roots: Mapping[str, nn.Module]) -> AttachHandle:
+        """Register a forward hook per adapter on the matching module of ``roots``."""
+        handles = []
+        try:
+            for name, module in self.items():
+                component, _, path = name.partition(".")
+                if component not in roots:
+                    continue
+                target = roots[component].get_submodule(path)
+                handles.append(target.register_forward_hook(_make_hook(module)))
+        except Exception:
+            for h in handles:
+                h.remove()
+            raise
+        return AttachHandle(handles)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``{"<name>.lora_down.weight": ..., "<name>.lora_up.weight": ...}`` detached."""
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.items():
+            out[f"{name}.lora_down.weight"] = module.lora_down.weight.detach()
+            out[f"{name}.lora_up.weight"] = module.lora_up.weight.detach()
+        return out
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy weights in; every key must exist and every shape must match (the error names the key)."""
+        expected = set()
+        with torch.no_grad():
+            for name, module in self.items():
+                for part in ("lora_down", "lora_up"):
+                    key = f"{name}.{part}.weight"
+                    expected.add(key)
+                    if key not in weights:
+                        raise ValueError(f"missing adapter weight {key}")
+                    param = getattr(module, part).weight
+                    src = weights[key]
+                    if tuple(src.shape) != tuple(param.shape):
+                        raise ValueError(
+                            f"shape mismatch for {key}: got {tuple(src.shape)}, the model needs {tuple(param.shape)}"
+                        )
+                    param.copy_(src)
+        extra = sorted(set(weights) - expected)
+        if extra:
+            raise ValueError(f"unexpected adapter weights: {', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
+
+
+def _make_hook(module: LoRAModule):  # noqa: ANN202 - torch hook signature
+    def hook(_mod: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        delta = module(args[0])
+        return output + delta.to(output.dtype)
+
+    return hook

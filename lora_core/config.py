@@ -1,0 +1,188 @@
+"""Typed, validated configuration for adapters and training.
+
+Every dataclass validates itself on construction, so a bad value fails where it is written with a
+``ValueError`` that names the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ._validate import check_choice, check_int, check_range
+
+# Module-name suffixes per preset. A pattern matches a module whose dotted name equals it or ends with
+# "." + pattern. "re:<regex>" entries match by regular expression (re.fullmatch on the dotted name).
+ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "attn": ATTN_TARGETS,
+    "attn+ff": ATTN_TARGETS + FF_TARGETS,  # kohya's default: the transformer blocks' Linear/1x1 layers
+    "all": None,  # every Linear and Conv2d
+}
+ALGORITHMS = ("lora", "locon")
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSSES = ("mse", "l1", "huber")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What adapters to put where.
+
+    ``rank``/``alpha`` apply to Linear and 1x1 conv layers; with ``algorithm="locon"`` every k x k conv
+    layer also gets an adapter with ``conv_rank``/``conv_alpha`` (default: ``rank``/``alpha``).
+    ``unet_targets`` is a preset name (see ``TARGET_PRESETS``) or a tuple of module-name patterns;
+    ``text_targets`` likewise for the text encoder (empty: the text encoder is not trained).
+    """
+
+    rank: int = 16
+    alpha: float = 16.0
+    unet_targets: str | tuple[str, ...] = "attn+ff"
+    text_targets: str | tuple[str, ...] = ()
+    algorithm: str = "lora"
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("rank", self.rank, 1, 1024)
+        check_range("alpha", self.alpha, 0.0, 1e6, lo_inclusive=False)
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        if self.conv_rank is not None:
+            check_int("conv_rank", self.conv_rank, 1, 1024)
+        if self.conv_alpha is not None:
+            check_range("conv_alpha", self.conv_alpha, 0.0, 1e6, lo_inclusive=False)
+        check_range("dropout", self.dropout, 0.0, 1.0, hi_inclusive=False)
+        for name in ("unet_targets", "text_targets"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+                value = tuple(value)
+            if isinstance(value, str):
+                if value == "text":
+                    object.__setattr__(self, name, TEXT_TARGETS)
+                elif value != "" and value not in TARGET_PRESETS:
+                    raise ValueError(
+                        f"{name}={value!r} is not a preset; choose one of: {', '.join(TARGET_PRESETS)}, text, "
+                        "or give a list of module-name patterns"
+                    )
+            elif not all(isinstance(p, str) and p for p in value):
+                raise ValueError(f"{name}={value!r} must be a preset name or a list of non-empty patterns")
+
+    @property
+    def effective_conv_rank(self) -> int:
+        return self.conv_rank if self.conv_rank is not None else self.rank
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return self.conv_alpha if self.conv_alpha is not None else self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one run of N optimizer steps trains.
+
+    The learning-rate schedule is a pure function of the global step (``schedule_steps`` long, 0 means
+    "ends with this run"), so chained runs with the same settings continue the schedule exactly.
+    """
+
+    steps: int = 100
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    schedule_steps: int = 0
+    num_cycles: int = 1
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    loss: str = "mse"
+    huber_delta: float = 0.1
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        check_int("steps", self.steps, 0, 10_000_000)
+        check_range("learning_rate", self.learning_rate, 0.0, 10.0, lo_inclusive=False)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_range("weight_decay", self.weight_decay, 0.0, 10.0)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas!r} must be two numbers, e.g. (0.9, 0.999)")
+        for i, b in enumerate(self.betas):
+            check_range(f"betas[{i}]", b, 0.0, 1.0, hi_inclusive=False)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_int("warmup_steps", self.warmup_steps, 0, 10_000_000)
+        check_int("schedule_steps", self.schedule_steps, 0, 10_000_000)
+        check_int("num_cycles", self.num_cycles, 1, 1000)
+        check_int("batch_size", self.batch_size, 1, 4096)
+        check_int("grad_accum", self.grad_accum, 1, 4096)
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("loss", self.loss, LOSSES)
+        check_range("huber_delta", self.huber_delta, 0.0, 100.0, lo_inclusive=False)
+        check_range("min_snr_gamma", self.min_snr_gamma, 0.0, 100.0)
+        check_range("noise_offset", self.noise_offset, 0.0, 1.0)
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        check_range("logit_mean", self.logit_mean, -10.0, 10.0)
+        check_range("logit_std", self.logit_std, 0.0, 10.0, lo_inclusive=False)
+        check_int("min_timestep", self.min_timestep, 0, 100_000)
+        check_int("max_timestep", self.max_timestep, 1, 100_000)
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(
+                f"min_timestep={self.min_timestep} must be below max_timestep={self.max_timestep}"
+            )
+        check_int("seed", self.seed, 0, 2**63 - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Facts about a run that end up in the exported file's metadata (kohya ``ss_*`` keys)."""
+
+    base_model_version: str = "sd_v1"
+    base_model_name: str = ""
+    resolution: tuple[int, int] = (512, 512)
+    num_train_images: int = 0
+    num_reg_images: int = 0
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    v_parameterization: bool = False

@@ -1,0 +1,48 @@
+"""Framework-independent dataset layer: find, validate, caption and bucket training images.
+
+Nothing here imports ComfyUI; only the standard library, numpy, PIL and torch.
+"""
+
+from .buckets import assign_bucket, buckets_for_config, fit_to_bucket, make_buckets
+from .captions import (
+    apply_trigger,
+    decode_text,
+    normalize_caption,
+    read_caption_file,
+    read_metadata_csv,
+    read_metadata_jsonl,
+    split_tags,
+    tag_frequency,
+)
+from .config import CAPTION_EXTENSIONS, ON_ERROR_CHOICES, DatasetConfig
+from .errors import DatasetError
+from .images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, image_to_tensor, open_image
+from .scan import ImageRecord, ScanResult, dataset_fingerprint, file_digest, scan_dataset
+
+__all__ = [
+    "CAPTION_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIDE",
+    "ON_ERROR_CHOICES",
+    "DatasetConfig",
+    "DatasetError",
+    "ImageRecord",
+    "ScanResult",
+    "apply_trigger",
+    "assign_bucket",
+    "buckets_for_config",
+    "dataset_fingerprint",
+    "decode_text",
+    "file_digest",
+    "fit_to_bucket",
+    "image_to_tensor",
+    "make_buckets",
+    "normalize_caption",
+    "open_image",
+    "read_caption_file",
+    "read_metadata_csv",
+    "read_metadata_jsonl",
+    "scan_dataset",
+    "split_tags",
+    "tag_frequency",
+]

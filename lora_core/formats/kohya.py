@@ -1,0 +1,281 @@
+"""kohya-ss / A1111 LoRA files: names, export, import and ``ss_*`` / ``modelspec.*`` metadata.
+
+A kohya key is ``<prefix>_<module path with "." replaced by "_">`` followed by ``.lora_down.weight``,
+``.lora_up.weight`` or ``.alpha``. Which module path a layer has is the host's business: SD1.5 files use
+diffusers paths (``lora_unet_down_blocks_0_attentions_0_...``), SDXL files use the original LDM paths
+(``lora_unet_input_blocks_4_1_...``). The host derives a ``module path -> file path`` map from the model
+itself (ComfyUI: ``comfy.utils.unet_to_diffusers``) and passes it in; nothing here is typed per model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import AdapterSpec, module_spec
+from ..config import AdapterConfig
+from ..fileio import atomic_save_safetensors, load_safetensors
+from ..state import TrainState
+
+SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# Prefixes per component; SDXL uses "te1"/"te2" components for its two text encoders.
+DEFAULT_PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class KohyaNaming:
+    """Turns adapter names (``"unet.input_blocks.1.1.proj_in"``) into kohya names and back.
+
+    ``path_maps[component]`` maps a module path of the live model to the path the file format uses;
+    a component without a map keeps its paths.
+    """
+
+    path_maps: Mapping[str, Mapping[str, str]]
+    prefixes: Mapping[str, str] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.prefixes is None:
+            object.__setattr__(self, "prefixes", dict(DEFAULT_PREFIXES))
+
+    def kohya_name(self, adapter_name: str) -> str:
+        component, _, path = adapter_name.partition(".")
+        if component not in self.prefixes:
+            raise ValueError(f"no kohya prefix for component {component!r} (adapter {adapter_name})")
+        mapping = self.path_maps.get(component)
+        if mapping is not None:
+            if path not in mapping:
+                raise ValueError(
+                    f"layer {path!r} of the {component} has no name in the kohya format; "
+                    "choose targets that exist in the standard model layout"
+                )
+            path = mapping[path]
+        return f"{self.prefixes[component]}_{path.replace('.', '_')}"
+
+    def names(self, adapter_names: Iterable[str]) -> dict[str, str]:
+        out = {n: self.kohya_name(n) for n in adapter_names}
+        seen: dict[str, str] = {}
+        for adapter, kohya in out.items():
+            if kohya in seen:
+                raise ValueError(f"two layers map to the same kohya name {kohya}: {seen[kohya]} and {adapter}")
+            seen[kohya] = adapter
+        return out
+
+    def all_names(self, roots: Mapping[str, nn.Module]) -> dict[str, str]:
+        """kohya name -> adapter name for every Linear/Conv2d in ``roots`` that has a kohya name."""
+        out: dict[str, str] = {}
+        for component, root in roots.items():
+            for path, module in root.named_modules():
+                if not path or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    continue
+                try:
+                    out[self.kohya_name(f"{component}.{path}")] = f"{component}.{path}"
+                except ValueError:
+                    continue
+        return out
+
+
+def _alpha_for_file(spec: AdapterSpec, use_rslora: bool) -> float:
+    # Loaders compute scale = alpha / rank. rsLoRA trains with alpha / sqrt(rank): store the alpha that
+    # gives the same scale under the standard rule.
+    return spec.alpha * math.sqrt(spec.rank) if use_rslora else spec.alpha
+
+
+def export_tensors(state: TrainState, naming: KohyaNaming, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
+    out: dict[str, torch.Tensor] = {}
+    names = naming.names(s.name for s in state.specs)
+    for spec in state.specs:
+        key = names[spec.name]
+        out[f"{key}.lora_down.weight"] = state.weights[f"{spec.name}.lora_down.weight"].to(DTYPES[dtype]).contiguous()
+        out[f"{key}.lora_up.weight"] = state.weights[f"{spec.name}.lora_up.weight"].to(DTYPES[dtype]).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(_alpha_for_file(spec, state.adapter_config.use_rslora), dtype=torch.float32)
+    return out
+
+
+ARCHITECTURES = {
+    "sd_v1": ("stable-diffusion-v1", "diffusers"),
+    "sd_v2": ("stable-diffusion-v2-512", "diffusers"),
+    "sd_v2_768_v": ("stable-diffusion-v2-768-v", "diffusers"),
+    "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
+}
+
+
+def build_metadata(
+    state: TrainState,
+    *,
+    title: str,
+    base_model_version: str = "sd_v1",
+    base_model_name: str = "",
+    prediction_type: str = "epsilon",
+    train: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """kohya ``ss_*`` and Stability ``modelspec.*`` metadata; every value is a string.
+
+    ``train`` holds the last run's settings (learning_rate, optimizer, scheduler, ...). ``state.info``
+    supplies the dataset facts (resolution, tag frequency, image count, start time).
+    """
+    cfg: AdapterConfig = state.adapter_config
+    info = dict(state.info)
+    train = dict(train or {})
+    now = time.time()
+    started = float(info.get("training_started_at", now))
+    resolution = tuple(info.get("resolution", (512, 512)))
+    arch, impl = ARCHITECTURES.get(base_model_version, (base_model_version, "diffusers"))
+    network_args: dict[str, str] = {}
+    if cfg.algorithm == "locon":
+        network_args = {"conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
+    if cfg.use_rslora:
+        network_args["rslora"] = "True"
+    meta: dict[str, Any] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg.rank,
+        "ss_network_alpha": cfg.alpha,
+        "ss_network_dropout": cfg.dropout,
+        "ss_network_args": json.dumps(network_args) if network_args else None,
+        "ss_base_model_version": base_model_version,
+        "ss_v2": base_model_version.startswith("sd_v2"),
+        "ss_sd_model_name": base_model_name,
+        "ss_output_name": title,
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_steps": state.step,
+        "ss_max_train_steps": state.step,
+        "ss_epoch": state.epoch + (1 if state.batch_index else 0),
+        "ss_num_train_images": info.get("num_train_images", 0),
+        "ss_num_reg_images": 0,
+        "ss_seed": state.seed,
+        "ss_learning_rate": train.get("learning_rate"),
+        "ss_unet_lr": train.get("learning_rate"),
+        "ss_text_encoder_lr": train.get("text_encoder_lr", train.get("learning_rate")),
+        "ss_optimizer": train.get("optimizer"),
+        "ss_lr_scheduler": train.get("scheduler"),
+        "ss_lr_warmup_steps": train.get("warmup_steps"),
+        "ss_batch_size_per_device": train.get("batch_size"),
+        "ss_gradient_accumulation_steps": train.get("grad_accum"),
+        "ss_max_grad_norm": train.get("max_grad_norm"),
+        "ss_mixed_precision": train.get("precision"),
+        "ss_gradient_checkpointing": train.get("gradient_checkpointing"),
+        "ss_min_snr_gamma": train.get("min_snr_gamma"),
+        "ss_noise_offset": train.get("noise_offset"),
+        "ss_cache_latents": True,
+        "ss_tag_frequency": json.dumps(info.get("tag_frequency", {}), ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {}), ensure_ascii=False),
+        "ss_training_started_at": started,
+        "ss_training_finished_at": now,
+        "ss_training_comment": info.get("training_comment", "trained with LoRA Kiln"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": impl,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    if info.get("trigger_word"):
+        meta["modelspec.trigger_phrase"] = info["trigger_word"]
+    meta.update(extra or {})
+    return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            for k, v in meta.items() if v is not None}
+
+
+def save_lora(
+    state: TrainState,
+    path: str | os.PathLike[str],
+    naming: KohyaNaming,
+    *,
+    dtype: str = "fp16",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a kohya-format ``.safetensors`` atomically (temp file + rename)."""
+    return atomic_save_safetensors(export_tensors(state, naming, dtype), path, metadata)
+
+
+def group_kohya_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"lora_unet_x": {"down": ..., "up": ..., "alpha": ...}}``; other adapter kinds are refused by name."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unsupported = []
+    for key, value in tensors.items():
+        for suffix, part in zip(SUFFIXES, ("down", "up", "alpha")):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[part] = value
+                break
+        else:
+            unsupported.append(key)
+    if unsupported:
+        raise ValueError(
+            f"unsupported keys in the LoRA file (LoHa/LoKr/DoRA or non-LoRA data?): {', '.join(sorted(unsupported)[:5])}"
+            "; only plain LoRA/LoCon (lora_down/lora_up/alpha) can be trained further"
+        )
+    for base, parts in groups.items():
+        missing = {"down", "up"} - set(parts)
+        if missing:
+            raise ValueError(f"{base}: the file has no {' / '.join(sorted(missing))} weight for this layer")
+    return groups
+
+
+def load_lora_as_state(
+    path: str | os.PathLike[str],
+    roots: Mapping[str, nn.Module],
+    naming: KohyaNaming,
+    config: AdapterConfig,
+    seed: int = 0,
+) -> TrainState:
+    """Start training from an existing kohya LoRA: its layers, ranks, alphas and weights are kept.
+
+    Every key must name a layer of ``roots`` with matching shapes; the error names the first that does not.
+    """
+    tensors, metadata = load_safetensors(path)
+    groups = group_kohya_tensors(tensors)
+    if not groups:
+        raise ValueError(f"{Path(path).name}: no LoRA weights found in the file")
+    known = naming.all_names(roots)
+    unknown = sorted(set(groups) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{Path(path).name}: {len(unknown)} key(s) match no layer of this model, e.g. {unknown[0]} "
+            "(is the LoRA made for another base model, e.g. SDXL vs SD1.5?)"
+        )
+    specs: list[AdapterSpec] = []
+    weights: dict[str, torch.Tensor] = {}
+    for base in sorted(groups, key=lambda b: known[b]):
+        parts = groups[base]
+        adapter_name = known[base]
+        component, _, module_path = adapter_name.partition(".")
+        module = roots[component].get_submodule(module_path)
+        down, up = parts["down"].float(), parts["up"].float()
+        rank = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        spec = module_spec(module, adapter_name, config, rank=rank, alpha=alpha)
+        if spec is None:
+            raise ValueError(f"{base}: layer {module_path} cannot carry an adapter")
+        for part, tensor, want in (("lora_down", down, spec.down_shape), ("lora_up", up, spec.up_shape)):
+            if tuple(tensor.shape) != tuple(want):
+                raise ValueError(
+                    f"{base}.{part}.weight has shape {tuple(tensor.shape)} but this model's {module_path} "
+                    f"needs {tuple(want)}: the LoRA was made for a different model"
+                )
+            weights[f"{adapter_name}.{part}.weight"] = tensor.clone()
+        specs.append(spec)
+    # Adopt the file's rank/alpha in the config where they are uniform, so metadata stays truthful.
+    ranks = {s.rank for s in specs}
+    alphas = {s.alpha for s in specs}
+    file_config = AdapterConfig.from_dict(
+        {**config.to_dict(), "rank": ranks.pop() if len(ranks) == 1 else config.rank,
+         "alpha": alphas.pop() if len(alphas) == 1 else config.alpha, "use_rslora": False}
+    )
+    info = {"imported_from": Path(path).name}
+    if "ss_steps" in metadata:
+        info["imported_steps"] = metadata["ss_steps"]
+    return TrainState(adapter_config=file_config, specs=tuple(specs), weights=weights, seed=seed, info=info)

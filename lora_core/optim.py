@@ -1,0 +1,77 @@
+"""Optimizer and learning-rate schedule factories.
+
+Optional optimizers come from their maintained packages (bitsandbytes, lion-pytorch, prodigyopt); when
+one is missing the error names the package to install. Schedules come from ``transformers``'
+warmup/decay helpers and are used as pure functions of the global step, so a run split into pieces
+follows exactly the same curve as one long run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .config import TrainConfig
+
+_OPTIONAL = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
+    "lion": ("lion-pytorch", "lion_pytorch", "Lion"),
+    "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
+}
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    name = config.optimizer
+    lr = config.learning_rate
+    if name == "adamw":
+        on_cuda = bool(params) and all(p.is_cuda for p in params)
+        kwargs = {"fused": True} if on_cuda else {}
+        return torch.optim.AdamW(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay, **kwargs)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.betas[0], weight_decay=config.weight_decay)
+    package, module_name, cls_name = _OPTIONAL[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"optimizer={name!r} needs the package {package!r}, which is not installed: "
+            f"run `pip install {package}` in ComfyUI's Python, or choose optimizer='adamw'"
+        ) from exc
+    cls = getattr(module, cls_name)
+    if name == "prodigy":
+        return cls(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
+    return cls(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
+
+
+@functools.lru_cache(maxsize=64)
+def _lr_lambda(name: str, warmup: int, total: int, num_cycles: int) -> Callable[[int], float]:
+    from transformers.optimization import get_scheduler
+
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    kwargs = {"num_cycles": num_cycles} if name == "cosine_with_restarts" else None
+    hf_name = "constant_with_warmup" if name == "constant" else name
+    scheduler = get_scheduler(
+        hf_name,
+        dummy,
+        num_warmup_steps=warmup,
+        num_training_steps=None if hf_name == "constant_with_warmup" else total,
+        scheduler_specific_kwargs=kwargs,
+    )
+    return scheduler.lr_lambdas[0]
+
+
+def lr_multiplier(config: TrainConfig, step: int, schedule_steps: int) -> float:
+    """LR factor at global ``step`` (0-based) for a schedule ``schedule_steps`` long."""
+    if config.scheduler == "constant" and config.warmup_steps == 0:
+        return 1.0
+    total = max(schedule_steps, config.warmup_steps + 1, 1)
+    return float(_lr_lambda(config.scheduler, config.warmup_steps, total, config.num_cycles)(step))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

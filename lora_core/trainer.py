@@ -1,0 +1,339 @@
+"""Run N optimizer steps on a :class:`TrainState` and return a new one.
+
+The host hands over the denoiser (:class:`~lora_core.diffusion.DiffusionModel`), the module trees the
+adapters hook into (``{"unet": ..., "te": ...}``) and, optionally, the blocks to checkpoint. The trainer
+attaches the adapters for the duration of the run, trains, and removes them again, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from .adapters import AdapterSet
+from .config import TrainConfig
+from .data.latents import LatentDataset
+from .diffusion import DiffusionModel, diffusion_loss
+from .optim import build_optimizer, lr_multiplier, set_lr
+from .progress import Smoother, StepInfo, TrainCallback
+from .state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; ``last_good_state`` is the state after the last completed step."""
+
+    def __init__(self, message: str, last_good_state: TrainState) -> None:
+        super().__init__(message)
+        self.last_good_state = last_good_state
+
+
+class NonFiniteLossError(TrainingError):
+    pass
+
+
+class OutOfMemoryTrainingError(TrainingError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    state: TrainState
+    stopped_early: bool = False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, else fp32 (CPU autocast is slower than fp32)."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Recompute each module's activations in backward; the modules are restored on exit."""
+    patched: list[tuple[nn.Module, bool, object]] = []
+    try:
+        for module in modules:
+            had_own = "forward" in module.__dict__
+            original = module.forward
+
+            def checkpointed(*args: object, _f: object = original, **kwargs: object) -> object:
+                if not torch.is_grad_enabled():
+                    return _f(*args, **kwargs)  # type: ignore[operator]
+                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)  # type: ignore[arg-type]
+
+            module.forward = checkpointed  # type: ignore[method-assign]
+            patched.append((module, had_own, module.__dict__.get("forward") if had_own else None))
+        yield
+    finally:
+        for module, had_own, _ in patched:
+            del module.forward
+            if had_own:  # pragma: no cover - modules with an instance-level forward are rare
+                logger.warning("gradient checkpointing replaced an instance-level forward on %s", type(module).__name__)
+
+
+@contextlib.contextmanager
+def frozen(roots: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Base weights need no gradients; put back exactly what was there before."""
+    changed = [p for root in roots.values() for p in root.parameters() if p.requires_grad]
+    for p in changed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
+
+
+def _clone_tree(obj: object) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tree(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone_tree(v) for v in obj)
+    return obj
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: DiffusionModel,
+        roots: Mapping[str, nn.Module],
+        device: torch.device | str = "cpu",
+        checkpoint_modules: Sequence[nn.Module] = (),
+    ) -> None:
+        self.model = model
+        self.roots = dict(roots)
+        self.device = torch.device(device)
+        self.checkpoint_modules = list(checkpoint_modules)
+
+    def run(
+        self,
+        state: TrainState,
+        dataset: LatentDataset,
+        config: TrainConfig,
+        callbacks: Sequence[TrainCallback] = (),
+        save_every: int = 0,
+        preview_every: int = 0,
+    ) -> TrainResult:
+        device = self.device
+        dtype = resolve_precision(config.precision, device)
+        adapters = state.build_adapters().to(device)
+        adapters.train()
+        params = list(adapters.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = build_optimizer(params, config)
+        if state.optimizer_state is not None:
+            if state.optimizer_name == config.optimizer:
+                optimizer.load_state_dict(_clone_tree(state.optimizer_state))  # never share tensors with the input
+            else:
+                logger.warning(
+                    "optimizer changed from %s to %s at step %d: starting a fresh optimizer state",
+                    state.optimizer_name,
+                    config.optimizer,
+                    state.step,
+                )
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        cuda_devices = [device] if device.type == "cuda" else []
+
+        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config):
+            noise_gen = torch.Generator()
+            if state.rng is not None:
+                noise_gen.set_state(state.rng["noise"])
+                torch.set_rng_state(state.rng["torch"])
+                if "cuda" in state.rng and cuda_devices:
+                    torch.cuda.set_rng_state(state.rng["cuda"], device)
+            else:
+                noise_gen.manual_seed(state.seed)
+                torch.manual_seed(state.seed)
+            run = _Run(self, state, dataset, config, adapters, optimizer, scaler, noise_gen, dtype)
+            for cb in callbacks:
+                cb.on_start(state, config.steps)
+            stopped = run.loop(callbacks, save_every, preview_every)
+            final = run.snapshot()
+        for cb in callbacks:
+            cb.on_end(final, stopped)
+        return TrainResult(final, stopped)
+
+    @contextlib.contextmanager
+    def _attached(self, adapters: AdapterSet, config: TrainConfig) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(frozen(self.roots))
+            stack.enter_context(adapters.attach(self.roots))
+            if config.gradient_checkpointing and self.checkpoint_modules:
+                stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
+            yield
+
+
+class _Run:
+    """The mutable bookkeeping of one :meth:`Trainer.run`."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        state: TrainState,
+        dataset: LatentDataset,
+        config: TrainConfig,
+        adapters: AdapterSet,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        noise_gen: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        self.t = trainer
+        self.start = state
+        self.dataset = dataset
+        self.config = config
+        self.adapters = adapters
+        self.params = list(adapters.parameters())
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.noise_gen = noise_gen
+        self.dtype = dtype
+        self.step = state.step
+        self.epoch = state.epoch
+        self.batch_index = state.batch_index
+        self.history = list(state.history)
+        self._batches = dataset.epoch_batches(self.epoch, config.batch_size, state.seed)
+        self._rng_mark = self._rng_state()
+        self._mark = (self.step, self.epoch, self.batch_index)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.t.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.t.device)
+        return rng
+
+    def snapshot(self, at_mark: bool = False) -> TrainState:
+        """The state now, or (``at_mark``) as it was when the current step began."""
+        step, epoch, batch_index = self._mark if at_mark else (self.step, self.epoch, self.batch_index)
+        return self.start.replace(
+            weights={k: v.float().cpu().clone() for k, v in self.adapters.weights().items()},
+            step=step,
+            epoch=epoch,
+            batch_index=batch_index,
+            optimizer_name=self.config.optimizer,
+            optimizer_state=_clone_tree(self.optimizer.state_dict()),
+            rng=self._rng_mark if at_mark else self._rng_state(),
+            history=tuple(h for h in self.history if h[0] <= step),
+        )
+
+    def _next_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.batch_index >= len(self._batches):
+            self.epoch += 1
+            self.batch_index = 0
+            self._batches = self.dataset.epoch_batches(self.epoch, self.config.batch_size, self.start.seed)
+        indices = self._batches[self.batch_index]
+        self.batch_index += 1
+        return self.dataset.collate(indices)
+
+    def _micro_step(self) -> float:
+        model = self.t.model
+        device = self.t.device
+        latents, cond = self._next_batch()
+        latents = model.scale_latents(latents.to(device))
+        cond = {k: v.to(device) for k, v in cond.items()}
+        autocast = self.dtype != torch.float32
+        with torch.autocast(device.type, dtype=self.dtype, enabled=autocast):
+            loss = diffusion_loss(model, latents, cond, self.config, self.noise_gen)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"the loss became {value} at step {self.step + 1}. Usual causes: a learning rate too high "
+                f"(now {self.config.learning_rate:g}), fp16 overflow (use bf16 or fp32 precision), or a VAE "
+                "that produces NaN latents in half precision (encode with an fp32 VAE). Training stopped; "
+                f"the last good state (step {self._mark[0]}) is kept.",
+                self.snapshot(at_mark=True),
+            )
+        self.scaler.scale(loss / self.config.grad_accum).backward()
+        return value
+
+    def loop(self, callbacks: Sequence[TrainCallback], save_every: int, preview_every: int) -> bool:
+        config = self.config
+        schedule_steps = config.schedule_steps or (self.start.step + config.steps)
+        smooth_loss = Smoother(0.9)
+        smooth_time = Smoother(0.8)
+        samples_per_step = config.batch_size * config.grad_accum
+        for i in range(config.steps):
+            t0 = time.perf_counter()
+            self._mark = (self.step, self.epoch, self.batch_index)
+            self._rng_mark = self._rng_state()
+            lr = config.learning_rate * lr_multiplier(config, self.step, schedule_steps)
+            set_lr(self.optimizer, lr)
+            try:
+                loss = sum(self._micro_step() for _ in range(config.grad_accum)) / config.grad_accum
+                self.scaler.unscale_(self.optimizer)
+                max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            except torch.OutOfMemoryError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise OutOfMemoryTrainingError(
+                    f"out of memory at step {self.step + 1}: try a smaller batch_size (now {config.batch_size}), a lower resolution, "
+                    "gradient_checkpointing=True, bf16 precision, or a smaller rank. The last good state "
+                    f"(step {self._mark[0]}) is kept.",
+                    self.snapshot(at_mark=True),
+                ) from exc
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.history.append((self.step, loss, lr))
+            dt = time.perf_counter() - t0
+            sec = smooth_time.update(dt) if i > 0 or config.steps == 1 else dt  # first step includes warm-up
+            info = StepInfo(
+                step=self.step,
+                run_step=i + 1,
+                run_steps=config.steps,
+                epoch=self.epoch,
+                loss=loss,
+                smoothed_loss=smooth_loss.update(loss),
+                lr=lr,
+                grad_norm=grad_norm,
+                sec_per_step=sec,
+                samples_per_sec=samples_per_step / sec if sec > 0 else float("inf"),
+                eta_seconds=sec * (config.steps - i - 1),
+            )
+            for cb in callbacks:
+                cb.on_step(info)
+            last = i + 1 == config.steps
+            if save_every and self.step % save_every == 0:
+                snap = self.snapshot()
+                for cb in callbacks:
+                    cb.on_checkpoint(snap)
+            if preview_every and self.step % preview_every == 0:
+                self._preview(callbacks)
+            if not last and any(cb.should_stop() for cb in callbacks):
+                logger.info("training stopped at step %d on request", self.step)
+                return True
+        return False
+
+    def _preview(self, callbacks: Sequence[TrainCallback]) -> None:
+        rng = torch.get_rng_state()  # a sampler may reseed the global RNG; training must not notice
+        self.adapters.eval()
+        try:
+            with torch.no_grad():
+                for cb in callbacks:
+                    cb.on_preview(self.step, self.adapters)
+        finally:
+            self.adapters.train()
+            torch.set_rng_state(rng)

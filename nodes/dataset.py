@@ -1,0 +1,130 @@
+"""KilnLoadDataset: a folder of images + captions -> validated, bucketed, VAE-encoded training data."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from ..lora_core.data import (
+    CAPTION_EXTENSIONS,
+    DatasetConfig,
+    DatasetError,
+    dataset_fingerprint,
+    file_digest,
+    fit_to_bucket,
+    image_to_tensor,
+    open_image,
+    scan_dataset,
+)
+from . import comfy_bridge as bridge
+from .objects import KilnDataset
+from .types import CATEGORY, KilnDatasetType
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_folder(folder: str) -> Path:
+    text = folder.strip().strip('"')
+    if not text:
+        raise bridge.KilnUserError(
+            "folder is empty: give the path of your image folder (absolute, or relative to ComfyUI's input folder)"
+        )
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else bridge.input_directory() / path
+
+
+class KilnLoadDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KilnLoadDataset",
+            display_name="Load Dataset (Kiln)",
+            category=f"{CATEGORY}/data",
+            description=(
+                "Reads a folder of images with .txt/.caption sidecars or a metadata.csv/.jsonl, validates every "
+                "file, sorts images into aspect-ratio buckets and encodes them once with the VAE."
+            ),
+            inputs=[
+                io.String.Input("folder", default="", tooltip=(
+                    "Image folder: absolute, or relative to ComfyUI's input folder. Subfolders named like "
+                    "'10_mycat' repeat their images 10 times (kohya layout).")),
+                io.Vae.Input("vae", tooltip="The VAE of the model you will train (from Load Checkpoint)."),
+                io.Clip.Input("clip", tooltip="The text encoder of the model you will train (from Load Checkpoint)."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip=(
+                    "Training resolution: buckets keep about resolution x resolution pixels. 512 for SD1.5.")),
+                io.Boolean.Input("bucketing", default=True, tooltip=(
+                    "Keep each image's aspect ratio (recommended). Off: every image is cropped to a square.")),
+                io.String.Input("trigger_word", default="", tooltip=(
+                    "Optional word put in front of every caption, e.g. 'sks'. Also used as the caption of images "
+                    "without one.")),
+                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip=(
+                    "How often each image of a flat folder is seen per epoch ('N_name' subfolders set their own).")),
+                io.Combo.Input("caption_extension", options=list(CAPTION_EXTENSIONS), default=".txt", tooltip=(
+                    "Sidecar caption files next to each image: photo.png + photo.txt.")),
+                io.Combo.Input("on_error", options=["error", "skip"], default="error", tooltip=(
+                    "What to do with a broken image or caption: stop with a message naming it, or skip it with "
+                    "a warning.")),
+            ],
+            outputs=[KilnDatasetType.Output(display_name="dataset", tooltip="Validated, encoded training data.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, **_: object) -> str:
+        try:
+            return dataset_fingerprint(resolve_folder(folder))
+        except Exception:  # noqa: BLE001 - the error is reported by execute
+            return f"unreadable:{folder}"
+
+    @classmethod
+    def execute(
+        cls, folder: str, vae: object, clip: object, resolution: int, bucketing: bool, trigger_word: str,
+        repeats: int, caption_extension: str, on_error: str,
+    ) -> io.NodeOutput:
+        path = resolve_folder(folder)
+        try:
+            config = DatasetConfig(
+                folder=str(path), resolution=resolution, bucketing=bucketing, trigger_word=trigger_word.strip(),
+                default_repeats=repeats, caption_extension=caption_extension, on_error=on_error,
+                min_bucket=min(256, resolution), max_bucket=max(1024, resolution),
+            )
+            scan = scan_dataset(config)
+        except DatasetError as exc:
+            raise bridge.KilnUserError(str(exc)) from None
+        latents = []
+        encoded = 0
+        for record in scan.records:
+            key = (file_digest(record.path), record.bucket)
+            try:
+                image, _ = fit_to_bucket(open_image(record.path, config.max_image_pixels), record.bucket)
+            except DatasetError as exc:  # changed on disk since the scan
+                raise bridge.KilnUserError(str(exc)) from None
+            latent, new = bridge.encode_image(vae, key, image_to_tensor(image))
+            if not bool(latent.isfinite().all()):
+                raise bridge.KilnUserError(
+                    f"{record.path.name}: the VAE produced NaN/inf latents for this image. Use a VAE that runs in "
+                    "fp32 (start ComfyUI with --fp32-vae, or load an fp32 VAE), or check the VAE file."
+                )
+            encoded += int(new)
+            latents.append(latent)
+        dataset = KilnDataset(config=config, folder=path, records=scan.records, latents=tuple(latents), clip=clip,
+                              vae=vae, warnings=scan.warnings)
+        buckets = Counter(r.bucket for r in scan.records)
+        lines = [
+            f"{scan.num_images} images ({scan.num_samples} samples per epoch with repeats) from {path}",
+            "buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
+            f"latents: {encoded} encoded, {scan.num_images - encoded} from cache",
+        ]
+        if scan.uncaptioned:
+            lines.append(
+                f"{len(scan.uncaptioned)} images have no caption (Auto Caption can write them; until then they "
+                f"train with {('the trigger word ' + repr(config.trigger_word)) if config.trigger_word else 'an empty caption'})"
+            )
+        if scan.skipped:
+            lines.append(f"skipped {len(scan.skipped)} files: " + "; ".join(f"{p.name}: {why}" for p, why in scan.skipped[:5]))
+        lines += list(scan.warnings[:10])
+        for line in lines:
+            logger.info("Load Dataset: %s", line)
+        return io.NodeOutput(dataset, ui={"text": ["\n".join(lines)]})

@@ -1,0 +1,83 @@
+"""KilnInjectLoRA: rank-r adapters on ComfyUI's already-loaded model, per clone (the base is never mutated)."""
+
+from __future__ import annotations
+
+import time
+
+from comfy_api.latest import io
+
+from ..lora_core import AdapterConfig, AdapterSet, TrainState
+from ..lora_core.config import ALGORITHMS, TARGET_PRESETS
+from ..lora_core.formats.kohya import load_lora_as_state
+from . import comfy_bridge as bridge
+from .objects import KilnRun
+from .types import CATEGORY, KilnStateType
+
+NO_LORA = "none"
+
+
+class KilnInjectLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KilnInjectLoRA",
+            display_name="Inject LoRA (Kiln)",
+            category=f"{CATEGORY}/train",
+            description=(
+                "Puts trainable LoRA adapters on the model. The input MODEL stays untouched: the adapters live on "
+                "a copy, so other branches of the graph render exactly as before."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train a LoRA for (SD1.x / SD2.x)."),
+                io.String.Input("name", default="my_lora", tooltip=(
+                    "Name of this LoRA: used for checkpoints, logs and the default file name.")),
+                io.Int.Input("rank", default=16, min=1, max=1024, tooltip=(
+                    "Adapter rank (network_dim): capacity of the LoRA. 8-32 is typical for a character or style.")),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.01, tooltip=(
+                    "network_alpha: the update is scaled by alpha/rank. alpha = rank means scale 1.")),
+                io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn+ff", tooltip=(
+                    "Which layers get adapters: attn (attention only), attn+ff (kohya's default: attention, "
+                    "feed-forward and projections), all (every Linear/Conv).")),
+                io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lora", tooltip=(
+                    "lora: Linear and 1x1 layers. locon: also every 3x3 conv (LyCORIS LoCon, more capacity).")),
+                io.Int.Input("conv_rank", default=0, min=0, max=1024, tooltip=(
+                    "Rank of the 3x3 conv adapters with locon; 0 uses the same rank.")),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01, tooltip=(
+                    "Dropout on the adapter input during training (0 = off).")),
+                io.Combo.Input("init_lora", options=[NO_LORA, *bridge.lora_names()], default=NO_LORA, tooltip=(
+                    "Start from an existing kohya LoRA in models/loras (its layers, rank and alpha win).")),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False, tooltip=(
+                    "Seed for the adapter initialisation and for all training randomness (batch order, noise).")),
+            ],
+            outputs=[
+                KilnStateType.Output(display_name="state", tooltip="The training state; wire into Train Steps."),
+                io.Model.Output(display_name="model", tooltip="A copy of the model with the (untrained) adapters."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, model: object, name: str, rank: int, alpha: float, targets: str, algorithm: str, conv_rank: int,
+        dropout: float, init_lora: str, seed: int,
+    ) -> io.NodeOutput:
+        if not name.strip():
+            raise bridge.KilnUserError("name is empty: give the LoRA a name, e.g. 'my_lora'")
+        config = AdapterConfig(rank=rank, alpha=alpha, unet_targets=targets, algorithm=algorithm,
+                               conv_rank=conv_rank or None, dropout=dropout)
+        base = bridge.strip_adapters(model)
+        diffusion = bridge.ComfyDiffusion(base)  # refuses unsupported model families with a clear message
+        roots = bridge.unet_roots(base)
+        naming = bridge.kohya_naming(base)
+        if init_lora != NO_LORA:
+            state = load_lora_as_state(bridge.lora_path(init_lora), roots, naming, config, seed=seed)
+        else:
+            state = TrainState.from_adapters(AdapterSet.create(roots, config, seed=seed), seed=seed)
+        naming.names(s.name for s in state.specs)  # every adapter must have a kohya name: fail now, not at save
+        state = state.replace(info={**state.info, "training_started_at": time.time()})
+        run = KilnRun(
+            state=state, model=base, name=name.strip(), naming=naming,
+            base_model_version=bridge.base_model_version(base), prediction_type=diffusion.prediction_type,
+        )
+        n_params = sum(w.numel() for w in state.weights.values())
+        text = f"{len(state.specs)} adapters, {n_params / 1e6:.2f} M trainable parameters"
+        return io.NodeOutput(run, bridge.with_adapters(base, state), ui={"text": [text]})

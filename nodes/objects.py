@@ -1,0 +1,83 @@
+"""The objects that travel on Kiln's sockets (KILN_DATASET, KILN_STATE). Immutable: ComfyUI caches them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..lora_core import LatentDataset, LatentItem, TrainState
+from ..lora_core.data import DatasetConfig, ImageRecord, tag_frequency
+from ..lora_core.formats.kohya import KohyaNaming
+from . import comfy_bridge as bridge
+
+
+@dataclass(frozen=True)
+class KilnDataset:
+    """Validated records, their latents (encoded once), and the CLIP/VAE that go with them."""
+
+    config: DatasetConfig
+    folder: Path
+    records: tuple[ImageRecord, ...]
+    latents: tuple[torch.Tensor, ...]
+    clip: Any
+    vae: Any
+    warnings: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it short
+        return f"KilnDataset({len(self.records)} images from {self.folder})"
+
+    def caption(self, record: ImageRecord) -> str:
+        return record.caption if record.caption is not None else self.config.trigger_word
+
+    def replace(self, **changes: Any) -> KilnDataset:
+        return dataclasses.replace(self, **changes)
+
+    def encoded(self) -> tuple[LatentDataset, int]:
+        """The engine's dataset; captions go through CLIP once per distinct text (cached). Returns (dataset, new encodes)."""
+        items = []
+        fresh = 0
+        for record, latent in zip(self.records, self.latents):
+            text = self.caption(record)
+            context, new = bridge.encode_text(self.clip, text)
+            fresh += int(new)
+            items.append(LatentItem(latent=latent, cond={"context": context}, repeats=record.repeats,
+                                    caption=text, key=str(record.path)))
+        return LatentDataset(tuple(items)), fresh
+
+    def run_info(self) -> dict[str, Any]:
+        """Facts for the LoRA's ``ss_*`` metadata, keyed like kohya (``<repeats>_<folder>``)."""
+        by_dir: dict[str, list[ImageRecord]] = {}
+        for r in self.records:
+            folder = r.path.parent.name if r.path.parent != self.folder else self.folder.name
+            by_dir.setdefault(f"{r.repeats}_{folder}" if not folder[:1].isdigit() else folder, []).append(r)
+        return {
+            "resolution": (self.config.resolution, self.config.resolution),
+            "num_train_images": sum(r.repeats for r in self.records),
+            "tag_frequency": {k: tag_frequency(self.caption(r) for r in v) for k, v in by_dir.items()},
+            "dataset_dirs": {k: {"n_repeats": v[0].repeats, "img_count": len(v)} for k, v in by_dir.items()},
+            "trigger_word": self.config.trigger_word,
+        }
+
+
+@dataclass(frozen=True)
+class KilnRun:
+    """What flows between Inject LoRA, Train Steps and Save LoRA: the engine state plus its ComfyUI context."""
+
+    state: TrainState
+    model: Any  # the MODEL training runs on, without Kiln adapters
+    name: str
+    naming: KohyaNaming
+    base_model_version: str
+    base_model_name: str = ""
+    prediction_type: str = "epsilon"
+    train_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"KilnRun({self.name!r}, step {self.state.step}, {len(self.state.specs)} adapters)"
+
+    def replace(self, **changes: Any) -> KilnRun:
+        return dataclasses.replace(self, **changes)

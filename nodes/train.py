@@ -1,0 +1,161 @@
+"""KilnTrainSteps: N optimizer steps on the state; chainable, cancel-safe, with progress and previews."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainState
+from ..lora_core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS
+from ..lora_core.plot import loss_chart
+from ..lora_core.tb import TensorBoardCallback
+from . import comfy_bridge as bridge
+from .objects import KilnDataset, KilnRun
+from .types import CATEGORY, KilnDatasetType, KilnStateType
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_path(run: KilnRun, state: TrainState, tag: str) -> Path:
+    folder = bridge.safe_child(bridge.checkpoint_directory(), run.name, "")
+    return folder / f"{folder.name}_step{state.step:06d}{tag}.kiln.safetensors"
+
+
+def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "") -> Path:
+    path = state.save(checkpoint_path(run, state, tag), extra_metadata={"kiln_name": run.name})
+    logger.info("LoRA Kiln: checkpoint written to %s", path)
+    return path
+
+
+class _Checkpoints(TrainCallback):
+    def __init__(self, run: KilnRun) -> None:
+        self.run = run
+        self.paths: list[Path] = []
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        self.paths.append(save_checkpoint(self.run, state))
+
+
+def image_from_pil(img: object) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+class KilnTrainSteps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KilnTrainSteps",
+            display_name="Train Steps (Kiln)",
+            category=f"{CATEGORY}/train",
+            description=(
+                "Runs N optimizer steps. Chain several to train, look at a KSampler preview, and train on: step "
+                "count, optimizer and schedule continue exactly. Cancel saves a checkpoint of the state reached."
+            ),
+            inputs=[
+                KilnStateType.Input("state", tooltip="From Inject LoRA, another Train Steps or Load Checkpoint."),
+                KilnDatasetType.Input("dataset", tooltip="From Load Dataset (or Auto Caption)."),
+                io.Int.Input("steps", default=100, min=1, max=1_000_000, tooltip="Optimizer steps to run in this node."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False, tooltip=(
+                    "Peak learning rate. 1e-4 is a safe start for SD1.5 LoRAs with AdamW; Prodigy wants 1.0.")),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", tooltip=(
+                    "adamw is built in; adamw8bit, lion and prodigy need bitsandbytes, lion-pytorch or prodigyopt.")),
+                io.Combo.Input("scheduler", options=list(SCHEDULERS), default="constant", tooltip=(
+                    "Learning-rate curve over schedule_steps (after warmup).")),
+                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000, tooltip="Linear warm-up from 0."),
+                io.Int.Input("schedule_steps", default=0, min=0, max=10_000_000, tooltip=(
+                    "Length of the whole schedule across chained nodes (e.g. 1000 for two nodes of 500). "
+                    "0 = the schedule ends with this node.")),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip=(
+                    "Images per step (per bucket). Lower it if you run out of memory.")),
+                io.Int.Input("grad_accum", default=1, min=1, max=256, tooltip=(
+                    "Gradient accumulation: effective batch = batch_size x grad_accum.")),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", tooltip=(
+                    "auto: bf16 on GPUs that support it, fp32 on CPU. fp16 uses loss scaling.")),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip=(
+                    "Recompute activations in the backward pass: much less memory, about 30% slower.")),
+                io.Float.Input("min_snr_gamma", default=5.0, min=0.0, max=20.0, step=0.5, tooltip=(
+                    "Min-SNR-gamma loss weighting (5 is common; 0 = off).")),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=0.5, step=0.01, tooltip=(
+                    "Offset noise for darker darks / brighter brights (0.05-0.1 typical; 0 = off).")),
+                io.Int.Input("save_every", default=0, min=0, max=1_000_000, tooltip=(
+                    "Write a resumable checkpoint every N global steps to output/lora_kiln/checkpoints (0 = off).")),
+                io.Int.Input("preview_every", default=0, min=0, max=1_000_000, tooltip=(
+                    "Render a preview image with the current LoRA every N steps; shown on this node (0 = off).")),
+                io.String.Input("preview_prompt", default="", multiline=True, tooltip=(
+                    "Prompt for the previews (empty: the trigger word / first caption).")),
+                io.Int.Input("preview_seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seed for the preview images (same seed = comparable previews)."),
+                io.Int.Input("preview_size", default=512, min=64, max=2048, step=64, tooltip="Preview width and height."),
+                io.Int.Input("preview_steps", default=20, min=1, max=200, tooltip="Sampler steps for each preview."),
+            ],
+            outputs=[
+                KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
+                io.Model.Output(display_name="model", tooltip="The model with the LoRA as trained so far: wire into a KSampler."),
+                io.Image.Output(display_name="loss_graph", tooltip="The loss curve of the whole run so far."),
+                io.Image.Output(display_name="previews", tooltip="Preview images rendered during this node (or the loss graph)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, state: KilnRun, dataset: KilnDataset, steps: int, learning_rate: float, optimizer: str,
+                scheduler: str, warmup_steps: int, schedule_steps: int, batch_size: int, grad_accum: int,
+                precision: str, gradient_checkpointing: bool, min_snr_gamma: float, noise_offset: float,
+                save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
+                preview_steps: int) -> io.NodeOutput:
+        run = state
+        node_id = cls.hidden.unique_id
+        config = TrainConfig(
+            steps=steps, learning_rate=learning_rate, optimizer=optimizer, scheduler=scheduler,
+            warmup_steps=warmup_steps, schedule_steps=schedule_steps, batch_size=batch_size, grad_accum=grad_accum,
+            precision=precision, gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma,
+            noise_offset=noise_offset, seed=run.state.seed,
+        )
+        latent_data, _ = dataset.encoded()
+        start = run.state.replace(info={**run.state.info, **dataset.run_info()})
+        prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")
+
+        with torch.inference_mode(False), torch.enable_grad():
+            device = bridge.load_for_training(run.model)
+            trainer = Trainer(bridge.ComfyDiffusion(run.model), bridge.unet_roots(run.model), device,
+                              checkpoint_modules=bridge.checkpoint_blocks(run.model))
+
+            def preview(step: int) -> torch.Tensor:
+                image = bridge.sample_preview(run.model, dataset.clip, dataset.vae, prompt, preview_seed,
+                                              preview_size, preview_size, preview_steps, 7.0)
+                bridge.load_for_training(run.model)  # the VAE may have displaced the UNet
+                return image
+
+            progress = bridge.NodeProgress(node_id, steps, preview if preview_every else None)
+            checkpoints = _Checkpoints(run)
+            tb = TensorBoardCallback(bridge.output_directory() / "lora_kiln" / "logs" / run.name)
+            try:
+                result = trainer.run(start, latent_data, config, [progress, checkpoints, tb],
+                                     save_every=save_every, preview_every=preview_every)
+            except TrainingError as exc:
+                tb.close()
+                path = save_checkpoint(run, exc.last_good_state, "_lastgood")
+                raise bridge.KilnUserError(f"{exc}\nCheckpoint of the last good state: {path}") from None
+
+        new_run = run.replace(state=result.state, train_settings=config.to_dict())
+        if result.stopped_early:
+            path = save_checkpoint(run, result.state, "_cancelled")
+            logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
+            bridge.raise_if_interrupted()
+            raise bridge.KilnUserError(f"training was cancelled at step {result.state.step}; checkpoint: {path}")
+
+        chart = image_from_pil(loss_chart(result.state.history))
+        if progress.previews:
+            previews = torch.cat([img for _, img in progress.previews], dim=0)
+        else:
+            previews = chart
+        last = result.state.history[-1] if result.state.history else (0, float("nan"), 0.0)
+        text = f"step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
+        history = [list(h) for h in result.state.history[-2000:]]
+        ui = {"text": [text], "kiln_history": history,
+              "kiln_previews": [[s, i] for i, (s, _) in enumerate(progress.previews)]}
+        return io.NodeOutput(new_run, bridge.with_adapters(run.model, result.state), chart, previews, ui=ui)

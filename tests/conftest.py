@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say loudly how many ComfyUI integration tests ran, so a skipped suite cannot pass unnoticed."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if "tests/integration/" in getattr(rep, "nodeid", "") and getattr(rep, "when", "call") in ("call", "setup"):
+                if outcome == "passed" and rep.when != "call":
+                    continue
+                counts[outcome] = counts.get(outcome, 0) + 1
+    ran = counts.get("passed", 0) + counts.get("failed", 0) + counts.get("error", 0)
+    terminalreporter.write_sep("=", "ComfyUI integration tests")
+    terminalreporter.write_line(
+        f"ComfyUI integration tests: {ran} ran ({counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
+        f"{counts.get('error', 0)} errors), {counts.get('skipped', 0)} skipped"
+    )
+    if counts.get("skipped") and not ran:
+        terminalreporter.write_line("!! ComfyUI was not found: the integration tests were SKIPPED (see README)")

@@ -1,0 +1,220 @@
+"""Start a real ComfyUI server headless on loopback with LoRA Kiln as a custom node, and talk to it.
+
+Everything the server writes lives in a temporary ``--base-directory`` (models, input, output, custom_nodes),
+so a test run never touches the ComfyUI checkout it uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def find_comfyui() -> Path | None:
+    """``$COMFYUI_PATH``, else the ComfyUI containing this checkout, else ``~/comfy/ComfyUI``."""
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    if REPO.parent.name == "custom_nodes":
+        candidates.append(REPO.parent.parent)
+    candidates.append(Path("~/comfy/ComfyUI").expanduser())
+    for c in candidates:
+        if (c / "main.py").is_file() and (c / "comfy").is_dir():
+            return c.resolve()
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Result:
+    prompt_id: str
+    status: str
+    messages: list[tuple[str, Any]] = field(default_factory=list)
+    previews: list[bytes] = field(default_factory=list)
+    history: dict[str, Any] = field(default_factory=dict)
+
+    def of_type(self, kind: str) -> list[Any]:
+        return [d for t, d in self.messages if t == kind]
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        errs = self.of_type("execution_error")
+        return errs[0] if errs else None
+
+
+class ComfyServer:
+    def __init__(self, comfy: Path, base: Path, checkpoint: Path) -> None:
+        self.comfy = comfy
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for sub in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output", "temp", "user"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        link = base / "custom_nodes" / "lora-kiln"
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        ckpt = base / "models" / "checkpoints" / "tiny_sd15.safetensors"
+        if not ckpt.exists():
+            os.link(checkpoint, ckpt) if checkpoint.stat().st_dev == base.stat().st_dev else shutil.copy(checkpoint, ckpt)
+        self.log_path = base / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # ---- lifecycle ----
+    def start(self, timeout: float = 180) -> None:
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"],
+            cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---- HTTP ----
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def interrupt(self) -> None:
+        self.post("/interrupt", {})
+
+    # ---- running workflows ----
+    def run(self, prompt: dict[str, Any], timeout: float = 600, on_message: Any = None,
+            extra_data: dict[str, Any] | None = None) -> Result:
+        import websocket
+
+        client_id = uuid.uuid4().hex
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=timeout)
+        try:
+            body: dict[str, Any] = {"prompt": prompt, "client_id": client_id}
+            if extra_data:
+                body["extra_data"] = extra_data
+            code, answer = self.post("/prompt", body)
+            if code != 200:
+                raise PromptRejected(code, answer)
+            pid = answer["prompt_id"]
+            result = Result(pid, "running")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                ws.settimeout(max(1.0, deadline - time.monotonic()))
+                frame = ws.recv()
+                if isinstance(frame, bytes):
+                    (event,) = struct.unpack(">I", frame[:4])
+                    if event == 1:
+                        result.previews.append(frame[8:])
+                        result.messages.append(("preview_image", {"bytes": len(frame) - 8}))
+                    elif event == 3:
+                        (n,) = struct.unpack(">I", frame[4:8])
+                        result.messages.append(("progress_text", {"node": frame[8:8 + n].decode(),
+                                                                  "text": frame[8 + n:].decode()}))
+                    continue
+                msg = json.loads(frame)
+                kind, data = msg["type"], msg.get("data", {})
+                if isinstance(data, dict) and data.get("prompt_id") not in (None, pid):
+                    continue
+                result.messages.append((kind, data))
+                if on_message is not None:
+                    on_message(kind, data)
+                if kind in ("execution_success", "execution_error", "execution_interrupted"):
+                    result.status = kind.split("_", 1)[1]
+                    break
+                if kind == "executing" and data.get("node") is None and data.get("prompt_id") == pid:
+                    result.status = "success" if result.status == "running" else result.status
+                    break
+            else:
+                raise TimeoutError(f"prompt {pid} did not finish in {timeout}s")
+        finally:
+            ws.close()
+        for _ in range(50):
+            hist = self.get(f"/history/{pid}")
+            if hist:
+                result.history = hist[pid]
+                break
+            time.sleep(0.1)
+        return result
+
+
+class PromptRejected(Exception):
+    def __init__(self, code: int, body: Any) -> None:
+        super().__init__(f"/prompt answered {code}: {json.dumps(body)[:2000]}")
+        self.code = code
+        self.body = body
+
+
+def build_tiny_checkpoint(comfy: Path, out: Path, size: str = "tiny") -> Path:
+    if out.exists():
+        return out
+    env = {**os.environ, "COMFYUI_PATH": str(comfy), "PYTHONPATH": str(comfy)}
+    subprocess.run([sys.executable, str(REPO / "nodes" / "tiny_checkpoint.py"), str(out), "--size", size],
+                   check=True, env=env, cwd=comfy)
+    return out
+
+
+def make_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 64), captions: bool = True) -> Path:
+    """Small, distinct, learnable images (coloured shapes) with captions."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 30), (200, 40, 200), (30, 200, 200)]
+    for i in range(n):
+        img = Image.new("RGB", size, (245, 245, 240))
+        d = ImageDraw.Draw(img)
+        c = colours[i % len(colours)]
+        w, h = size
+        d.ellipse([w * 0.2, h * 0.2, w * 0.8, h * 0.8], fill=c)
+        img.save(folder / f"img_{i:02d}.png")
+        if captions:
+            (folder / f"img_{i:02d}.txt").write_text(f"a kilnshape circle, colour {i}", encoding="utf-8")
+    return folder

@@ -1,0 +1,231 @@
+"""The training graph on a real ComfyUI server: train, watch, preview, cancel, save, load with stock nodes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import tiny_train_workflow
+
+KSAMPLER = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+
+
+def render_graph(prefix: str, model_link, clip_link, sampler: str = "KSampler", base_id: int = 100) -> dict:
+    """Nodes that render one 64x64 image from a MODEL/CLIP link and save it under ``prefix``."""
+    i = [str(base_id + k) for k in range(6)]
+    if sampler == "KSampler":
+        sampler_inputs = {**KSAMPLER}
+    else:  # same math as KSampler, different node type (a different cache key)
+        sampler_inputs = {"add_noise": "enable", "noise_seed": KSAMPLER["seed"], "steps": KSAMPLER["steps"],
+                          "cfg": KSAMPLER["cfg"], "sampler_name": "euler", "scheduler": "normal", "start_at_step": 0,
+                          "end_at_step": 10000, "return_with_leftover_noise": "disable"}
+    return {
+        i[0]: {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": clip_link}},
+        i[1]: {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip_link}},
+        i[2]: {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        i[3]: {"class_type": sampler, "inputs": {**sampler_inputs, "model": model_link, "positive": [i[0], 0],
+                                                 "negative": [i[1], 0], "latent_image": [i[2], 0]}},
+        i[4]: {"class_type": "VAEDecode", "inputs": {"samples": [i[3], 0], "vae": ["1", 2]}},
+        i[5]: {"class_type": "SaveImage", "inputs": {"images": [i[4], 0], "filename_prefix": prefix}},
+    }
+
+
+def checkpoint_loader() -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
+
+
+def saved_image(server, result, node_id: str) -> np.ndarray:
+    info = result.history["outputs"][node_id]["images"][0]
+    path = server.base / "output" / info["subfolder"] / info["filename"]
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def lora_file(server, name: str):
+    return server.base / "models" / "loras" / f"{name}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def trained(server):
+    """One full run of the shipped example workflow (with previews and periodic checkpoints)."""
+    wf = tiny_train_workflow("e2e", steps=12, save_every=6, preview_every=6)
+    result = server.run(wf, timeout=600)
+    assert result.status == "success", result.error
+    return result
+
+
+def test_example_workflow_trains_and_saves_a_kohya_lora(server, trained):
+    path = lora_file(server, "e2e")
+    assert path.is_file()
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    bases = {k.rsplit(".", 2)[0] for k in keys if k.endswith(".weight")}
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in bases
+    assert "lora_unet_up_blocks_0_attentions_1_proj_out" in bases
+    assert {k.rsplit(".", 1)[1] if k.endswith("alpha") else k.split(".", 1)[1] for k in keys} == {
+        "lora_down.weight", "lora_up.weight", "alpha"}
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"
+    assert meta["ss_steps"] == "12" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_optimizer"] == "adamw" and meta["ss_learning_rate"] == "0.001"
+    assert json.loads(meta["ss_tag_frequency"])["1_shapes"]["a kilnshape circle"] == 4
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["prompt"])["4"]["class_type"] == "KilnTrainSteps"
+    ckpts = sorted(p.name for p in (server.base / "output" / "lora_kiln" / "checkpoints" / "e2e").iterdir())
+    assert ckpts == ["e2e_step000006.kiln.safetensors", "e2e_step000012.kiln.safetensors"]
+    assert list((server.base / "output" / "lora_kiln" / "logs" / "e2e").glob("events.out.tfevents.*"))
+
+
+def test_progress_text_and_previews_arrive_while_training(trained):
+    progress = [d for d in trained.of_type("progress") if d["node"] == "4"]
+    assert [d["value"] for d in progress][:3] == [1, 2, 3] and progress[-1] == {**progress[-1], "value": 12, "max": 12}
+    live = [d for d in trained.of_type("kiln.train.progress") if d["node"] == "4"]
+    assert live and live[-1]["step"] == 12 and live[-1]["loss"] is not None and "eta_seconds" in live[-1]
+    texts = [d["text"] for d in trained.of_type("progress_text") if d["node"] == "4"]
+    assert any("loss" in t and "ETA" in t for t in texts)
+    kinds = [k for k, _ in trained.messages]
+    done = max(i for i, (k, d) in enumerate(trained.messages) if k == "executed" and d["node"] == "4")
+    previews = [i for i, k in enumerate(kinds) if k == "preview_image"]
+    assert len(previews) == 2 and previews[0] < done  # mid-run, before the node finished
+    ui = trained.history["outputs"]["4"]
+    assert [h[0] for h in ui["kiln_history"]] == list(range(1, 13))
+    assert ui["kiln_previews"] == [[6, 0], [12, 1]]
+
+
+def test_stock_lora_loader_loads_every_key_and_changes_the_image(server, trained):
+    log_before = len(server.log())
+    graph = {**checkpoint_loader(),
+             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "e2e.safetensors",
+                                                          "strength_model": 1.0, "strength_clip": 1.0}}}
+    graph.update(render_graph("with_lora", ["2", 0], ["2", 1], base_id=100))
+    graph.update(render_graph("without_lora", ["1", 0], ["1", 1], base_id=200))
+    result = server.run(graph)
+    assert result.status == "success", result.error
+    new_log = server.log()[log_before:]
+    assert "lora key not loaded" not in new_log
+    assert "NOT LOADED" not in new_log
+    with_lora, without = saved_image(server, result, "105"), saved_image(server, result, "205")
+    assert np.abs(with_lora - without).max() > 0
+
+
+def test_original_model_branch_renders_exactly_as_without_kiln(server):
+    server.post("/free", {"unload_models": True, "free_memory": True})  # fresh model objects, empty cache
+    time.sleep(1.0)
+    baseline = server.run({**checkpoint_loader(), **render_graph("baseline", ["1", 0], ["1", 1])})
+    assert baseline.status == "success", baseline.error
+    # train on the same (cached) model objects and render with the LoRA in the same prompt
+    wf = tiny_train_workflow("isolation", steps=6)
+    wf.update(render_graph("kiln_branch", ["4", 1], ["1", 1], base_id=300))
+    trained = server.run(wf)
+    assert trained.status == "success", trained.error
+    # now the original MODEL again, through another sampler node type so nothing comes from the cache
+    after = server.run({**checkpoint_loader(), **render_graph("after", ["1", 0], ["1", 1], sampler="KSamplerAdvanced")})
+    assert after.status == "success", after.error
+    assert "1" in [n for d in after.of_type("execution_cached") for n in d["nodes"]]  # same model object
+    base_img = saved_image(server, baseline, "105")
+    assert np.array_equal(saved_image(server, after, "105"), base_img)
+    assert not np.array_equal(saved_image(server, trained, "305"), base_img)
+
+
+def test_chained_train_steps_continue_and_requeue_reuses_the_first(server):
+    wf = tiny_train_workflow("chain", steps=4)
+    wf["7"] = {"class_type": "KilnTrainSteps", "inputs": {**wf["4"]["inputs"], "state": ["4", 0], "steps": 3}}
+    wf["5"]["inputs"]["state"] = ["7", 0]
+    wf.update(render_graph("between", ["4", 1], ["1", 1], base_id=400))
+    first = server.run(wf)
+    assert first.status == "success", first.error
+    assert [h[0] for h in first.history["outputs"]["7"]["kiln_history"]] == list(range(1, 8))
+    with safe_open(str(lora_file(server, "chain")), "pt") as f:
+        assert f.metadata()["ss_steps"] == "7"
+    wf["7"]["inputs"]["steps"] = 2
+    second = server.run(wf)
+    assert second.status == "success", second.error
+    cached = {n for d in second.of_type("execution_cached") for n in d["nodes"]}
+    assert {"2", "3", "4"} <= cached and "7" not in cached
+    assert [h[0] for h in second.history["outputs"]["7"]["kiln_history"]][-3:] == [4, 5, 6]
+    # the first node's part of the history is identical: its result came from the cache
+    assert first.history["outputs"]["7"]["kiln_history"][:4] == second.history["outputs"]["7"]["kiln_history"][:4]
+    assert lora_file(server, "chain_00001").is_file()  # never overwritten silently
+
+
+def test_cancel_stops_within_a_step_and_keeps_a_checkpoint(server):
+    wf = tiny_train_workflow("cancel", steps=100000, save_every=2)
+    seen = []
+
+    def on_message(kind, data):
+        if kind == "progress" and data.get("node") == "4":
+            seen.append((time.monotonic(), data["value"]))
+            if len(seen) == 5:
+                server.interrupt()
+
+    result = server.run(wf, on_message=on_message, timeout=300)
+    assert result.status == "interrupted"
+    stopped_at = time.monotonic()
+    assert seen[-1][1] <= 7  # stopped within a step or two of the request
+    folder = server.base / "output" / "lora_kiln" / "checkpoints" / "cancel"
+    names = sorted(p.name for p in folder.iterdir())
+    cancelled = [n for n in names if n.endswith("_cancelled.kiln.safetensors")]
+    assert len(cancelled) == 1
+    assert "cancel_step000002.kiln.safetensors" in names and "cancel_step000004.kiln.safetensors" in names
+    for name in names:
+        with safe_open(str(folder / name), "pt") as f:
+            assert f.metadata()["format"] == "lora-kiln.checkpoint/1"
+    assert server.get("/system_stats")  # still serving
+    assert stopped_at - seen[-1][0] < 30
+
+
+def test_resume_from_checkpoint_continues_the_step_count(server):
+    graph = {**checkpoint_loader(),
+             "2": tiny_train_workflow("x")["2"],
+             "3": {"class_type": "KilnLoadCheckpoint", "inputs": {"model": ["1", 0],
+                                                                  "checkpoint": "e2e/e2e_step000006.kiln.safetensors"}},
+             "4": {"class_type": "KilnTrainSteps", "inputs": {**tiny_train_workflow("x")["4"]["inputs"], "steps": 3}},
+             "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": "resumed", "dtype": "fp16",
+                                                            "save_checkpoint": False}}}
+    result = server.run(graph)
+    assert result.status == "success", result.error
+    assert [h[0] for h in result.history["outputs"]["4"]["kiln_history"]][-3:] == [7, 8, 9]
+    with safe_open(str(lora_file(server, "resumed")), "pt") as f:
+        assert f.metadata()["ss_steps"] == "9"
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "no image"),
+        ("corrupt", "broken.png"),
+        ("not_an_image", "notes.jpg"),
+    ],
+)
+def test_bad_dataset_folders_give_clear_errors_and_the_server_keeps_serving(server, setup, expected):
+    folder = server.base / "input" / f"bad_{setup}"
+    if setup != "missing":
+        folder.mkdir(exist_ok=True)
+    if setup == "corrupt":
+        import shutil
+
+        shutil.copy(server.base / "input" / "shapes" / "img_00.png", folder / "good.png")
+        data = (server.base / "input" / "shapes" / "img_01.png").read_bytes()
+        (folder / "broken.png").write_bytes(data[: len(data) // 2])
+    if setup == "not_an_image":
+        (folder / "notes.jpg").write_text("this is not a picture")
+    wf = tiny_train_workflow(f"bad_{setup}")
+    wf["2"]["inputs"]["folder"] = f"bad_{setup}"
+    result = server.run(wf)
+    assert result.status == "error"
+    err = result.error
+    assert err["node_type"] == "KilnLoadDataset"
+    assert expected in err["exception_message"].lower() or expected in err["exception_message"]
+    assert len(err["exception_message"]) < 2000
+    assert server.get("/system_stats")
+    if setup == "corrupt":  # the user's other choice: skip the bad file and train on the rest
+        wf["2"]["inputs"]["on_error"] = "skip"
+        ok = server.run(wf)
+        assert ok.status == "success", ok.error
+        assert "skipped 1" in ok.history["outputs"]["2"]["text"][0]

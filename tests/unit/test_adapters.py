@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch import nn
+
+from lora_core import AdapterConfig, AdapterSet, find_targets
+from lora_core.adapters import AdapterSpec, LoRAModule
+from tiny_models import make_unet
+
+
+def _snapshot(module: nn.Module):
+    return (
+        [(n, type(m)) for n, m in module.named_modules()],
+        {k: v.clone() for k, v in module.state_dict().items()},
+        sum(len(m._forward_hooks) for m in module.modules()),
+    )
+
+
+def test_presets_select_the_expected_layers():
+    unet = make_unet()
+    attn = {s.name for s in find_targets(unet, "unet", "attn", AdapterConfig())}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in attn
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0" in attn
+    assert not any("ff.net" in n or "proj_in" in n for n in attn)
+    assert len(attn) == 2 * 2 * 4  # 2 blocks x (attn1, attn2) x (q, k, v, out)
+
+    attn_ff = {s.name for s in find_targets(unet, "unet", "attn+ff", AdapterConfig())}
+    assert attn < attn_ff
+    assert "unet.down_blocks.0.attentions.0.proj_in" in attn_ff
+    assert "unet.up_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj" in attn_ff
+    assert "unet.up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2" in attn_ff
+    assert not any("resnets" in n for n in attn_ff)
+
+    locon = {s.name for s in find_targets(unet, "unet", "attn+ff", AdapterConfig(algorithm="locon", conv_rank=2))}
+    assert "unet.down_blocks.0.resnets.0.conv1" in locon
+    assert "unet.down_blocks.0.downsamplers.0.conv" in locon
+    assert "unet.down_blocks.0.resnets.0.time_emb_proj" not in locon  # Linear outside the targets
+
+    everything = find_targets(unet, "unet", "all", AdapterConfig())
+    n_layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in unet.modules())
+    assert len(everything) == n_layers
+
+
+def test_fresh_adapters_do_not_change_the_output_and_remove_restores_the_tree():
+    unet = make_unet()
+    before = _snapshot(unet)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 7, 16)
+    ref = unet(x, t, ctx)
+    adapters = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4, algorithm="locon"), seed=0)
+    with adapters.attach({"unet": unet}):
+        assert torch.allclose(unet(x, t, ctx), ref)  # up starts at zero
+        with torch.no_grad():
+            for _, m in adapters.items():
+                m.lora_up.weight.normal_()
+        assert not torch.allclose(unet(x, t, ctx), ref)
+    after = _snapshot(unet)
+    assert before[0] == after[0]
+    assert before[2] == after[2] == 0
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert torch.equal(unet(x, t, ctx), ref)
+
+
+def test_two_adapter_sets_on_one_shared_tree_do_not_leak_into_each_other():
+    unet = make_unet()
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([100]), torch.randn(1, 7, 16)
+    a = AdapterSet.create({"unet": unet}, AdapterConfig(rank=2), seed=1)
+    b = AdapterSet.create({"unet": unet}, AdapterConfig(rank=2), seed=2)
+    with torch.no_grad():
+        for s in (a, b):
+            for _, m in s.items():
+                m.lora_up.weight.normal_()
+    with a.attach({"unet": unet}):
+        out_a = unet(x, t, ctx)
+    with b.attach({"unet": unet}):
+        out_b = unet(x, t, ctx)
+    with a.attach({"unet": unet}):
+        assert torch.equal(unet(x, t, ctx), out_a)
+    assert not torch.allclose(out_a, out_b)
+
+
+def test_seed_covers_adapter_initialisation():
+    unet = make_unet()
+    w1 = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4), seed=7).weights()
+    w2 = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4), seed=7).weights()
+    w3 = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4), seed=8).weights()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1 if "down" in k)
+    assert all(torch.count_nonzero(w1[k]) == 0 for k in w1 if "lora_up" in k)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_linear_delta_matches_peft_lora_layer(rslora):
+    peft_lora = pytest.importorskip("peft.tuners.lora.layer")
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    ours = LoRAModule(AdapterSpec("unet.l", "linear", 12, 10, rank=4, alpha=8.0), use_rslora=rslora)
+    ours.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours.lora_up.weight.normal_()
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora)
+    ref = peft_lora.Linear(base, "default", config=cfg, r=4, lora_alpha=8, use_rslora=rslora)
+    with torch.no_grad():
+        ref.lora_A["default"].weight.copy_(ours.lora_down.weight)
+        ref.lora_B["default"].weight.copy_(ours.lora_up.weight)
+    x = torch.randn(3, 12)
+    assert torch.allclose(base(x) + ours(x), ref(x), atol=1e-6)
+
+
+def test_conv_delta_matches_peft_lora_layer():
+    peft_lora = pytest.importorskip("peft.tuners.lora.layer")
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+    spec = AdapterSpec("unet.c", "conv", 6, 8, rank=3, alpha=3.0, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    ours = LoRAModule(spec)
+    with torch.no_grad():
+        ours.lora_down.weight.normal_()
+        ours.lora_up.weight.normal_()
+    from peft import LoraConfig
+
+    ref = peft_lora.Conv2d(base, "default", config=LoraConfig(r=3, lora_alpha=3), r=3, lora_alpha=3)
+    with torch.no_grad():
+        ref.lora_A["default"].weight.copy_(ours.lora_down.weight)
+        ref.lora_B["default"].weight.copy_(ours.lora_up.weight)
+    x = torch.randn(2, 6, 9, 9)
+    assert torch.allclose(base(x) + ours(x), ref(x), atol=1e-5)
+
+
+def test_no_matching_target_is_a_clear_error():
+    with pytest.raises(ValueError, match="no layer matched"):
+        AdapterSet.create({"unet": make_unet()}, AdapterConfig(unet_targets=("does_not_exist",)))
+
+
+def test_load_weights_names_the_mismatching_key():
+    unet = make_unet()
+    a = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4, unet_targets="attn"))
+    w = dict(a.weights())
+    key = next(iter(w))
+    w[key] = torch.zeros(99, 1)
+    with pytest.raises(ValueError, match=f"shape mismatch for {key}"):
+        a.load_weights(w)

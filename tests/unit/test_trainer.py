@@ -1,0 +1,204 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_core import AdapterConfig, AdapterSet, NonFiniteLossError, TrainCallback, TrainConfig, Trainer, TrainState
+from lora_core.data.latents import LatentDataset, LatentItem
+from tiny_models import TinyDiffusion, make_dataset, make_unet
+
+
+def _setup(adapter_cfg=None, seed=0):
+    unet = make_unet()
+    adapters = AdapterSet.create({"unet": unet}, adapter_cfg or AdapterConfig(rank=4, alpha=4), seed=seed)
+    state = TrainState.from_adapters(adapters, seed=seed)
+    return unet, Trainer(TinyDiffusion(unet), {"unet": unet}), state
+
+
+class Regression:
+    """A 'denoiser' whose learnable target is exact: the loss can go to ~0."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 4, bias=False))
+        self.alphas_cumprod = torch.full((10,), 0.5)
+        self.target_map = torch.randn(4, 4) * 0.3
+
+    def scale_latents(self, x):
+        return x
+
+    def __call__(self, x, t, cond):
+        return self.net(x.transpose(1, 3)).transpose(1, 3)
+
+
+def test_loss_falls_to_near_zero_on_a_learnable_target():
+    model = Regression()
+    # eps-prediction from x_t = sqrt(.5) x0 + sqrt(.5) eps is learnable exactly when x0 = 0.
+    items = tuple(LatentItem(torch.zeros(4, 2, 2), {"c": torch.zeros(1)}) for _ in range(4))
+    adapters = AdapterSet.create({"m": model.net}, AdapterConfig(rank=4, alpha=4, unet_targets="all"), seed=0)
+    state = TrainState.from_adapters(adapters)
+    trainer = Trainer(model, {"m": model.net})
+    cfg = TrainConfig(steps=300, learning_rate=3e-2, batch_size=4, weight_decay=0.0, max_grad_norm=0)
+    result = trainer.run(state, LatentDataset(items), cfg)
+    losses = [h[1] for h in result.state.history]
+    assert losses[0] > 0.5
+    assert sum(losses[-20:]) / 20 < 0.05 * losses[0]
+
+
+def test_loss_falls_on_the_tiny_unet():
+    unet, trainer, state = _setup(AdapterConfig(rank=8, alpha=8, algorithm="locon"))
+    cfg = TrainConfig(steps=120, learning_rate=5e-3, batch_size=4, timestep_sampling="uniform")
+    result = trainer.run(state, make_dataset(n=4), cfg)
+    losses = [h[1] for h in result.state.history]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+
+def test_run_never_mutates_its_input_state_or_the_base_model():
+    unet, trainer, state = _setup()
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    weights = {k: v.clone() for k, v in state.weights.items()}
+    first = trainer.run(state, make_dataset(), TrainConfig(steps=5, learning_rate=1e-2)).state
+    opt_before = {i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for i, s in first.optimizer_state["state"].items()}
+    trainer.run(first, make_dataset(), TrainConfig(steps=5, learning_rate=1e-2))
+    assert all(torch.equal(weights[k], state.weights[k]) for k in weights)
+    assert state.step == 0 and state.optimizer_state is None
+    for i, s in first.optimizer_state["state"].items():
+        for k, v in opt_before[i].items():
+            assert torch.equal(v, s[k])
+    assert all(torch.equal(base[k], v) for k, v in unet.state_dict().items())
+    assert all(p.requires_grad for p in unet.parameters())
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == 0
+
+
+def _resume_cfg(steps):
+    return TrainConfig(
+        steps=steps, learning_rate=2e-3, batch_size=2, grad_accum=2, scheduler="cosine", warmup_steps=5,
+        schedule_steps=40, noise_offset=0.05, min_snr_gamma=5.0,
+    )
+
+
+def test_resume_is_exact(tmp_path):
+    adapter_cfg = AdapterConfig(rank=4, alpha=4, dropout=0.1)
+    data = make_dataset(n=5, sizes=((8, 8), (8, 12)), repeats=2)
+    _, trainer, state = _setup(adapter_cfg, seed=3)
+    straight = trainer.run(state, data, _resume_cfg(40)).state
+
+    _, trainer2, state2 = _setup(adapter_cfg, seed=3)
+    half = trainer2.run(state2, data, _resume_cfg(20)).state
+    half.save(tmp_path / "half.safetensors")
+    loaded = TrainState.load(tmp_path / "half.safetensors")
+    resumed = trainer2.run(loaded, data, _resume_cfg(20)).state
+
+    assert resumed.step == straight.step == 40
+    assert (resumed.epoch, resumed.batch_index) == (straight.epoch, straight.batch_index)
+    assert [h[1] for h in resumed.history] == [h[1] for h in straight.history]
+    assert [h[2] for h in resumed.history] == [h[2] for h in straight.history]
+    for k in straight.weights:
+        assert torch.equal(straight.weights[k], resumed.weights[k]), k
+
+
+def test_same_seed_same_run_and_other_seed_differs():
+    def run(seed):
+        _, trainer, state = _setup(seed=seed)
+        return trainer.run(state, make_dataset(), TrainConfig(steps=6, learning_rate=1e-2)).state
+
+    a, b, c = run(1), run(1), run(2)
+    assert [h[1] for h in a.history] == [h[1] for h in b.history]
+    assert [h[1] for h in a.history] != [h[1] for h in c.history]
+
+
+def test_lr_schedule_warmup_and_cosine():
+    _, trainer, state = _setup()
+    cfg = TrainConfig(steps=20, learning_rate=1e-3, scheduler="cosine", warmup_steps=4)
+    lrs = [h[2] for h in trainer.run(state, make_dataset(), cfg).state.history]
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(1e-3)
+    assert lrs[1] < lrs[2] < lrs[3] < lrs[4]
+    assert lrs[-1] < 0.05e-3
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_nan_loss_stops_with_the_last_good_state():
+    class Poison(TinyDiffusion):
+        calls = 0
+
+        def __call__(self, x, t, cond):
+            Poison.calls += 1
+            out = super().__call__(x, t, cond)
+            return out * float("nan") if Poison.calls == 4 else out
+
+    unet = make_unet()
+    adapters = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4), seed=0)
+    state = TrainState.from_adapters(adapters)
+    trainer = Trainer(Poison(unet), {"unet": unet})
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4.*learning rate.*fp16.*VAE") as info:
+        trainer.run(state, make_dataset(), TrainConfig(steps=10, learning_rate=1e-2))
+    good = info.value.last_good_state
+    assert good.step == 3 and len(good.history) == 3
+    assert all(math.isfinite(float(v.abs().sum())) for v in good.weights.values())
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == 0
+
+
+def test_cancel_stops_within_one_step_and_checkpoints_fire():
+    class Stopper(TrainCallback):
+        def __init__(self):
+            self.steps, self.saved = [], []
+
+        def on_step(self, info):
+            self.steps.append(info.step)
+
+        def on_checkpoint(self, state):
+            self.saved.append(state.step)
+
+        def should_stop(self):
+            return len(self.steps) >= 7
+
+    _, trainer, state = _setup()
+    cb = Stopper()
+    result = trainer.run(state, make_dataset(), TrainConfig(steps=50), callbacks=[cb], save_every=3)
+    assert result.stopped_early and result.state.step == 7
+    assert cb.saved == [3, 6]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def run(ckpt):
+        unet = make_unet()
+        adapters = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4), seed=0)
+        state = TrainState.from_adapters(adapters)
+        blocks = list(unet.down_blocks) + list(unet.up_blocks)
+        trainer = Trainer(TinyDiffusion(unet), {"unet": unet}, checkpoint_modules=blocks)
+        out = trainer.run(state, make_dataset(), TrainConfig(steps=3, gradient_checkpointing=ckpt)).state
+        assert all("forward" not in b.__dict__ for b in blocks)
+        return out
+
+    a, b = run(False), run(True)
+    for k in a.weights:
+        assert torch.allclose(a.weights[k], b.weights[k], atol=1e-6)
+
+
+def test_missing_optional_optimizer_names_the_package():
+    pytest.importorskip("torch")
+    try:
+        import lion_pytorch  # noqa: F401
+        pytest.skip("lion-pytorch is installed")
+    except ImportError:
+        pass
+    _, trainer, state = _setup()
+    with pytest.raises(ValueError, match="pip install lion-pytorch"):
+        trainer.run(state, make_dataset(), TrainConfig(steps=1, optimizer="lion"))
+
+
+def test_tensorboard_scalars_are_readable(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_core.tb import TensorBoardCallback
+
+    _, trainer, state = _setup()
+    trainer.run(state, make_dataset(), TrainConfig(steps=4), callbacks=[TensorBoardCallback(tmp_path)])
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert {"loss/raw", "loss/smoothed", "lr", "grad_norm", "speed/sec_per_step"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss/raw")] == [1, 2, 3, 4]
