@@ -229,3 +229,45 @@ def test_bad_dataset_folders_give_clear_errors_and_the_server_keeps_serving(serv
         ok = server.run(wf)
         assert ok.status == "success", ok.error
         assert "skipped 1" in ok.history["outputs"]["2"]["text"][0]
+
+
+def test_locon_on_every_layer_maps_onto_comfyui_and_loads_without_missing_keys(server):
+    wf = tiny_train_workflow("everything", steps=2)
+    wf["3"]["inputs"].update(targets="all", algorithm="locon", conv_rank=4)
+    result = server.run(wf)
+    assert result.status == "success", result.error
+    with safe_open(str(lora_file(server, "everything")), "pt") as f:
+        bases = {k.rsplit(".", 2)[0] for k in f.keys() if k.endswith(".weight")}
+        meta = f.metadata()
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in bases  # 3x3 conv (LoCon)
+    assert "lora_unet_conv_in" in bases and "lora_unet_time_embedding_linear_1" in bases
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8.0"}
+    log_before = len(server.log())
+    graph = {**checkpoint_loader(),
+             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                          "lora_name": "everything.safetensors",
+                                                          "strength_model": 1.0, "strength_clip": 1.0}}}
+    graph.update(render_graph("everything", ["2", 0], ["2", 1], base_id=500))
+    loaded = server.run(graph)
+    assert loaded.status == "success", loaded.error
+    assert "lora key not loaded" not in server.log()[log_before:]
+
+
+def test_training_can_start_from_an_existing_lora(server, trained):
+    wf = tiny_train_workflow("continued", steps=2)
+    wf["3"]["inputs"]["init_lora"] = "e2e.safetensors"
+    result = server.run(wf)
+    assert result.status == "success", result.error
+    with safe_open(str(lora_file(server, "continued")), "pt") as f, safe_open(str(lora_file(server, "e2e")), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+
+
+@pytest.mark.parametrize("filename", ["../escape", "/tmp/absolute", "a/../../b"])
+def test_save_refuses_names_that_escape_models_loras(server, filename):
+    wf = tiny_train_workflow("escape", steps=1)
+    wf["5"]["inputs"]["filename"] = filename
+    result = server.run(wf)
+    assert result.status == "error"
+    assert result.error["node_type"] == "KilnSaveLoRA"
+    assert "relative name" in result.error["exception_message"] or "'..'" in result.error["exception_message"]
+    assert not list(server.base.parent.glob("escape*")) and not (server.base / "models" / "escape.safetensors").exists()

@@ -202,3 +202,12 @@ def test_tensorboard_scalars_are_readable(tmp_path):
     acc.Reload()
     assert {"loss/raw", "loss/smoothed", "lr", "grad_norm", "speed/sec_per_step"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss/raw")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_keeps_fp32_adapter_weights(precision):
+    _, trainer, state = _setup()
+    result = trainer.run(state, make_dataset(), TrainConfig(steps=4, learning_rate=1e-2, precision=precision)).state
+    assert all(math.isfinite(h[1]) for h in result.history)
+    assert all(v.dtype == torch.float32 for v in result.weights.values())
+    assert any(torch.count_nonzero(v) for k, v in result.weights.items() if "lora_up" in k)
