@@ -40,7 +40,7 @@ class KilnSaveLoRA(io.ComfyNode):
                     "Precision of the saved weights; fp16 is what most tools expect.")),
                 io.Boolean.Input("save_checkpoint", default=False, tooltip=(
                     "Also write a resumable training checkpoint (with optimizer state) to "
-                    "output/lora_kiln/checkpoints; continue later with Load Checkpoint.")),
+                    "output/lora_kiln/<name>/checkpoints; continue later with Load Checkpoint.")),
             ],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The saved file's name inside models/loras.")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -73,7 +73,7 @@ class KilnSaveLoRA(io.ComfyNode):
         )
         atomic_save_safetensors(tensors, target, metadata)
         name = target.relative_to(root).as_posix()
-        lines = [f"saved models/loras/{name} ({len(bases)} layers, step {run.state.step})"]
+        lines = [f"saved {bridge.display_path(target)} ({len(bases)} layers, step {run.state.step})"]
         if save_checkpoint:
             lines.append(f"checkpoint: {save_checkpoint_for(run)}")
         logger.info("LoRA Kiln: %s", "; ".join(lines))
@@ -85,10 +85,10 @@ def save_checkpoint_for(run: KilnRun) -> Path:
 
 
 def checkpoint_names() -> list[str]:
-    root = bridge.checkpoint_directory()
+    root = bridge.runs_directory()
     if not root.is_dir():
         return []
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.kiln.safetensors"))
+    return sorted(p.relative_to(root).as_posix() for p in root.glob("*/checkpoints/*.kiln.safetensors"))
 
 
 class KilnLoadCheckpoint(io.ComfyNode):
@@ -103,7 +103,8 @@ class KilnLoadCheckpoint(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The same base model the checkpoint was trained on."),
                 io.Combo.Input("checkpoint", options=names or ["(none saved yet)"], tooltip=(
-                    "A checkpoint from output/lora_kiln/checkpoints (written by save_every, Cancel, or Save LoRA).")),
+                    "A checkpoint from output/lora_kiln/<name>/checkpoints (written by save_every, Cancel, or Save "
+                    "LoRA).")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="Wire into Train Steps to continue."),
@@ -113,7 +114,7 @@ class KilnLoadCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: object, checkpoint: str) -> io.NodeOutput:
-        root = bridge.checkpoint_directory()
+        root = bridge.runs_directory()
         path = bridge.safe_child(root, checkpoint, ".kiln.safetensors") if checkpoint.endswith(".kiln.safetensors") \
             else None
         if path is None or not path.is_file():
@@ -141,7 +142,7 @@ class KilnLoadCheckpoint(io.ComfyNode):
                     f"{shape[0]}->{shape[1]} in this model: load it on the model it was trained on"
                 )
         diffusion = bridge.ComfyDiffusion(base)
-        name = path.parent.name if path.parent != root else path.name.split("_step")[0]
+        name = path.parent.parent.name
         run = KilnRun(state=state, model=base, name=name, naming=bridge.kohya_naming(base),
                       base_model_version=bridge.base_model_version(base), prediction_type=diffusion.prediction_type)
         text = f"resumed {name} at step {state.step} (epoch {state.epoch + 1})"

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MIN_IMAGE_SIDE = 8
 
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
 _FIX_REPLACE = "Re-export it or delete it"
 # Serialises the rare case where PIL's process-wide pixel limit must be raised for a moment (see _pil_pixel_limit).
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -84,15 +86,22 @@ def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
         scaled = (arr - lo) * (255.0 / (hi - lo))
     else:
         scaled = np.zeros_like(arr)
-    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, mode="L")
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode "L"
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    """Alpha channel, a transparent colour / palette index, or an RGBA palette (``has_transparency_data`` needs
+    Pillow 10.1; this works on every supported Pillow)."""
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return True
+    return img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited over white."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _sixteen_bit_to_8(img)
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or img.has_transparency_data:
+    if _has_transparency(img):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -179,8 +188,6 @@ def open_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
                     path=path,
                     fix="Re-save it as an 8-bit RGB PNG or JPEG",
                 ) from e
-            if rgb is img:  # never hand out the object tied to the (now closing) file
-                rgb = rgb.copy()
     return rgb
 
 

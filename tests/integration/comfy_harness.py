@@ -24,6 +24,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
+def load_workflow_format():
+    """nodes/workflow_format.py has no ComfyUI import; load it by path (the package needs ComfyUI)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kiln_workflow_format", REPO / "nodes" / "workflow_format.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def find_comfyui() -> Path | None:
     """``$COMFYUI_PATH``, else the ComfyUI containing this checkout, else ``~/comfy/ComfyUI``."""
     candidates = []

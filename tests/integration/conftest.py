@@ -33,9 +33,13 @@ def comfy_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(comfy_base, tmp_path_factory):
-    ckpt = build_tiny_checkpoint(COMFY, tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
-    srv = ComfyServer(COMFY, comfy_base, ckpt)
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(COMFY, tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
+
+
+@pytest.fixture(scope="session")
+def server(comfy_base, tiny_checkpoint):
+    srv = ComfyServer(COMFY, comfy_base, tiny_checkpoint)
     make_images(comfy_base / "input" / "shapes", n=4)
     srv.start()
     yield srv

@@ -76,12 +76,12 @@ def test_example_workflow_trains_and_saves_a_kohya_lora(server, trained):
     assert json.loads(meta["ss_tag_frequency"])["1_shapes"]["a kilnshape circle"] == 4
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(meta["prompt"])["4"]["class_type"] == "KilnTrainSteps"
-    ckpts = sorted(p.name for p in (server.base / "output" / "lora_kiln" / "checkpoints" / "e2e").iterdir())
+    ckpts = sorted(p.name for p in (server.base / "output" / "lora_kiln" / "e2e" / "checkpoints").iterdir())
     assert ckpts == ["e2e_step000006.kiln.safetensors", "e2e_step000012.kiln.safetensors"]
-    assert list((server.base / "output" / "lora_kiln" / "logs" / "e2e").glob("events.out.tfevents.*"))
+    assert list((server.base / "output" / "lora_kiln" / "e2e" / "logs").glob("events.out.tfevents.*"))
 
 
-def test_progress_text_and_previews_arrive_while_training(trained):
+def test_progress_text_and_previews_arrive_while_training(server, trained):
     progress = [d for d in trained.of_type("progress") if d["node"] == "4"]
     assert [d["value"] for d in progress][:3] == [1, 2, 3] and progress[-1] == {**progress[-1], "value": 12, "max": 12}
     live = [d for d in trained.of_type("kiln.train.progress") if d["node"] == "4"]
@@ -94,7 +94,12 @@ def test_progress_text_and_previews_arrive_while_training(trained):
     assert len(previews) == 2 and previews[0] < done  # mid-run, before the node finished
     ui = trained.history["outputs"]["4"]
     assert [h[0] for h in ui["kiln_history"]] == list(range(1, 13))
-    assert ui["kiln_previews"] == [[6, 0], [12, 1]]
+    assert [p["step"] for p in ui["kiln_previews"]] == [6, 12]  # temp PNGs the live view (web/js) shows
+    for ref in ui["kiln_previews"]:
+        assert ref["type"] == "temp" and (server.base / "temp" / ref["subfolder"] / ref["filename"]).is_file()
+    sent = [d for d in trained.of_type("kiln.train.preview") if d["node"] == "4"]
+    assert [d["filename"] for d in sent] == [p["filename"] for p in ui["kiln_previews"]]
+    assert sorted(s for d in live for s, _, _ in d["points"]) == list(range(1, 13))  # no step lost to throttling
 
 
 def test_stock_lora_loader_loads_every_key_and_changes_the_image(server, trained):
@@ -167,7 +172,7 @@ def test_cancel_stops_within_a_step_and_keeps_a_checkpoint(server):
     assert result.status == "interrupted"
     stopped_at = time.monotonic()
     assert seen[-1][1] <= 7  # stopped within a step or two of the request
-    folder = server.base / "output" / "lora_kiln" / "checkpoints" / "cancel"
+    folder = server.base / "output" / "lora_kiln" / "cancel" / "checkpoints"
     names = sorted(p.name for p in folder.iterdir())
     cancelled = [n for n in names if n.endswith("_cancelled.kiln.safetensors")]
     assert len(cancelled) == 1
@@ -183,7 +188,7 @@ def test_resume_from_checkpoint_continues_the_step_count(server):
     graph = {**checkpoint_loader(),
              "2": tiny_train_workflow("x")["2"],
              "3": {"class_type": "KilnLoadCheckpoint", "inputs": {"model": ["1", 0],
-                                                                  "checkpoint": "e2e/e2e_step000006.kiln.safetensors"}},
+                                                                  "checkpoint": "e2e/checkpoints/e2e_step000006.kiln.safetensors"}},
              "4": {"class_type": "KilnTrainSteps", "inputs": {**tiny_train_workflow("x")["4"]["inputs"], "steps": 3}},
              "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": "resumed", "dtype": "fp16",
                                                             "save_checkpoint": False}}}

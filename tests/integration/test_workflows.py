@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from comfy_harness import REPO
 from safetensors import safe_open
-from workflow_format import ui_to_api
 
+from comfy_harness import REPO, load_workflow_format
+
+ui_to_api = load_workflow_format().ui_to_api
 WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 
 

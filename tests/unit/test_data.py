@@ -46,7 +46,9 @@ BIG = 10**9
 # helpers
 
 
-def save(path: Path, size: tuple[int, int] = (64, 48), color: tuple[int, ...] = (200, 30, 10), mode: str = "RGB") -> Path:
+def save(
+    path: Path, size: tuple[int, int] = (64, 48), color: tuple[int, ...] = (200, 30, 10), mode: str = "RGB"
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, color).save(path)
     return path
@@ -98,7 +100,9 @@ def test_data_package_imports_only_stdlib_numpy_pil_torch() -> None:
 def test_config_defaults_are_valid_and_frozen(tmp_path: Path) -> None:
     c = cfg(tmp_path)
     assert (c.resolution, c.min_bucket, c.max_bucket, c.bucket_step) == (512, 256, 1024, 64)
-    assert c.on_error == "error" and c.caption_extension == ".txt" and c.default_repeats == 1
+    assert c.on_error == "error"
+    assert c.caption_extension == ".txt"
+    assert c.default_repeats == 1
     with pytest.raises(AttributeError):
         c.resolution = 768  # type: ignore[misc]
 
@@ -193,9 +197,12 @@ def test_dataset_error_pickles_with_its_fields() -> None:
 def test_open_every_supported_extension(tmp_path: Path, ext: str) -> None:
     path = save(tmp_path / f"img{ext}", (40, 24), (0, 0, 255))
     img = open_image(path, BIG)
-    assert img.mode == "RGB" and img.size == (40, 24)
+    assert img.mode == "RGB"
+    assert img.size == (40, 24)
     r, g, b = img.getpixel((20, 12))
-    assert b > 200 and r < 60 and g < 60
+    assert b > 200
+    assert r < 60
+    assert g < 60
 
 
 def test_open_rgb_keeps_pixels_exactly(tmp_path: Path) -> None:
@@ -250,6 +257,15 @@ def test_open_palette_transparency_becomes_white(tmp_path: Path, ext: str) -> No
     assert out.getpixel((0, 0)) == (200, 100, 50)
 
 
+def test_rgba_palette_in_memory_composites_over_white() -> None:
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([10, 20, 30, 0, 200, 100, 50, 255] + [0, 0, 0, 255] * 254, "RGBA")  # index 0 fully transparent
+    p.putpixel((1, 1), 1)
+    t = image_to_tensor(p)
+    assert torch.equal(t[0, 0], torch.ones(3))
+    assert torch.allclose(t[1, 1] * 255, torch.tensor([200.0, 100.0, 50.0]))
+
+
 def test_open_rgba_composites_over_white(tmp_path: Path) -> None:
     im = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
     im.putpixel((1, 1), (0, 0, 0, 128))
@@ -291,8 +307,10 @@ def test_open_applies_exif_orientation(tmp_path: Path) -> None:
     assert out.size == (20, 40)  # width and height swapped
     top, bottom = out.getpixel((10, 3)), out.getpixel((10, 36))
     # orientation 6 = rotate 90 degrees clockwise for display: the stored left (red) half ends up on top
-    assert top[0] > 200 and top[2] < 60
-    assert bottom[2] > 200 and bottom[0] < 60
+    assert top[0] > 200
+    assert top[2] < 60
+    assert bottom[2] > 200
+    assert bottom[0] < 60
 
 
 def test_open_survives_broken_exif(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
@@ -304,18 +322,23 @@ def test_open_survives_broken_exif(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ImageOps, "exif_transpose", boom)
     with caplog.at_level(logging.WARNING):
         out = open_image(path, BIG)
-    assert out.size == (20, 10) and out.mode == "RGB"
-    assert "EXIF" in caplog.text and "x.png" in caplog.text
+    assert out.size == (20, 10)
+    assert out.mode == "RGB"
+    assert "EXIF" in caplog.text
+    assert "x.png" in caplog.text
 
 
 def test_image_to_tensor_layout_and_range() -> None:
     im = Image.new("RGB", (5, 3), (255, 0, 51))
     t = image_to_tensor(im)
-    assert t.shape == (3, 5, 3) and t.dtype == torch.float32
+    assert t.shape == (3, 5, 3)
+    assert t.dtype == torch.float32
     assert torch.allclose(t[0, 0], torch.tensor([1.0, 0.0, 0.2]))
-    assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+    assert float(t.min()) >= 0.0
+    assert float(t.max()) <= 1.0
     gray = image_to_tensor(Image.new("L", (2, 4), 255))
-    assert gray.shape == (4, 2, 3) and bool((gray == 1.0).all())
+    assert gray.shape == (4, 2, 3)
+    assert bool((gray == 1.0).all())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,7 +357,8 @@ def test_open_non_image_with_image_extension(tmp_path: Path) -> None:
     (tmp_path / "notes.jpg").write_text("this is not a picture")
     with pytest.raises(DatasetError, match="notes.jpg: not a readable image") as info:
         open_image(tmp_path / "notes.jpg", BIG)
-    assert "'.jpg'" in str(info.value) and "Re-export" in str(info.value)
+    assert "'.jpg'" in str(info.value)
+    assert "Re-export" in str(info.value)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -413,12 +437,15 @@ def test_make_buckets_default_rules() -> None:
     assert len(buckets) == len(set(buckets)) > 5
     for w, h in buckets:
         assert w * h <= 512 * 512
-        assert w % 64 == 0 and h % 64 == 0
-        assert 256 <= w <= 1024 and 256 <= h <= 1024
+        assert w % 64 == 0
+        assert h % 64 == 0
+        assert 256 <= w <= 1024
+        assert 256 <= h <= 1024
         assert (h, w) in buckets
     ratios = [w / h for w, h in buckets]
     assert ratios == sorted(ratios)
-    assert (256, 1024) in buckets and (1024, 256) in buckets
+    assert (256, 1024) in buckets
+    assert (1024, 256) in buckets
 
 
 def test_make_buckets_always_has_the_square() -> None:
@@ -481,8 +508,10 @@ def test_fit_to_bucket_keeps_aspect_and_crops_only_the_excess() -> None:
     # resized to 640x427 (same 3:2 ratio), 43 rows of excess split top/bottom
     assert box == (0, 21, 640, 405)
     row = np.asarray(out)[192]
-    assert row[316, 0] > 200 and row[316, 2] < 60  # no horizontal squash: the colour edge stays at x=320
-    assert row[324, 2] > 200 and row[324, 0] < 60
+    assert row[316, 0] > 200
+    assert row[316, 2] < 60
+    assert row[324, 2] > 200
+    assert row[324, 0] < 60
 
 
 def test_fit_to_bucket_center_crops_a_tall_image() -> None:
@@ -494,12 +523,25 @@ def test_fit_to_bucket_center_crops_a_tall_image() -> None:
     assert np.asarray(out).min() > 200  # the band was in the cropped-off excess
 
 
+def test_fit_to_bucket_center_crops_a_wide_image() -> None:
+    im = Image.new("L", (400, 100), 255)
+    im.paste(0, (0, 0, 20, 100))  # black band on the left 5%
+    im.paste(0, (380, 0, 400, 100))  # and on the right 5%
+    out, box = fit_to_bucket(im, (256, 256))
+    assert box == (384, 0, 640, 256)  # resized to 1024x256, 768 columns of excess split evenly
+    assert np.asarray(out).min() > 200
+
+
 def test_fit_to_bucket_exact_ratio_has_no_crop_and_upscales() -> None:
     out, box = fit_to_bucket(noisy((128, 77)), (640, 384))
     assert out.size == (640, 384)
-    assert box[0] == 0 and box[2] == 640 and box[3] - box[1] == 384 and box[1] <= 1
+    assert box[0] == 0
+    assert box[2] == 640
+    assert box[3] - box[1] == 384
+    assert box[1] <= 1
     same, box2 = fit_to_bucket(noisy((64, 64), 1), (64, 64))
-    assert box2 == (0, 0, 64, 64) and np.array_equal(np.asarray(same), np.asarray(noisy((64, 64), 1)))
+    assert box2 == (0, 0, 64, 64)
+    assert np.array_equal(np.asarray(same), np.asarray(noisy((64, 64), 1)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -528,7 +570,8 @@ def test_caption_invalid_utf8_names_file_and_offset(tmp_path: Path) -> None:
         read_caption_file(tmp_path / "photo_07.txt")
     msg = str(info.value)
     assert msg.startswith("photo_07.txt: ")
-    assert "byte offset 6" in msg and "save it as UTF-8" in msg
+    assert "byte offset 6" in msg
+    assert "save it as UTF-8" in msg
 
 
 def test_caption_invalid_utf8_offset_counts_the_bom(tmp_path: Path) -> None:
@@ -552,7 +595,8 @@ def test_metadata_csv_missing_columns_names_header(tmp_path: Path) -> None:
         read_metadata_csv(p)
     msg = str(info.value)
     assert msg.startswith("metadata.csv: ")
-    assert "['image', 'caption']" in msg and "'file_name' and 'text'" in msg
+    assert "['image', 'caption']" in msg
+    assert "'file_name' and 'text'" in msg
 
 
 def test_metadata_csv_duplicate_names_both_lines(tmp_path: Path) -> None:
@@ -653,7 +697,8 @@ def test_scan_flat_folder_captions_and_order(tmp_path: Path) -> None:
         "c.webp": ("from csv", "metadata.csv"),
         "d.png": (None, None),
     }
-    assert result.num_images == 4 and result.num_samples == 4
+    assert result.num_images == 4
+    assert result.num_samples == 4
     assert [r.path.name for r in result.uncaptioned] == ["d.png"]
     assert result.skipped == ()
     assert all(r.path.is_absolute() for r in result.records)
@@ -684,12 +729,17 @@ def test_scan_kohya_repeat_folders(tmp_path: Path) -> None:
     save(tmp_path / "top.png")
     save(tmp_path / "notes" / "x.png")
     save(tmp_path / ".cache" / "y.png")
+    (tmp_path / "5_empty").mkdir()
+    (tmp_path / "5_empty" / "note.txt").write_text("no images here")
     result = scan_dataset(cfg(tmp_path, default_repeats=2))
+    assert "5_empty/ contains no images" in result.warnings
     got = [(r.path.relative_to(tmp_path).as_posix(), r.repeats) for r in result.records]
     assert got == [("10_cat/a.png", 10), ("10_cat/b.png", 10), ("3_dog/a.png", 3), ("top.png", 2)]
     assert result.num_samples == 10 + 10 + 3 + 2
     ignored = [w for w in result.warnings if "ignored" in w and "subfolder" in w]
-    assert len(ignored) == 1 and "notes" in ignored[0] and ".cache" not in ignored[0]
+    assert len(ignored) == 1
+    assert "notes" in ignored[0]
+    assert ".cache" not in ignored[0]
 
 
 def test_scan_flat_folder_is_not_recursive(tmp_path: Path) -> None:
@@ -721,7 +771,8 @@ def test_scan_repeat_count_out_of_range(tmp_path: Path) -> None:
 def test_scan_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist") as info:
         scan_dataset(cfg(tmp_path / "nope"))
-    assert "nope" in str(info.value) and "Check the path" in str(info.value)
+    assert "nope" in str(info.value)
+    assert "Check the path" in str(info.value)
 
 
 def test_scan_folder_is_a_file(tmp_path: Path) -> None:
@@ -737,7 +788,10 @@ def test_scan_no_images_lists_what_was_found(tmp_path: Path) -> None:
         scan_dataset(cfg(tmp_path))
     msg = str(info.value)
     assert str(tmp_path) in msg
-    assert "found 3 file(s)" in msg and "b.psd" in msg and "none with an image extension" in msg and ".png" in msg
+    assert "found 3 file(s)" in msg
+    assert "b.psd" in msg
+    assert "none with an image extension" in msg
+    assert ".png" in msg
 
 
 def test_scan_no_images_mentions_unread_subfolders(tmp_path: Path) -> None:
@@ -767,10 +821,14 @@ def test_scan_names_differing_only_by_case_or_extension(tmp_path: Path, first: s
     with pytest.raises(DatasetError) as info:
         scan_dataset(cfg(tmp_path))
     msg = str(info.value)
-    assert first in msg and second in msg and "Rename one" in msg
+    assert first in msg
+    assert second in msg
+    assert "Rename one" in msg
     result = scan_dataset(cfg(tmp_path, on_error="skip"))
     assert [r.path.name for r in result.records] == ["other.png"]
-    assert len(result.skipped) == 1 and first in result.skipped[0][1] and second in result.skipped[0][1]
+    assert len(result.skipped) == 1
+    assert first in result.skipped[0][1]
+    assert second in result.skipped[0][1]
 
 
 def _bad_folder(tmp_path: Path) -> Path:
@@ -791,7 +849,9 @@ def test_scan_error_mode_raises_first_bad_file_and_counts_the_rest(tmp_path: Pat
     msg = str(info.value)
     assert msg.startswith("bad_empty.png: the file is empty")
     assert "on_error='skip'" in msg
-    assert "3 more problem(s)" in msg and "bad_text.jpg" in msg and "bad_tiny.png" in msg
+    assert "3 more problem(s)" in msg
+    assert "bad_text.jpg" in msg
+    assert "bad_tiny.png" in msg
     assert info.value.path == tmp_path / "bad_empty.png"
 
 
@@ -802,6 +862,7 @@ def test_scan_skip_mode_records_bad_files_and_continues(tmp_path: Path, caplog) 
     skipped = {p.name: reason for p, reason in result.skipped}
     assert set(skipped) == {"bad_empty.png", "bad_text.jpg", "bad_trunc.png", "bad_tiny.png"}
     assert "empty" in skipped["bad_empty.png"]
+    assert "was skipped" not in skipped["bad_empty.png"]  # the reason does not repeat the file's own name
     assert "not a readable image" in skipped["bad_text.jpg"]
     assert "truncated or corrupt" in skipped["bad_trunc.png"]
     assert "too small" in skipped["bad_tiny.png"]
@@ -823,7 +884,8 @@ def test_scan_bad_caption_file(tmp_path: Path) -> None:
         scan_dataset(cfg(tmp_path))
     result = scan_dataset(cfg(tmp_path, on_error="skip"))
     assert [r.path.name for r in result.records] == ["b.png"]
-    assert result.skipped[0][0] == tmp_path / "a.txt" and "image a.png was skipped" in result.skipped[0][1]
+    assert result.skipped[0][0] == tmp_path / "a.txt"
+    assert "image a.png was skipped" in result.skipped[0][1]
 
 
 def test_scan_bad_metadata_file(tmp_path: Path) -> None:
@@ -846,7 +908,9 @@ def test_scan_metadata_rows_for_missing_files_warn(tmp_path: Path) -> None:
     assert got == {"a.png": "cat", "b.png": "sidecar"}
     warning = [w for w in result.warnings if "metadata.csv" in w]
     assert len(warning) == 1
-    assert "gone.png" in warning[0] and "lost.jpg" in warning[0] and "b.png" not in warning[0]
+    assert "gone.png" in warning[0]
+    assert "lost.jpg" in warning[0]
+    assert "b.png" not in warning[0]
 
 
 def test_scan_applies_trigger_and_warns_on_empty_captions(tmp_path: Path) -> None:
@@ -862,7 +926,8 @@ def test_scan_applies_trigger_and_warns_on_empty_captions(tmp_path: Path) -> Non
     assert got == {"a.png": "ohwx, a man", "b.png": "ohwx", "c.png": None, "d.png": "ohwx, already"}
     assert any("empty caption" in w and "b.png" in w for w in result.warnings)
     plain = {r.path.name: r.caption for r in scan_dataset(cfg(tmp_path)).records}
-    assert plain["a.png"] == "a man" and plain["b.png"] == ""
+    assert plain["a.png"] == "a man"
+    assert plain["b.png"] == ""
 
 
 def test_scan_uses_exif_corrected_size_for_the_bucket(tmp_path: Path) -> None:
@@ -876,7 +941,8 @@ def test_scan_buckets_follow_config(tmp_path: Path) -> None:
     save(tmp_path / "wide.png", (300, 100))
     save(tmp_path / "tall.png", (100, 200))
     by_name = {r.path.name: r.bucket for r in scan_dataset(cfg(tmp_path)).records}
-    assert by_name["wide.png"][0] > by_name["wide.png"][1] and by_name["tall.png"][0] < by_name["tall.png"][1]
+    assert by_name["wide.png"][0] > by_name["wide.png"][1]
+    assert by_name["tall.png"][0] < by_name["tall.png"][1]
     off = scan_dataset(cfg(tmp_path, bucketing=False, resolution=256))
     assert {r.bucket for r in off.records} == {(256, 256)}
 
@@ -894,7 +960,9 @@ def test_scan_warns_about_heavy_upscaling(tmp_path: Path) -> None:
     save(tmp_path / "small.png", (64, 64))
     save(tmp_path / "fine.png", (600, 600))
     warning = [w for w in scan_dataset(cfg(tmp_path)).warnings if "upscaled" in w]
-    assert len(warning) == 1 and "small.png" in warning[0] and "fine.png" not in warning[0]
+    assert len(warning) == 1
+    assert "small.png" in warning[0]
+    assert "fine.png" not in warning[0]
 
 
 def test_image_record_validates() -> None:
@@ -916,7 +984,9 @@ def test_dataset_fingerprint_tracks_changes(tmp_path: Path) -> None:
     assert first == dataset_fingerprint(str(tmp_path))
     assert len(first) == 64
 
-    (tmp_path / "a.txt").write_text("a dog")  # size changes
+    st = (tmp_path / "a.txt").stat()
+    (tmp_path / "a.txt").write_text("a dog")
+    os.utime(tmp_path / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))  # only the size changes
     second = dataset_fingerprint(tmp_path)
     assert second != first
 
@@ -931,7 +1001,8 @@ def test_dataset_fingerprint_tracks_changes(tmp_path: Path) -> None:
 
 def test_dataset_fingerprint_of_missing_folder_does_not_raise(tmp_path: Path) -> None:
     fp = dataset_fingerprint(tmp_path / "missing")
-    assert isinstance(fp, str) and fp == dataset_fingerprint(tmp_path / "missing")
+    assert isinstance(fp, str)
+    assert fp == dataset_fingerprint(tmp_path / "missing")
     (tmp_path / "missing").mkdir()
     assert dataset_fingerprint(tmp_path / "missing") != fp
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -26,6 +29,11 @@ from lora_core.data import (
     scan_dataset,
     split_tags,
 )
+
+T = TypeVar("T")
+
+# PIL warns about the corrupt TIFF tags the fuzzer produces; that is expected noise here, not a finding.
+pytestmark = pytest.mark.filterwarnings(r"ignore::UserWarning:PIL\..*")
 
 FUZZ = settings(
     max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -74,8 +82,11 @@ _jsonl_text = st.one_of(
     st.text(max_size=200),
     st.lists(
         st.one_of(
-            st.builds(lambda n, t: f'{{"file_name": {n}, "text": {t}}}', st.sampled_from(['"a.png"', "1", "null", '""']),
-                      st.sampled_from(['"x"', "2", "[]", '"\\ud800"', '"ok'])),
+            st.builds(
+                lambda n, t: f'{{"file_name": {n}, "text": {t}}}',
+                st.sampled_from(['"a.png"', "1", "null", '""']),
+                st.sampled_from(['"x"', "2", "[]", '"\\ud800"', '"ok']),
+            ),
             st.text(max_size=30),
         ),
         max_size=6,
@@ -83,11 +94,13 @@ _jsonl_text = st.one_of(
 )
 
 
-def _only_dataset_error(fn, *args):  # noqa: ANN001, ANN202
+def _only_dataset_error(fn: Callable[..., T], *args: object) -> T | DatasetError:
+    """Call ``fn``; a DatasetError is returned for inspection, any other exception fails the test."""
     try:
         return fn(*args)
     except DatasetError as e:
-        assert str(e).strip() and e.problem
+        assert str(e).strip()
+        assert e.problem
         return e
 
 
@@ -101,7 +114,8 @@ def test_caption_reader_random_bytes(data: bytes) -> None:
         if isinstance(out, DatasetError):
             assert str(out).startswith("cap.txt: ")
         else:
-            assert out == out.strip() and "\r" not in out
+            assert out == out.strip()
+            assert "\r" not in out
 
 
 @FUZZ
@@ -142,7 +156,9 @@ def test_open_image_random_blobs(blob: bytes, name: str, limit: int) -> None:
         if isinstance(out, DatasetError):
             assert str(out).startswith(f"{name}: ")
         else:
-            assert out.mode == "RGB" and min(out.size) >= 8 and out.size[0] * out.size[1] <= limit
+            assert out.mode == "RGB"
+            assert min(out.size) >= 8
+            assert out.size[0] * out.size[1] <= limit
 
 
 @FUZZ
@@ -174,8 +190,15 @@ def test_scan_dataset_random_folder(
             (root / "metadata.csv").write_bytes(csv.encode("utf-8", "surrogatepass"))
         if jsonl is not None:
             (sub / "metadata.jsonl").write_bytes(jsonl.encode("utf-8", "surrogatepass"))
-        config = DatasetConfig(str(root), resolution=64, min_bucket=64, max_bucket=128, bucket_step=8,
-                               on_error=on_error, trigger_word=trigger)
+        config = DatasetConfig(
+            str(root),
+            resolution=64,
+            min_bucket=64,
+            max_bucket=128,
+            bucket_step=8,
+            on_error=on_error,
+            trigger_word=trigger,
+        )
         out = _only_dataset_error(scan_dataset, config)
         if isinstance(out, ScanResult):
             assert out.num_images >= 1
@@ -207,5 +230,7 @@ def test_fit_to_bucket_always_gives_exact_bucket_size(width: int, height: int, r
     assert bucket in buckets
     out, (left, top, right, bottom) = fit_to_bucket(Image.new("RGB", (width, height)), bucket)
     assert out.size == bucket
-    assert (right - left, bottom - top) == bucket and left >= 0 and top >= 0
+    assert (right - left, bottom - top) == bucket
+    assert left >= 0
+    assert top >= 0
     assert left == 0 or top == 0  # only one side is ever cropped

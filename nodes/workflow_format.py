@@ -2,7 +2,7 @@
 
 ``ui_to_api`` does what the frontend does when you press Run, given ``/object_info``; the tests use it to
 check that each shipped UI workflow and its API twin describe the same graph. ``api_to_ui`` lays out a UI
-file from an API graph (a maintainer's tool: ``python tests/integration/workflow_format.py``).
+file from an API graph (a maintainer's tool: ``python nodes/workflow_format.py http://127.0.0.1:8188``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _widget_slots(info: dict[str, Any]) -> list[str | None]:
 
 
 def ui_to_api(ui: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
-    links = {l[0]: l for l in ui["links"]}
+    links = {link[0]: link for link in ui["links"]}
     api: dict[str, Any] = {}
     for node in ui["nodes"]:
         if node.get("mode", 0) != 0:
@@ -99,7 +99,7 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any
                 if opts.get("control_after_generate"):
                     widgets.append("fixed")
             elif name in node["inputs"] or not linked:
-                link_id = next((l[0] for l in links if l[3] == int(nid) and l[4] == name), None)
+                link_id = next((lk[0] for lk in links if lk[3] == int(nid) and lk[4] == name), None)
                 inputs.append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": link_id})
         outputs = [
             {"name": oname, "type": otype, "links": out_links.get((nid, i), []), "slot_index": i}
@@ -123,7 +123,7 @@ def main() -> int:
 
     url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188"
     object_info = json.loads(urllib.request.urlopen(url + "/object_info").read())
-    root = Path(__file__).resolve().parents[2] / "workflows"
+    root = Path(__file__).resolve().parents[1] / "workflows"
     for api_file in sorted((root / "api").glob("*.json")):
         ui = api_to_ui(json.loads(api_file.read_text()), object_info)
         (root / api_file.name).write_text(json.dumps(ui, indent=1) + "\n")

@@ -1,0 +1,214 @@
+"""The headless run configuration: the keys a kohya / lora-scripts user already knows.
+
+``RunConfig.from_mapping`` validates every key on load: an unknown key or a bad value is a ``ValueError``
+naming the key and the allowed values (with a did-you-mean for typos). Common kohya spellings
+(``network_dim``, ``max_train_steps`` ...) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ._validate import check_choice, check_int, check_range
+from .config import ALGORITHMS, TARGET_PRESETS, AdapterConfig, TrainConfig
+
+ALIASES = {
+    "pretrained_model_name_or_path": "base_model",
+    "network_dim": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "train_batch_size": "batch_size",
+    "max_train_steps": "max_steps",
+    "max_train_epochs": "epochs",
+    "save_every_n_steps": "save_steps",
+    "lr_warmup": "lr_warmup_steps",
+    "optimizer_type": "optimizer",
+    "caption_extension": "caption_extension",
+}
+# engine field -> config key, so engine errors speak the config's language
+_ENGINE_NAMES = {
+    "rank": "lora_rank", "alpha": "lora_alpha", "unet_targets": "targets", "steps": "max_steps",
+    "scheduler": "lr_scheduler", "warmup_steps": "lr_warmup_steps", "precision": "mixed_precision",
+    "grad_accum": "gradient_accumulation_steps",
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    base_model: str
+    train_data_dir: str
+    output_name: str = "my_lora"
+    output_dir: str = "output"
+    metadata: str = ""  # a metadata.csv / metadata.jsonl inside train_data_dir (found automatically anyway)
+    caption_extension: str = ".txt"
+    trigger_word: str = ""
+    repeats: int = 1
+    resolution: int = 512
+    enable_bucket: bool = True
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    targets: str = "attn+ff"
+    algorithm: str = "lora"
+    conv_rank: int = 0
+    dropout: float = 0.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    epochs: int = 0
+    max_steps: int = 0
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    save_steps: int = 0
+    save_precision: str = "fp16"
+    seed: int = 0
+    resume_from_checkpoint: str = ""
+    sample_prompts: tuple[str, ...] = field(default_factory=tuple)
+    sample_every: int = 0
+    sample_size: int = 512
+    sample_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample_prompts, str):
+            object.__setattr__(self, "sample_prompts", (self.sample_prompts,) if self.sample_prompts else ())
+        elif isinstance(self.sample_prompts, list):
+            object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        for name in ("base_model", "train_data_dir", "output_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name} is required (got {getattr(self, name)!r})")
+        if not re.fullmatch(r"[\w\-. ]+", self.output_name):
+            raise ValueError(
+                f"output_name={self.output_name!r} may only use letters, digits, '-', '_', '.' and spaces"
+            )
+        if self.metadata and Path(self.metadata).name not in ("metadata.csv", "metadata.jsonl"):
+            raise ValueError(
+                f"metadata={self.metadata!r}: name the file metadata.csv or metadata.jsonl and put it in "
+                "train_data_dir (it is then found automatically)"
+            )
+        check_choice("caption_extension", self.caption_extension, (".txt", ".caption"))
+        check_int("repeats", self.repeats, 1, 1000)
+        check_int("resolution", self.resolution, 64, 4096)
+        if self.resolution % 64:
+            raise ValueError(f"resolution={self.resolution} must be a multiple of 64 (e.g. 512, 768, 1024)")
+        check_choice("targets", self.targets, TARGET_PRESETS)
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_int("conv_rank", self.conv_rank, 0, 1024)
+        check_int("epochs", self.epochs, 0, 100_000)
+        check_int("max_steps", self.max_steps, 0, 10_000_000)
+        if (self.epochs > 0) == (self.max_steps > 0):
+            raise ValueError(
+                f"set exactly one of epochs (now {self.epochs}) or max_steps (now {self.max_steps}): "
+                "how long to train"
+            )
+        check_int("save_steps", self.save_steps, 0, 10_000_000)
+        check_choice("save_precision", self.save_precision, ("fp16", "bf16", "fp32"))
+        check_int("sample_every", self.sample_every, 0, 10_000_000)
+        check_int("sample_size", self.sample_size, 64, 2048)
+        check_int("sample_steps", self.sample_steps, 1, 200)
+        check_range("dropout", self.dropout, 0.0, 0.9)
+        if self.sample_every and not self.sample_prompts:
+            raise ValueError("sample_every is set but sample_prompts is empty: give at least one prompt")
+        try:
+            self.adapter_config()
+            self.train_config(max(self.max_steps, 1))
+        except ValueError as exc:
+            raise ValueError(_rename(str(exc))) from None
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(rank=self.lora_rank, alpha=float(self.lora_alpha), unet_targets=self.targets,
+                             algorithm=self.algorithm, conv_rank=self.conv_rank or None, dropout=self.dropout)
+
+    def train_config(self, steps: int) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, learning_rate=float(self.learning_rate), optimizer=self.optimizer,
+            scheduler=self.lr_scheduler, warmup_steps=self.lr_warmup_steps, batch_size=self.batch_size,
+            grad_accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
+            gradient_checkpointing=self.gradient_checkpointing, min_snr_gamma=float(self.min_snr_gamma),
+            noise_offset=float(self.noise_offset), seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sample_prompts"] = list(self.sample_prompts)
+        return data
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return RunConfig.from_mapping({**self.to_dict(), **changes})
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"the config must be a mapping of key: value, got {type(data).__name__}")
+        known = set(cls.keys())
+        clean: dict[str, Any] = {}
+        for key, value in data.items():
+            name = ALIASES.get(key, key)
+            if name not in known:
+                close = difflib.get_close_matches(str(key), sorted(known | set(ALIASES)), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown config key {key!r}{hint}; allowed keys: {', '.join(sorted(known))}")
+            if name in clean:
+                raise ValueError(f"config key {name!r} is given twice (as {key!r} and another spelling)")
+            clean[name] = value
+        for f in fields(cls):
+            if f.name in clean and f.type in ("int", "float", "bool") and clean[f.name] is not None:
+                clean[f.name] = _coerce(f.name, f.type, clean[f.name])
+        missing = [k for k in ("base_model", "train_data_dir") if k not in clean]
+        if missing:
+            raise ValueError(f"missing required config key(s): {', '.join(missing)}")
+        return cls(**clean)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            return cls.from_mapping(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}={value!r} must be true or false")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{name}={value!r} must be a whole number")
+        return int(value)
+    if isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number")
+    return float(value)
+
+
+def _rename(message: str) -> str:
+    for engine, key in _ENGINE_NAMES.items():
+        if message.startswith(f"{engine}="):
+            return key + message[len(engine):]
+    return message

@@ -1,0 +1,47 @@
+import pytest
+
+from lora_core.runconfig import RunConfig
+
+BASE = {"base_model": "sd15.safetensors", "train_data_dir": "/data/cat", "max_steps": 100}
+
+
+def test_minimal_config_and_kohya_aliases():
+    cfg = RunConfig.from_mapping({**BASE, "network_dim": 8, "network_alpha": 4, "learning_rate": "1e-4"})
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.learning_rate) == (8, 4.0, 1e-4)
+    assert cfg.adapter_config().rank == 8
+    assert cfg.train_config(100).learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"lora_rnak": 8}, r"unknown config key 'lora_rnak' \(did you mean 'lora_rank'\?\)"),
+        ({"lora_rank": 0}, r"lora_rank=0 is out of range; allowed: \[1, 1024\]"),
+        ({"optimizer": "adam"}, r"optimizer='adam' is not allowed; choose one of: adamw"),
+        ({"lr_scheduler": "poly"}, r"lr_scheduler='poly' is not allowed; choose one of: constant"),
+        ({"mixed_precision": "fp8"}, r"mixed_precision='fp8' is not allowed"),
+        ({"resolution": 500}, r"resolution=500 must be a multiple of 64"),
+        ({"epochs": 3}, r"set exactly one of epochs \(now 3\) or max_steps \(now 100\)"),
+        ({"sample_every": 10}, r"sample_prompts is empty"),
+        ({"output_name": "../x"}, r"output_name='../x' may only use"),
+        ({"gradient_checkpointing": "yes"}, r"gradient_checkpointing='yes' must be true or false"),
+        ({"batch_size": 1.5}, r"batch_size=1.5 must be a whole number"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_and_the_allowed_values(extra, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_mapping({**BASE, **extra})
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = RunConfig.from_mapping({**BASE, "sample_prompts": ["a cat"], "sample_every": 50})
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert RunConfig.from_yaml(path) == cfg
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base_model: x\ntrain_data_dir: y\nmax_steps: 10\nlearning_rat: 1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown config key 'learning_rat'"):
+        RunConfig.from_yaml(path)
