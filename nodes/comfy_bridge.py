@@ -236,8 +236,38 @@ def output_directory() -> Path:
     return Path(folder_paths.get_output_directory())
 
 
+_overrides: dict[str, Path] = {}
+
+
+def configure_directories(runs: Path | None = None, loras: Path | None = None) -> None:
+    """Headless runs put everything under their own output folder (``None`` restores ComfyUI's folders)."""
+    _overrides.clear()
+    if runs is not None:
+        _overrides["runs"] = Path(runs)
+    if loras is not None:
+        _overrides["loras"] = Path(loras)
+
+
 def loras_directory() -> Path:
-    return Path(folder_paths.get_folder_paths("loras")[0])
+    return _overrides.get("loras") or Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def runs_directory() -> Path:
+    """Where each LoRA's working files go: ``<runs>/<name>/{checkpoints,logs,samples}``."""
+    return _overrides.get("runs") or output_directory() / "lora_kiln"
+
+
+def run_directory(name: str) -> Path:
+    return safe_child(runs_directory(), name, "")
+
+
+def display_path(path: Path) -> str:
+    """``models/loras/x.safetensors`` inside ComfyUI's folders, else the full path."""
+    base = Path(folder_paths.base_path)
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def lora_names() -> list[str]:
@@ -290,8 +320,16 @@ def unused_path(path: Path) -> Path:
     raise KilnUserError(f"too many files named {stem}* in {path.parent}")
 
 
-def checkpoint_directory() -> Path:
-    return output_directory() / "lora_kiln" / "checkpoints"
+def checkpoint_directory(name: str) -> Path:
+    return run_directory(name) / "checkpoints"
+
+
+def logs_directory(name: str) -> Path:
+    return run_directory(name) / "logs"
+
+
+def samples_directory(name: str) -> Path:
+    return run_directory(name) / "samples"
 
 
 # ---- progress, preview, cancel ---------------------------------------------------------------
@@ -308,8 +346,12 @@ def raise_if_interrupted() -> None:
 class NodeProgress(TrainCallback):
     """ComfyUI progress bar + progress text + live websocket events + Cancel for one Train Steps node."""
 
-    def __init__(self, node_id: str | None, total: int, preview: Callable[[int], Any] | None = None) -> None:
+    def __init__(
+        self, node_id: str | None, total: int, preview: Callable[[int], Any] | None = None,
+        samples_dir: Path | None = None,
+    ) -> None:
         self.node_id = node_id
+        self.samples_dir = samples_dir
         self.total = total
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.preview = preview
@@ -317,6 +359,7 @@ class NodeProgress(TrainCallback):
         self.previews: list[tuple[int, torch.Tensor]] = []
         self._last_sent = 0.0
         self._value = 0
+        self._unsent: list[list[float | None]] = []  # [step, loss, lr] since the last live event (for the chart)
 
     def _server(self) -> Any:
         try:
@@ -342,9 +385,11 @@ class NodeProgress(TrainCallback):
         self._update(info.run_step)
         if self.cancelled:
             return
+        self._unsent = self._unsent[-999:] + [[info.step, _finite(info.loss), _finite(info.lr)]]
         now = time.monotonic()
         if now - self._last_sent >= 0.25 or info.run_step == info.run_steps:
             self._last_sent = now
+            points, self._unsent = self._unsent, []
             server = self._server()
             if server is not None and self.node_id is not None:
                 text = (
@@ -366,6 +411,7 @@ class NodeProgress(TrainCallback):
                         "sec_per_step": _finite(info.sec_per_step),
                         "samples_per_sec": _finite(info.samples_per_sec),
                         "eta_seconds": _finite(info.eta_seconds),
+                        "points": points,
                     },
                     server.client_id,
                 )
@@ -389,7 +435,16 @@ class NodeProgress(TrainCallback):
         from PIL import Image
 
         arr = (image[0].clamp(0, 1) * 255).byte().cpu().numpy()
-        self._update(self._value, ("JPEG", Image.fromarray(arr), 512))
+        pil = Image.fromarray(arr)
+        if self.samples_dir is not None:
+            import io as _io
+
+            from ..lora_core.fileio import atomic_write_bytes
+
+            buf = _io.BytesIO()
+            pil.save(buf, format="PNG")
+            atomic_write_bytes(self.samples_dir / f"step{step:06d}.png", buf.getvalue())
+        self._update(self._value, ("JPEG", pil, 512))
 
 
 def _finite(x: float) -> float | None:
@@ -428,3 +483,41 @@ def client_id() -> str | None:
 
 def environment_summary() -> dict[str, str]:
     return {"device": str(mm.get_torch_device()), "comfyui_output": str(output_directory()), "pid": str(os.getpid())}
+
+
+# ---- live view (web/js/kiln_train_view.js): preview files and events ------------------------------
+
+PREVIEW_EVENT = "kiln.train.preview"
+
+
+def save_temp_preview(image: torch.Tensor, prefix: str = "lora_kiln/preview") -> dict[str, str]:
+    """Write IMAGE [1, H, W, 3] as a PNG into ComfyUI's temp folder (emptied at start-up, like PreviewImage).
+
+    Returns the reference the frontend's ``/view`` route takes: ``{"filename", "subfolder", "type": "temp"}``.
+    """
+    import random
+    import string
+
+    from PIL import Image
+
+    arr = (image[0].clamp(0, 1) * 255).byte().cpu().numpy()
+    suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        f"{prefix}_{suffix}", folder_paths.get_temp_directory(), arr.shape[1], arr.shape[0]
+    )
+    name = f"{filename}_{counter:05}_.png"
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(arr).save(os.path.join(folder, name), compress_level=1)
+    return {"filename": name, "subfolder": subfolder, "type": "temp"}
+
+
+def send_event(event: str, data: dict[str, Any]) -> None:
+    """A custom websocket event to the client that queued the prompt (nothing without a web server)."""
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+    except Exception:  # noqa: BLE001 - headless runner has no server
+        return
+    if server is not None:
+        server.send_sync(event, data, server.client_id)

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_path(run: KilnRun, state: TrainState, tag: str) -> Path:
-    folder = bridge.safe_child(bridge.checkpoint_directory(), run.name, "")
-    return folder / f"{folder.name}_step{state.step:06d}{tag}.kiln.safetensors"
+    folder = bridge.checkpoint_directory(run.name)
+    return folder / f"{folder.parent.name}_step{state.step:06d}{tag}.kiln.safetensors"
 
 
 def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "") -> Path:
@@ -82,7 +82,7 @@ class KilnTrainSteps(io.ComfyNode):
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=0.5, step=0.01, tooltip=(
                     "Offset noise for darker darks / brighter brights (0.05-0.1 typical; 0 = off).")),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000, tooltip=(
-                    "Write a resumable checkpoint every N global steps to output/lora_kiln/checkpoints (0 = off).")),
+                    "Write a resumable checkpoint every N global steps to output/lora_kiln/<name>/checkpoints (0 = off).")),
                 io.Int.Input("preview_every", default=0, min=0, max=1_000_000, tooltip=(
                     "Render a preview image with the current LoRA every N steps; shown on this node (0 = off).")),
                 io.String.Input("preview_prompt", default="", multiline=True, tooltip=(
@@ -124,15 +124,25 @@ class KilnTrainSteps(io.ComfyNode):
             trainer = Trainer(bridge.ComfyDiffusion(run.model), bridge.unet_roots(run.model), device,
                               checkpoint_modules=bridge.checkpoint_blocks(run.model))
 
+            preview_files: list[dict] = []  # temp PNGs of the previews, for the node's live view (web/js)
+
             def preview(step: int) -> torch.Tensor:
                 image = bridge.sample_preview(run.model, dataset.clip, dataset.vae, prompt, preview_seed,
                                               preview_size, preview_size, preview_steps, 7.0)
                 bridge.load_for_training(run.model)  # the VAE may have displaced the UNet
+                try:
+                    ref = {**bridge.save_temp_preview(image), "step": step}
+                except OSError as exc:  # a full temp disk must not stop training
+                    logger.warning("LoRA Kiln: could not save the preview of step %d: %s", step, exc)
+                else:
+                    preview_files.append(ref)
+                    bridge.send_event(bridge.PREVIEW_EVENT, {"node": node_id, **ref})
                 return image
 
-            progress = bridge.NodeProgress(node_id, steps, preview if preview_every else None)
+            progress = bridge.NodeProgress(node_id, steps, preview if preview_every else None,
+                                           samples_dir=bridge.samples_directory(run.name))
             checkpoints = _Checkpoints(run)
-            tb = TensorBoardCallback(bridge.output_directory() / "lora_kiln" / "logs" / run.name)
+            tb = TensorBoardCallback(bridge.logs_directory(run.name))
             try:
                 result = trainer.run(start, latent_data, config, [progress, checkpoints, tb],
                                      save_every=save_every, preview_every=preview_every)
@@ -155,7 +165,8 @@ class KilnTrainSteps(io.ComfyNode):
             previews = chart
         last = result.state.history[-1] if result.state.history else (0, float("nan"), 0.0)
         text = f"step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
+        # For the live view (web/js/kiln_train_view.js), which redraws them after a page reload from the history.
+        # Lists only (ComfyUI concatenates ui lists); nothing of this is stored in the workflow.
         history = [list(h) for h in result.state.history[-2000:]]
-        ui = {"text": [text], "kiln_history": history,
-              "kiln_previews": [[s, i] for i, (s, _) in enumerate(progress.previews)]}
+        ui = {"text": [text], "kiln_history": history, "kiln_previews": preview_files}
         return io.NodeOutput(new_run, bridge.with_adapters(run.model, result.state), chart, previews, ui=ui)
