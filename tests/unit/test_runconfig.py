@@ -45,3 +45,10 @@ def test_yaml_errors_name_the_file(tmp_path):
     path.write_text("base_model: x\ntrain_data_dir: y\nmax_steps: 10\nlearning_rat: 1\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown config key 'learning_rat'"):
         RunConfig.from_yaml(path)
+
+
+def test_the_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[2] / "examples" / "train_sd15.yaml")
+    assert cfg.max_steps == 1500 and cfg.sample_prompts == ("sks, a photo on a beach",)
