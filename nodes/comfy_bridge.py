@@ -85,11 +85,16 @@ def unet_roots(patcher: Any) -> dict[str, nn.Module]:
 
 
 def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
+    """The layers to recompute in backward: ResBlocks and transformers inside each UNet block.
+
+    Not the ``TimestepEmbedSequential`` containers themselves: the UNet iterates over their children
+    (``forward_timestep_embed``) and never calls the container's ``forward``.
+    """
     unet = patcher.model.diffusion_model
-    blocks = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
+    containers = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
     if getattr(unet, "middle_block", None) is not None:
-        blocks.append(unet.middle_block)
-    return blocks
+        containers.append(unet.middle_block)
+    return [layer for block in containers for layer in block if any(True for _ in layer.parameters())]
 
 
 def base_model_version(patcher: Any) -> str:
@@ -521,3 +526,121 @@ def send_event(event: str, data: dict[str, Any]) -> None:
         return
     if server is not None:
         server.send_sync(event, data, server.client_id)
+
+
+# ---- Auto Caption: the captioners model folder, device, memory, progress ------------------------
+
+CAPTIONERS_FOLDER = "captioners"
+
+
+def captioner_directories() -> list[Path]:
+    """``models/captioners`` (registered with ComfyUI's folder_paths, so extra_model_paths.yaml can add more)."""
+    default = os.path.join(folder_paths.models_dir, CAPTIONERS_FOLDER)
+    if CAPTIONERS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[CAPTIONERS_FOLDER] = ([default], set())
+    elif default not in folder_paths.folder_names_and_paths[CAPTIONERS_FOLDER][0]:
+        folder_paths.add_model_folder_path(CAPTIONERS_FOLDER, default)
+    try:
+        os.makedirs(default, exist_ok=True)  # so users find where models go
+    except OSError:
+        pass
+    return [Path(p) for p in folder_paths.get_folder_paths(CAPTIONERS_FOLDER)]
+
+
+def captioner_names() -> list[str]:
+    """The model folders in models/captioners (each a Hugging Face model folder)."""
+    names: set[str] = set()
+    for root in captioner_directories():
+        try:
+            names.update(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            continue
+    return sorted(names, key=str.lower)
+
+
+def captioner_path(name: str) -> Path:
+    """The folder of captioner ``name``; if there is none, where it is expected (the caller's error names it)."""
+    roots = captioner_directories()
+    for root in roots:
+        candidate = root / name
+        if name and "/" not in name and "\\" not in name and name not in (".", "..") and candidate.is_dir():
+            return candidate
+    return roots[0] / (name or "<name>")
+
+
+def compute_device() -> torch.device:
+    """ComfyUI's compute device: the GPU when it has one (and was not started with --cpu), else the CPU."""
+    return mm.get_torch_device()
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (or fp16) on GPUs that handle it well, fp32 on the CPU."""
+    if device.type == "cpu":
+        return torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    if mm.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+def make_room(device: torch.device, nbytes: int) -> None:
+    """Ask ComfyUI to unload models until ``nbytes`` fit on ``device`` (no-op on the CPU)."""
+    if device.type != "cpu":
+        mm.free_memory(nbytes, device)
+
+
+def release_memory() -> None:
+    mm.soft_empty_cache()
+
+
+def blocked(message: str) -> Any:
+    """An output value that stops downstream nodes with ``message`` (for outputs that make no sense here)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(message)
+
+
+class ItemProgress:
+    """Progress bar + ``done/total · items/s · ETA`` text on a node, for loops over items; records Cancel."""
+
+    def __init__(self, node_id: str | None, unit: str = "images") -> None:
+        self.node_id = node_id
+        self.unit = unit
+        self.cancelled = False
+        self.bar: Any = None
+        self.total = 0
+        self.started = time.monotonic()
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.started = time.monotonic()
+        if total > 0:
+            self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+
+    def update(self, done: int) -> None:
+        if self.bar is None or self.cancelled:
+            return
+        try:
+            self.bar.update_absolute(done, self.total)
+        except mm.InterruptProcessingException:
+            self.cancelled = True
+            mm.interrupt_current_processing(True)  # the node re-raises after keeping what is done
+            return
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        eta = (self.total - done) / rate if rate and rate == rate else float("nan")
+        text = f"{done}/{self.total} {self.unit} · {rate:.2f} {self.unit}/s · ETA {_eta(eta)}"
+        try:
+            from server import PromptServer
+
+            server = PromptServer.instance
+            if server is not None and self.node_id is not None:
+                server.send_progress_text(text, self.node_id, server.client_id)
+        except Exception:  # noqa: BLE001 - headless runner has no server
+            pass
+
+    def should_stop(self) -> bool:
+        if interrupted():
+            self.cancelled = True
+        return self.cancelled

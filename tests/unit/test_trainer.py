@@ -211,3 +211,25 @@ def test_mixed_precision_trains_and_keeps_fp32_adapter_weights(precision):
     assert all(math.isfinite(h[1]) for h in result.history)
     assert all(v.dtype == torch.float32 for v in result.weights.values())
     assert any(torch.count_nonzero(v) for k, v in result.weights.items() if "lora_up" in k)
+
+
+def test_out_of_memory_gives_concrete_options_and_the_last_good_state():
+    class Greedy(TinyDiffusion):
+        calls = 0
+
+        def __call__(self, x, t, cond):
+            Greedy.calls += 1
+            if Greedy.calls == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return super().__call__(x, t, cond)
+
+    from lora_core import OutOfMemoryTrainingError
+
+    unet = make_unet()
+    state = TrainState.from_adapters(AdapterSet.create({"unet": unet}, AdapterConfig(rank=4)))
+    trainer = Trainer(Greedy(unet), {"unet": unet})
+    with pytest.raises(OutOfMemoryTrainingError, match=r"out of memory at step 3: try a smaller batch_size \(now 2\)"
+                       r".*resolution.*gradient_checkpointing=True.*bf16") as info:
+        trainer.run(state, make_dataset(), TrainConfig(steps=5, batch_size=2))
+    assert info.value.last_good_state.step == 2
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == 0

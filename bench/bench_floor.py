@@ -1,0 +1,167 @@
+"""Kiln's engine vs a plain peft training loop vs the model's own forward pass, on ComfyUI's UNet, one process.
+
+    python bench/bench_floor.py                       # the 107 M UNet, fp32, 8x8 latents, batch 1
+    python bench/bench_floor.py --size tiny --batch 4
+    python bench/bench_floor.py --profile             # also print torch.profiler's top ops for one Kiln step
+
+Rows: forward only (no grad), plain peft loop (peft LoRA layers injected into a copy of the UNet, AdamW),
+Kiln (lora_core.Trainer with hook adapters on the shared UNet), for attention-only and all-layer targets.
+Each s/step is (long run - short run) / step difference, interleaved so machine noise hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def boot(size: str, tmp: Path):
+    import kiln
+
+    comfy_dir = kiln.find_comfyui()
+    if comfy_dir is None:
+        raise SystemExit("ComfyUI not found (set COMFYUI_PATH)")
+    headless = kiln.boot_comfyui(comfy_dir, extras=False)
+    pkg = sys.modules[headless.__name__.rsplit(".nodes.", 1)[0]]
+    from importlib import import_module
+
+    tiny = import_module(pkg.__name__ + ".nodes.tiny_checkpoint")
+    bridge = import_module(pkg.__name__ + ".nodes.comfy_bridge")
+    core = import_module(pkg.__name__ + ".lora_core")
+    path = tmp / f"{size}.safetensors"
+    tiny.write_checkpoint(str(path), size)
+    import comfy.sd
+    import torch
+
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    return model, bridge, core
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--latent", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--short", type=int, default=3)
+    parser.add_argument("--long", type=int, default=13)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    tmp = Path(tempfile.mkdtemp())
+    model, bridge, core = boot(args.size, tmp)
+    bridge.load_for_training(model)
+    diffusion = bridge.ComfyDiffusion(model)
+    unet = diffusion.unet
+    b, s = args.batch, args.latent
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 4, s, s, generator=g)
+    ctx = torch.randn(b, 77, 768, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    items = tuple(core.LatentItem(latent=torch.randn(4, s, s, generator=g), cond={"context": ctx[0]}) for _ in range(max(b, 4)))
+    data = core.LatentDataset(items)
+    ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def forward_run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(n):
+                unet(x, t.float(), context=ctx)
+        return time.perf_counter() - start
+
+    def peft_run(targets: str):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        copy_unet = copy.deepcopy(unet)
+        names = None
+        if targets == "attn":
+            names = [n for n, m in copy_unet.named_modules() if n.endswith(ATTN)]
+        else:
+            names = [n for n, m in copy_unet.named_modules()
+                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n]
+        cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=names)
+        copy_unet = inject_adapter_in_model(cfg, copy_unet)
+        params = [p for n, p in copy_unet.named_parameters() if "lora_" in n]
+        for n, p in copy_unet.named_parameters():
+            p.requires_grad_("lora_" in n)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        ac = diffusion.alphas_cumprod
+
+        def run(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                tt = torch.randint(0, 1000, (b,))
+                noise = torch.randn_like(x)
+                a = ac[tt].view(-1, 1, 1, 1)
+                noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+                loss = torch.nn.functional.mse_loss(copy_unet(noisy, tt.float(), context=ctx), noise)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+
+        return run
+
+    def kiln_run(targets: str):
+        cfg = core.AdapterConfig(rank=args.rank, alpha=args.rank, unet_targets=targets,
+                                 algorithm="lora" if targets == "attn" else "locon")
+        state = core.TrainState.from_adapters(core.AdapterSet.create({"unet": unet}, cfg))
+        trainer = core.Trainer(diffusion, {"unet": unet})
+
+        def run(n: int) -> float:
+            train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision="fp32")
+            start = time.perf_counter()
+            trainer.run(state, data, train)
+            return time.perf_counter() - start
+
+        return run
+
+    runs = {"forward": forward_run}
+    for targets in ("attn", "all"):
+        runs[f"peft {targets}"] = peft_run(targets)
+        runs[f"kiln {targets}"] = kiln_run(targets)
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode(False), torch.enable_grad():
+        for name, run in runs.items():
+            run(1)  # warm-up
+        for _ in range(args.repeats):  # interleaved: noise from a shared machine hits every row alike
+            for name, run in runs.items():
+                samples[name].append((run(args.long) - run(args.short)) / (args.long - args.short))
+                gc.collect()
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            run = runs["kiln attn"]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(3)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    fwd = med["forward"]
+    print(f"\nUNet {args.size}, batch {b}, latents {s}x{s}, rank {args.rank}, fp32, median of {args.repeats}")
+    print("| run | s/step | x forward | Kiln / peft |")
+    print("|---|---|---|---|")
+    for name, v in med.items():
+        rel = ""
+        if name.startswith("kiln"):
+            rel = f"**{v / med['peft ' + name.split()[1]]:.2f}**"
+        print(f"| {name} | {v:.4f} | {v / fwd:.2f} | {rel} |")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
