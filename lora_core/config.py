@@ -101,6 +101,7 @@ class TrainConfig:
 
     steps: int = 100
     learning_rate: float = 1e-4
+    text_encoder_lr: float = 0.0  # 0: same as learning_rate (only used when text-encoder adapters exist)
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -129,6 +130,7 @@ class TrainConfig:
             object.__setattr__(self, "betas", tuple(self.betas))
         check_int("steps", self.steps, 0, 10_000_000)
         check_range("learning_rate", self.learning_rate, 0.0, 10.0, lo_inclusive=False)
+        check_range("text_encoder_lr", self.text_encoder_lr, 0.0, 10.0)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_range("weight_decay", self.weight_decay, 0.0, 10.0)
         if len(self.betas) != 2:

@@ -23,12 +23,27 @@ _OPTIONAL = {
 }
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def param_groups(adapters_by_name: Iterable[tuple[str, torch.nn.Module]], config: TrainConfig) -> list[dict]:
+    """One group for the UNet's adapters and one for the text encoder's (its own learning rate)."""
+    unet, text = [], []
+    for name, module in adapters_by_name:
+        (text if name.startswith("te") else unet).extend(module.parameters())
+    groups = []
+    if unet:
+        groups.append({"params": unet, "lr": config.learning_rate, "kiln_base_lr": config.learning_rate})
+    if text:
+        lr = config.text_encoder_lr or config.learning_rate
+        groups.append({"params": text, "lr": lr, "kiln_base_lr": lr})
+    return groups
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     params = list(params)
     name = config.optimizer
     lr = config.learning_rate
     if name == "adamw":
-        on_cuda = bool(params) and all(p.is_cuda for p in params)
+        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        on_cuda = bool(flat) and all(p.is_cuda for p in flat)
         kwargs = {"fused": True} if on_cuda else {}
         return torch.optim.AdamW(params, lr=lr, betas=config.betas, weight_decay=config.weight_decay, **kwargs)
     if name == "sgd":
@@ -72,6 +87,7 @@ def lr_multiplier(config: TrainConfig, step: int, schedule_steps: int) -> float:
     return float(_lr_lambda(config.scheduler, config.warmup_steps, total, config.num_cycles)(step))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+    """Every group's own base learning rate times the schedule's factor."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("kiln_base_lr", group["lr"]) * multiplier

@@ -22,7 +22,7 @@ from .adapters import AdapterSet
 from .config import TrainConfig
 from .data.latents import LatentDataset
 from .diffusion import DiffusionModel, diffusion_loss
-from .optim import build_optimizer, lr_multiplier, set_lr
+from .optim import build_optimizer, lr_multiplier, param_groups, set_lr
 from .progress import Smoother, StepInfo, TrainCallback
 from .state import TrainState
 
@@ -142,10 +142,13 @@ class Trainer:
         params = list(adapters.parameters())
         for p in params:
             p.requires_grad_(True)
-        optimizer = build_optimizer(params, config)
+        optimizer = build_optimizer(param_groups(adapters.items(), config), config)
         if state.optimizer_state is not None:
             if state.optimizer_name == config.optimizer:
+                fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
                 optimizer.load_state_dict(_clone_tree(state.optimizer_state))  # never share tensors with the input
+                for group, settings in zip(optimizer.param_groups, fresh):
+                    group.update(settings)  # this run's lr / betas / weight decay apply from here on
             else:
                 logger.warning(
                     "optimizer changed from %s to %s at step %d: starting a fresh optimizer state",
@@ -278,8 +281,9 @@ class _Run:
             t0 = time.perf_counter()
             self._mark = (self.step, self.epoch, self.batch_index)
             self._rng_mark = self._rng_state()
-            lr = config.learning_rate * lr_multiplier(config, self.step, schedule_steps)
-            set_lr(self.optimizer, lr)
+            factor = lr_multiplier(config, self.step, schedule_steps)
+            set_lr(self.optimizer, factor)
+            lr = config.learning_rate * factor
             try:
                 loss = sum(self._micro_step() for _ in range(config.grad_accum)) / config.grad_accum
                 self.scaler.unscale_(self.optimizer)

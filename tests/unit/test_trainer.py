@@ -233,3 +233,25 @@ def test_out_of_memory_gives_concrete_options_and_the_last_good_state():
         trainer.run(state, make_dataset(), TrainConfig(steps=5, batch_size=2))
     assert info.value.last_good_state.step == 2
     assert sum(len(m._forward_hooks) for m in unet.modules()) == 0
+
+
+def test_text_encoder_adapters_get_their_own_learning_rate_and_a_changed_lr_applies_on_resume():
+    from lora_core.optim import param_groups
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            self.te = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    m = Two()
+    adapters = AdapterSet.create({"unet": m.unet, "te": m.te},
+                                 AdapterConfig(rank=2, unet_targets="all", text_targets="all"))
+    groups = param_groups(adapters.items(), TrainConfig(learning_rate=1e-3, text_encoder_lr=1e-4))
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4] and [len(g["params"]) for g in groups] == [2, 2]
+
+    _, trainer, state = _setup()
+    first = trainer.run(state, make_dataset(), TrainConfig(steps=2, learning_rate=1e-3)).state
+    second = trainer.run(first, make_dataset(), TrainConfig(steps=2, learning_rate=5e-4)).state
+    assert [h[2] for h in second.history] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert second.optimizer_state["param_groups"][0]["lr"] == 5e-4
