@@ -8,6 +8,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
+from ..lora_core.caption.ledger import WRITTEN
 from ..lora_core.data import (
     CAPTION_EXTENSIONS,
     DatasetConfig,
@@ -74,7 +75,8 @@ class KilnLoadDataset(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, folder: str, **_: object) -> str:
         try:
-            return dataset_fingerprint(resolve_folder(folder))
+            # caption files Auto Caption wrote itself are not edits: re-queuing must not re-run the graph
+            return dataset_fingerprint(resolve_folder(folder), stat_view=WRITTEN.view)
         except Exception:  # noqa: BLE001 - the error is reported by execute
             return f"unreadable:{folder}"
 

@@ -447,12 +447,18 @@ def scan_dataset(config: DatasetConfig) -> ScanResult:
     return _Scanner(config).run()
 
 
-def dataset_fingerprint(folder: str | os.PathLike[str]) -> str:
+def dataset_fingerprint(
+    folder: str | os.PathLike[str], stat_view: Callable[[str, int, int], tuple[int, int] | None] | None = None
+) -> str:
     """A cheap hash of (relative path, size, mtime_ns) of every file the scanner could read, for change detection.
 
     Covers the files in the folder and in its immediate subfolders (the scanner reads nothing deeper) plus the
     subfolder names. Nothing is opened. A missing or unreadable folder gives a fixed fingerprint rather than an
     error, so change detection never fails; scanning reports the problem.
+
+    ``stat_view(path, size, mtime_ns)`` may present a file differently: it returns the ``(size, mtime_ns)`` to hash,
+    or ``None`` to leave the file out. Auto Caption passes its write ledger (``lora_core.caption.WRITTEN.view``) so
+    that the caption files it wrote itself do not count as changes.
     """
     root = Path(folder).expanduser()
     digest = hashlib.sha256()
@@ -462,18 +468,23 @@ def dataset_fingerprint(folder: str | os.PathLike[str]) -> str:
         digest.update(f"unreadable\0{type(e).__name__}\0{root}".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
     for entry in top:
-        _fingerprint_entry(digest.update, entry, entry.name)
+        _fingerprint_entry(digest.update, entry, entry.name, stat_view)
         if _is_dir(entry):
             try:
                 children = _list_dir(Path(entry.path))
             except OSError:
                 continue
             for child in children:
-                _fingerprint_entry(digest.update, child, f"{entry.name}/{child.name}")
+                _fingerprint_entry(digest.update, child, f"{entry.name}/{child.name}", stat_view)
     return digest.hexdigest()
 
 
-def _fingerprint_entry(update: Callable[[bytes], object], entry: os.DirEntry[str], rel: str) -> None:
+def _fingerprint_entry(
+    update: Callable[[bytes], object],
+    entry: os.DirEntry[str],
+    rel: str,
+    stat_view: Callable[[str, int, int], tuple[int, int] | None] | None = None,
+) -> None:
     try:
         st = entry.stat()
         is_dir = entry.is_dir()
@@ -483,6 +494,11 @@ def _fingerprint_entry(update: Callable[[bytes], object], entry: os.DirEntry[str
     kind = "d" if is_dir else "f"
     size = 0 if is_dir else st.st_size
     mtime = 0 if is_dir else st.st_mtime_ns
+    if stat_view is not None and not is_dir:
+        shown = stat_view(entry.path, size, mtime)
+        if shown is None:
+            return
+        size, mtime = shown
     update(f"{kind}\0{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
 
 
