@@ -54,6 +54,8 @@ class RunConfig:
     algorithm: str = "lora"
     conv_rank: int = 0
     dropout: float = 0.0
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 0.0  # 0: same as learning_rate
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
     epochs: int = 0
@@ -123,11 +125,13 @@ class RunConfig:
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(rank=self.lora_rank, alpha=float(self.lora_alpha), unet_targets=self.targets,
-                             algorithm=self.algorithm, conv_rank=self.conv_rank or None, dropout=self.dropout)
+                             algorithm=self.algorithm, conv_rank=self.conv_rank or None, dropout=self.dropout,
+                             text_targets="text" if self.train_text_encoder else ())
 
     def train_config(self, steps: int) -> TrainConfig:
         return TrainConfig(
-            steps=steps, learning_rate=float(self.learning_rate), optimizer=self.optimizer,
+            steps=steps, learning_rate=float(self.learning_rate), text_encoder_lr=float(self.text_encoder_lr),
+            optimizer=self.optimizer,
             scheduler=self.lr_scheduler, warmup_steps=self.lr_warmup_steps, batch_size=self.batch_size,
             grad_accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
             gradient_checkpointing=self.gradient_checkpointing, min_snr_gamma=float(self.min_snr_gamma),

@@ -7,13 +7,14 @@ progress text, websocket events, Cancel). Nodes call this module; they never rea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ class KilnUserError(ValueError):
 class ComfyDiffusion:
     """:class:`lora_core.DiffusionModel` over a ComfyUI ModelPatcher (SD1.x / SD2.x UNets)."""
 
-    def __init__(self, patcher: Any) -> None:
+    def __init__(self, patcher: Any, text_encoder: TextEncoder | None = None) -> None:
         base = patcher.model
+        self.text_encoder = text_encoder
         sampling = patcher.get_model_object("model_sampling")
         if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
             sampling, comfy.model_sampling.EPS
@@ -76,12 +78,97 @@ class ComfyDiffusion:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
-        context = cond["context"].to(x.device, dtype)
+        if "tokens" in cond:  # text-encoder training: encode with gradients, through its adapters
+            if self.text_encoder is None:
+                raise KilnUserError("this dataset was prepared for text-encoder training but no CLIP was given")
+            context = self.text_encoder(cond["tokens"]).to(x.device, dtype)
+        else:
+            context = cond["context"].to(x.device, dtype)
         return self.unet(x.to(dtype), t.float(), context=context).float()
 
 
 def unet_roots(patcher: Any) -> dict[str, nn.Module]:
     return {"unet": patcher.model.diffusion_model}
+
+
+class TextEncoder:
+    """Token ids -> cross-attention context with gradients (mirrors ``CLIP.encode_from_tokens``, SD1.x/SD2.x)."""
+
+    def __init__(self, clip: Any) -> None:
+        stage = clip.cond_stage_model
+        if not hasattr(stage, "clip_name") or not hasattr(stage, "clip"):
+            raise KilnUserError(
+                f"text-encoder training supports the single CLIP of SD1.x/SD2.x; this CLIP is {type(stage).__name__}. "
+                "Turn train_text_encoder off."
+            )
+        self.clip = clip
+        self.key = stage.clip_name  # "l" for SD1.x, "h" for SD2.x
+        self.encoder = getattr(stage, stage.clip)
+
+    @property
+    def root(self) -> nn.Module:
+        return self.encoder.transformer
+
+    def tokens(self, text: str) -> torch.Tensor:
+        chunks = self.clip.tokenize(text)[self.key]
+        return torch.tensor([[pair[0] for pair in chunk] for chunk in chunks], dtype=torch.long).flatten()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        stage = self.clip.cond_stage_model
+        stage.reset_clip_options()
+        if self.clip.layer_idx is not None:  # clip skip, as set by CLIPSetLastLayer
+            stage.set_clip_options({"layer": self.clip.layer_idx})
+        batch = tokens.shape[0]
+        out = self.encoder.encode(tokens.reshape(-1, 77).tolist())[0]
+        return out.reshape(batch, -1, out.shape[-1]).float()
+
+
+    @contextlib.contextmanager
+    def trainable(self) -> Iterator[None]:
+        """ComfyUI's CLIP layers add residuals in place (``x += attn(norm(x))``), which autograd rejects once
+        adapters need gradients; feeding each LayerNorm a copy of its input keeps the saved tensor intact."""
+        handles = [m.register_forward_pre_hook(_clone_input) for m in self.root.modules()
+                   if isinstance(m, nn.LayerNorm)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _clone_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
+        return (args[0].clone(), *args[1:])
+    return None
+
+
+def text_roots(clip: Any) -> dict[str, nn.Module]:
+    return {"te": TextEncoder(clip).root}
+
+
+def load_text_encoder_for_training(clip: Any) -> TextEncoder:
+    with torch.inference_mode(False):
+        mm.load_models_gpu([clip.patcher], force_full_load=True)
+    encoder = TextEncoder(clip)
+    make_autograd_safe(encoder.root)
+    return encoder
+
+
+def clip_with_lora(clip: Any, state: TrainState, naming: KohyaNaming) -> Any:
+    """A CLIP clone with the state's text-encoder adapters as ComfyUI weight patches (as LoraLoader does)."""
+    import comfy.lora
+
+    from ..lora_core.formats.kohya import export_tensors
+
+    te_specs = tuple(s for s in state.specs if s.name.startswith("te."))
+    if not te_specs:
+        return clip
+    tensors = export_tensors(state.replace(specs=te_specs), naming, "fp32")
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    patches = comfy.lora.load_lora(tensors, key_map)
+    new = clip.clone()
+    new.add_patches(patches, 1.0)
+    return new
 
 
 def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
@@ -119,11 +206,13 @@ def kohya_naming(patcher: Any) -> KohyaNaming:
     return KohyaNaming(path_maps={"unet": ldm_to_diffusers})
 
 
-def lora_keys_loadable(patcher: Any, keys: list[str]) -> list[str]:
-    """The kohya base keys ComfyUI's LoraLoader would NOT map onto this model (empty: all load)."""
+def lora_keys_loadable(patcher: Any, keys: list[str], clip: Any = None) -> list[str]:
+    """The kohya base keys ComfyUI's LoraLoader would NOT map onto this model/CLIP (empty: all load)."""
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     return [k for k in keys if k not in key_map]
 
 
@@ -205,10 +294,13 @@ def encode_image(vae: Any, key: tuple, image: torch.Tensor) -> tuple[torch.Tenso
     return latent, True
 
 
-def encode_text(clip: Any, text: str) -> tuple[torch.Tensor, bool]:
-    """Cross-attention context [tokens, dim] for ``text``; cached per CLIP, its patches and clip-skip."""
+def encode_text(clip: Any, text: str, cached: bool = True) -> tuple[torch.Tensor, bool]:
+    """Cross-attention context [tokens, dim] for ``text``; cached per CLIP, its patches and clip-skip.
+
+    ``cached=False`` while text-encoder adapters are attached (their output changes every step).
+    """
     patcher = clip.patcher
-    cache = _text_cache.setdefault(clip.cond_stage_model, {})
+    cache = _text_cache.setdefault(clip.cond_stage_model, {}) if cached else {}
     key = (text, patcher.patches_uuid, getattr(clip, "layer_idx", None))
     if key in cache:
         return cache[key], False
@@ -463,11 +555,12 @@ def _eta(seconds: float) -> str:
 
 
 def sample_preview(
-    patcher: Any, clip: Any, vae: Any, prompt: str, seed: int, width: int, height: int, steps: int, cfg: float
+    patcher: Any, clip: Any, vae: Any, prompt: str, seed: int, width: int, height: int, steps: int, cfg: float,
+    text_adapters: bool = False,
 ) -> torch.Tensor:
     """Render one image with ComfyUI's own sampler on ``patcher`` as it is now (adapters attached)."""
-    positive = [[encode_text(clip, prompt)[0][None], {}]]
-    negative = [[encode_text(clip, "")[0][None], {}]]
+    positive = [[encode_text(clip, prompt, cached=not text_adapters)[0][None], {}]]
+    negative = [[encode_text(clip, "", cached=not text_adapters)[0][None], {}]]
     latent = torch.zeros(1, 4, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(

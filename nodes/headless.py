@@ -211,17 +211,20 @@ def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[st
             "min_snr_gamma": float(cfg.min_snr_gamma), "noise_offset": float(cfg.noise_offset),
             "save_every": cfg.save_steps, "preview_every": cfg.sample_every,
             "preview_prompt": cfg.sample_prompts[0] if cfg.sample_prompts else "", "preview_seed": cfg.seed,
-            "preview_size": cfg.sample_size, "preview_steps": cfg.sample_steps}},
+            "preview_size": cfg.sample_size, "preview_steps": cfg.sample_steps,
+            "text_encoder_lr": float(cfg.text_encoder_lr)}},
         SAVE_NODE: {"class_type": "KilnSaveLoRA", "inputs": {
             "state": ["4", 0], "filename": cfg.output_name, "dtype": cfg.save_precision, "save_checkpoint": True}},
     }
     if resume:
-        graph["3"] = {"class_type": "KilnLoadCheckpoint", "inputs": {"model": ["1", 0], "checkpoint": resume}}
+        graph["3"] = {"class_type": "KilnLoadCheckpoint", "inputs": {"model": ["1", 0], "checkpoint": resume,
+                                                                     "clip": ["1", 1]}}
     else:
         graph["3"] = {"class_type": "KilnInjectLoRA", "inputs": {
             "model": ["1", 0], "name": cfg.output_name, "rank": cfg.lora_rank, "alpha": float(cfg.lora_alpha),
             "targets": cfg.targets, "algorithm": cfg.algorithm, "conv_rank": cfg.conv_rank,
-            "dropout": float(cfg.dropout), "init_lora": "none", "seed": cfg.seed}}
+            "dropout": float(cfg.dropout), "init_lora": "none", "seed": cfg.seed,
+            "train_text_encoder": cfg.train_text_encoder, "clip": ["1", 1]}}
     return {k: graph[k] for k in sorted(graph, key=int)}
 
 
@@ -255,7 +258,8 @@ def config_from_graph(api: dict[str, Any]) -> RunConfig:
     if inject:
         values.update(lora_rank=inject["rank"], lora_alpha=inject["alpha"], targets=inject["targets"],
                       algorithm=inject["algorithm"], conv_rank=inject["conv_rank"], dropout=inject["dropout"],
-                      seed=inject["seed"])
+                      seed=inject["seed"], train_text_encoder=bool(inject.get("train_text_encoder", False)))
+    values["text_encoder_lr"] = train.get("text_encoder_lr", 0.0)
     return RunConfig.from_mapping(values)
 
 

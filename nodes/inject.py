@@ -48,28 +48,50 @@ class KilnInjectLoRA(io.ComfyNode):
                     "Start from an existing kohya LoRA in models/loras (its layers, rank and alpha win).")),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False, tooltip=(
                     "Seed for the adapter initialisation and for all training randomness (batch order, noise).")),
+                io.Boolean.Input("train_text_encoder", default=False, optional=True, tooltip=(
+                    "Also put adapters on the text encoder (q/k/v/out, fc1, fc2 of CLIP). Needs the clip input. "
+                    "Learns trigger words faster; set a lower text_encoder_lr in Train Steps.")),
+                io.Clip.Input("clip", optional=True, tooltip=(
+                    "The CLIP of the same checkpoint: needed for train_text_encoder (and to continue a LoRA that "
+                    "has text-encoder weights).")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The training state; wire into Train Steps."),
                 io.Model.Output(display_name="model", tooltip="A copy of the model with the (untrained) adapters."),
+                io.Clip.Output(display_name="clip", tooltip="A copy of the CLIP with the text-encoder adapters "
+                                                            "(the input CLIP when the text encoder is not trained)."),
             ],
         )
 
     @classmethod
     def execute(
         cls, model: object, name: str, rank: int, alpha: float, targets: str, algorithm: str, conv_rank: int,
-        dropout: float, init_lora: str, seed: int,
+        dropout: float, init_lora: str, seed: int, train_text_encoder: bool = False, clip: object = None,
     ) -> io.NodeOutput:
         if not name.strip():
             raise bridge.KilnUserError("name is empty: give the LoRA a name, e.g. 'my_lora'")
+        if train_text_encoder and clip is None:
+            raise bridge.KilnUserError(
+                "train_text_encoder is on but no CLIP is connected: wire Load Checkpoint's CLIP into Inject LoRA"
+            )
         config = AdapterConfig(rank=rank, alpha=alpha, unet_targets=targets, algorithm=algorithm,
-                               conv_rank=conv_rank or None, dropout=dropout)
+                               conv_rank=conv_rank or None, dropout=dropout,
+                               text_targets="text" if train_text_encoder else ())
         base = bridge.strip_adapters(model)
         diffusion = bridge.ComfyDiffusion(base)  # refuses unsupported model families with a clear message
         roots = bridge.unet_roots(base)
+        if clip is not None and (train_text_encoder or init_lora != NO_LORA):
+            roots.update(bridge.text_roots(clip))
         naming = bridge.kohya_naming(base)
         if init_lora != NO_LORA:
-            state = load_lora_as_state(bridge.lora_path(init_lora), roots, naming, config, seed=seed)
+            try:
+                state = load_lora_as_state(bridge.lora_path(init_lora), roots, naming, config, seed=seed)
+            except ValueError as exc:
+                if "lora_te" in str(exc) and "te" not in roots:
+                    raise bridge.KilnUserError(
+                        f"{init_lora} has text-encoder weights: connect the CLIP to Inject LoRA to continue it"
+                    ) from None
+                raise
         else:
             state = TrainState.from_adapters(AdapterSet.create(roots, config, seed=seed), seed=seed)
         naming.names(s.name for s in state.specs)  # every adapter must have a kohya name: fail now, not at save
@@ -77,7 +99,10 @@ class KilnInjectLoRA(io.ComfyNode):
         run = KilnRun(
             state=state, model=base, name=name.strip(), naming=naming,
             base_model_version=bridge.base_model_version(base), prediction_type=diffusion.prediction_type,
+            clip=clip,
         )
         n_params = sum(w.numel() for w in state.weights.values())
-        text = f"{len(state.specs)} adapters, {n_params / 1e6:.2f} M trainable parameters"
-        return io.NodeOutput(run, bridge.with_adapters(base, state), ui={"text": [text]})
+        te = sum(1 for s in state.specs if s.name.startswith("te."))
+        text = f"{len(state.specs)} adapters ({te} on the text encoder), {n_params / 1e6:.2f} M trainable parameters"
+        out_clip = bridge.clip_with_lora(clip, state, naming) if clip is not None else None
+        return io.NodeOutput(run, bridge.with_adapters(base, state), out_clip, ui={"text": [text]})

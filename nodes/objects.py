@@ -36,16 +36,24 @@ class KilnDataset:
     def replace(self, **changes: Any) -> KilnDataset:
         return dataclasses.replace(self, **changes)
 
-    def encoded(self) -> tuple[LatentDataset, int]:
-        """The engine's dataset; captions go through CLIP once per distinct text (cached). Returns (dataset, new encodes)."""
+    def encoded(self, text_encoder: bridge.TextEncoder | None = None) -> tuple[LatentDataset, int]:
+        """The engine's dataset; captions go through CLIP once per distinct text (cached). Returns (dataset, new encodes).
+
+        With ``text_encoder`` (text-encoder training) the items carry token ids instead: the text is encoded in
+        every step, through the adapters.
+        """
         items = []
         fresh = 0
         for record, latent in zip(self.records, self.latents):
             text = self.caption(record)
-            context, new = bridge.encode_text(self.clip, text)
-            fresh += int(new)
-            items.append(LatentItem(latent=latent, cond={"context": context}, repeats=record.repeats,
-                                    caption=text, key=str(record.path)))
+            if text_encoder is not None:
+                cond = {"tokens": text_encoder.tokens(text)}
+            else:
+                context, new = bridge.encode_text(self.clip, text)
+                fresh += int(new)
+                cond = {"context": context}
+            items.append(LatentItem(latent=latent, cond=cond, repeats=record.repeats, caption=text,
+                                    key=str(record.path)))
         return LatentDataset(tuple(items)), fresh
 
     def run_info(self) -> dict[str, Any]:
@@ -75,6 +83,11 @@ class KilnRun:
     base_model_name: str = ""
     prediction_type: str = "epsilon"
     train_settings: dict[str, Any] = field(default_factory=dict)
+    clip: Any = None  # the CLIP whose text encoder is trained (None: UNet only)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return any(s.name.startswith("te.") for s in self.state.specs)
 
     def __repr__(self) -> str:
         return f"KilnRun({self.name!r}, step {self.state.step}, {len(self.state.specs)} adapters)"

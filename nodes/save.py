@@ -54,7 +54,7 @@ class KilnSaveLoRA(io.ComfyNode):
         target = bridge.unused_path(bridge.safe_child(root, filename.strip() or run.name, ".safetensors"))
         tensors = export_tensors(run.state, run.naming, dtype)
         bases = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors})
-        unmapped = bridge.lora_keys_loadable(run.model, bases)
+        unmapped = bridge.lora_keys_loadable(run.model, bases, run.clip)
         if unmapped:
             raise bridge.KilnUserError(
                 f"{len(unmapped)} LoRA keys would not load onto this model in ComfyUI, e.g. {unmapped[0]}; "
@@ -105,15 +105,18 @@ class KilnLoadCheckpoint(io.ComfyNode):
                 io.Combo.Input("checkpoint", options=names or ["(none saved yet)"], tooltip=(
                     "A checkpoint from output/lora_kiln/<name>/checkpoints (written by save_every, Cancel, or Save "
                     "LoRA).")),
+                io.Clip.Input("clip", optional=True, tooltip=(
+                    "The same checkpoint's CLIP: needed when the checkpoint trains the text encoder.")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="Wire into Train Steps to continue."),
                 io.Model.Output(display_name="model", tooltip="The model with the checkpoint's LoRA applied."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP with the checkpoint's text-encoder LoRA (if any)."),
             ],
         )
 
     @classmethod
-    def execute(cls, model: object, checkpoint: str) -> io.NodeOutput:
+    def execute(cls, model: object, checkpoint: str, clip: object = None) -> io.NodeOutput:
         root = bridge.runs_directory()
         path = bridge.safe_child(root, checkpoint, ".kiln.safetensors") if checkpoint.endswith(".kiln.safetensors") \
             else None
@@ -125,6 +128,10 @@ class KilnLoadCheckpoint(io.ComfyNode):
         state = TrainState.load(path)
         base = bridge.strip_adapters(model)
         roots = bridge.unet_roots(base)
+        if any(s.name.startswith("te.") for s in state.specs):
+            if clip is None:
+                raise bridge.KilnUserError(f"{path.name} trains the text encoder: connect the CLIP to Load Checkpoint")
+            roots.update(bridge.text_roots(clip))
         for spec in state.specs:
             component, _, module_path = spec.name.partition(".")
             try:
@@ -144,9 +151,11 @@ class KilnLoadCheckpoint(io.ComfyNode):
         diffusion = bridge.ComfyDiffusion(base)
         name = path.parent.parent.name
         run = KilnRun(state=state, model=base, name=name, naming=bridge.kohya_naming(base),
-                      base_model_version=bridge.base_model_version(base), prediction_type=diffusion.prediction_type)
+                      base_model_version=bridge.base_model_version(base), prediction_type=diffusion.prediction_type,
+                      clip=clip)
         text = f"resumed {name} at step {state.step} (epoch {state.epoch + 1})"
-        return io.NodeOutput(run, bridge.with_adapters(base, state), ui={"text": [text]})
+        out_clip = bridge.clip_with_lora(clip, state, run.naming) if clip is not None else None
+        return io.NodeOutput(run, bridge.with_adapters(base, state), out_clip, ui={"text": [text]})
 
 
 _ = folder_paths  # imported for ComfyUI's folder registration side effects

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -91,12 +92,17 @@ class KilnTrainSteps(io.ComfyNode):
                              tooltip="Seed for the preview images (same seed = comparable previews)."),
                 io.Int.Input("preview_size", default=512, min=64, max=2048, step=64, tooltip="Preview width and height."),
                 io.Int.Input("preview_steps", default=20, min=1, max=200, tooltip="Sampler steps for each preview."),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, round=False, optional=True, tooltip=(
+                    "Learning rate of the text-encoder adapters (when Inject LoRA trains them); 0 = learning_rate. "
+                    "kohya's usual choice is half the UNet's, e.g. 5e-5.")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
                 io.Model.Output(display_name="model", tooltip="The model with the LoRA as trained so far: wire into a KSampler."),
                 io.Image.Output(display_name="loss_graph", tooltip="The loss curve of the whole run so far."),
                 io.Image.Output(display_name="previews", tooltip="Preview images rendered during this node (or the loss graph)."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP with the text-encoder LoRA as trained so far "
+                                                            "(the CLIP given to Inject LoRA when only the UNet trains)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -106,29 +112,38 @@ class KilnTrainSteps(io.ComfyNode):
                 scheduler: str, warmup_steps: int, schedule_steps: int, batch_size: int, grad_accum: int,
                 precision: str, gradient_checkpointing: bool, min_snr_gamma: float, noise_offset: float,
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
-                preview_steps: int) -> io.NodeOutput:
+                preview_steps: int, text_encoder_lr: float = 0.0) -> io.NodeOutput:
         run = state
         node_id = cls.hidden.unique_id
         config = TrainConfig(
             steps=steps, learning_rate=learning_rate, optimizer=optimizer, scheduler=scheduler,
             warmup_steps=warmup_steps, schedule_steps=schedule_steps, batch_size=batch_size, grad_accum=grad_accum,
             precision=precision, gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma,
-            noise_offset=noise_offset, seed=run.state.seed,
+            noise_offset=noise_offset, seed=run.state.seed, text_encoder_lr=text_encoder_lr,
         )
-        latent_data, _ = dataset.encoded()
+        if run.trains_text_encoder and run.clip is None:
+            raise bridge.KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
+        clip = run.clip if run.clip is not None else dataset.clip
         start = run.state.replace(info={**run.state.info, **dataset.run_info()})
         prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")
 
         with torch.inference_mode(False), torch.enable_grad():
             device = bridge.load_for_training(run.model)
-            trainer = Trainer(bridge.ComfyDiffusion(run.model), bridge.unet_roots(run.model), device,
+            roots = bridge.unet_roots(run.model)
+            text_encoder = None
+            if run.trains_text_encoder:
+                text_encoder = bridge.load_text_encoder_for_training(run.clip)
+                roots["te"] = text_encoder.root
+            latent_data, _ = dataset.encoded(text_encoder)
+            trainer = Trainer(bridge.ComfyDiffusion(run.model, text_encoder), roots, device,
                               checkpoint_modules=bridge.checkpoint_blocks(run.model))
 
             preview_files: list[dict] = []  # temp PNGs of the previews, for the node's live view (web/js)
 
             def preview(step: int) -> torch.Tensor:
-                image = bridge.sample_preview(run.model, dataset.clip, dataset.vae, prompt, preview_seed,
-                                              preview_size, preview_size, preview_steps, 7.0)
+                image = bridge.sample_preview(run.model, clip, dataset.vae, prompt, preview_seed,
+                                              preview_size, preview_size, preview_steps, 7.0,
+                                              text_adapters=text_encoder is not None)
                 bridge.load_for_training(run.model)  # the VAE may have displaced the UNet
                 try:
                     ref = {**bridge.save_temp_preview(image), "step": step}
@@ -144,8 +159,9 @@ class KilnTrainSteps(io.ComfyNode):
             checkpoints = _Checkpoints(run)
             tb = TensorBoardCallback(bridge.logs_directory(run.name))
             try:
-                result = trainer.run(start, latent_data, config, [progress, checkpoints, tb],
-                                     save_every=save_every, preview_every=preview_every)
+                with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
+                    result = trainer.run(start, latent_data, config, [progress, checkpoints, tb],
+                                         save_every=save_every, preview_every=preview_every)
             except TrainingError as exc:
                 tb.close()
                 path = save_checkpoint(run, exc.last_good_state, "_lastgood")
@@ -169,4 +185,5 @@ class KilnTrainSteps(io.ComfyNode):
         # Lists only (ComfyUI concatenates ui lists); nothing of this is stored in the workflow.
         history = [list(h) for h in result.state.history[-2000:]]
         ui = {"text": [text], "kiln_history": history, "kiln_previews": preview_files}
-        return io.NodeOutput(new_run, bridge.with_adapters(run.model, result.state), chart, previews, ui=ui)
+        out_clip = bridge.clip_with_lora(run.clip, result.state, run.naming) if run.clip is not None else dataset.clip
+        return io.NodeOutput(new_run, bridge.with_adapters(run.model, result.state), chart, previews, out_clip, ui=ui)

@@ -276,3 +276,31 @@ def test_save_refuses_names_that_escape_models_loras(server, filename):
     assert result.error["node_type"] == "KilnSaveLoRA"
     assert "relative name" in result.error["exception_message"] or "'..'" in result.error["exception_message"]
     assert not list(server.base.parent.glob("escape*")) and not (server.base / "models" / "escape.safetensors").exists()
+
+
+def test_text_encoder_training_saves_lora_te_keys_that_the_stock_loader_applies(server):
+    wf = tiny_train_workflow("with_te", steps=3)
+    wf["3"]["inputs"].update(train_text_encoder=True, clip=["1", 1])
+    wf["4"]["inputs"].update(text_encoder_lr=5e-4, preview_every=3)
+    result = server.run(wf)
+    assert result.status == "success", result.error
+    assert "(72 on the text encoder)" in result.history["outputs"]["3"]["text"][0]  # 12 layers x 6 projections
+    with safe_open(str(lora_file(server, "with_te")), "pt") as f:
+        bases = {k.rsplit(".", 2)[0] for k in f.keys() if k.endswith(".weight")}
+        meta = f.metadata()
+        up = f.get_tensor("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight")
+    assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in bases
+    assert any(b.startswith("lora_unet_") for b in bases)
+    assert up.abs().sum() > 0  # trained, not just initialised
+    assert json.loads(meta["prompt"])["3"]["inputs"]["train_text_encoder"] is True
+    log_before = len(server.log())
+    graph = {**checkpoint_loader(),
+             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "with_te.safetensors",
+                                                          "strength_model": 0.0, "strength_clip": 1.0}}}
+    graph.update(render_graph("te_only", ["2", 0], ["2", 1], base_id=600))
+    graph.update(render_graph("te_base", ["1", 0], ["1", 1], base_id=700))
+    loaded = server.run(graph)
+    assert loaded.status == "success", loaded.error
+    assert "lora key not loaded" not in server.log()[log_before:]
+    # the text-encoder half alone changes the image: the CLIP weights really carry the LoRA
+    assert not np.array_equal(saved_image(server, loaded, "605"), saved_image(server, loaded, "705"))
