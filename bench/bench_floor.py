@@ -136,7 +136,7 @@ def main() -> int:
         runs[f"kiln {targets}"] = kiln_run(targets)
     samples: dict[str, list[float]] = {k: [] for k in runs}
     with torch.inference_mode(False), torch.enable_grad():
-        for name, run in runs.items():
+        for run in runs.values():
             run(1)  # warm-up
         for _ in range(args.repeats):  # interleaved: noise from a shared machine hits every row alike
             for name, run in runs.items():

@@ -1,0 +1,91 @@
+"""Peak memory (RSS) of one process each: Kiln training, ComfyUI's TrainLoraNode, plain inference.
+
+    python bench/bench_memory.py [--size small] [--steps 5]
+
+Each graph runs in its own fresh process (``kiln.py run``, ComfyUI as a library, no web server), so the peak
+RSS belongs to that job alone. Same checkpoint, 64x64, batch 1, rank 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from bench_vs_native import Case, kiln_graph, native_graph  # noqa: E402
+
+from comfy_harness import build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
+
+PROBE = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
+
+
+def peak_mib(graph: dict, tmp: Path, tag: str, ckpt: Path) -> float:
+    path = tmp / f"{tag}.json"
+    path.write_text(json.dumps(graph))
+    proc = subprocess.run([sys.executable, "-c", PROBE, sys.executable, str(REPO / "kiln.py"), "run", str(path),
+                           "--set", f"base_model={ckpt}"],
+                          capture_output=True, text=True, cwd=tmp)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    kb = next(int(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith("PEAK_KB"))
+    return kb / 1024
+
+
+def inference_graph(model: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{model}.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 5, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
+                                                   "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0]}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "mem"}},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    comfy = find_comfyui()
+    if comfy is None:
+        print("ComfyUI not found (set COMFYUI_PATH)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        ckpt = build_tiny_checkpoint(comfy, tmp / f"{args.size}.safetensors", size=args.size)
+        make_images(tmp / "bench", n=4)
+
+        rows = []
+        for label, g in (
+            ("inference (KSampler, 5 steps)", inference_graph(args.size)),
+            ("ComfyUI TrainLoraNode, fp32, all layers", native_graph(Case(args.size, 1, "fp32", False, "like"), args.steps, "m")),
+            ("Kiln, fp32, all layers (locon)", kiln_graph(Case(args.size, 1, "fp32", False, "like"), args.steps, "m")),
+            ("Kiln, fp32, attn+ff (default)", kiln_graph(Case(args.size, 1, "fp32", False, "defaults"), args.steps, "d")),
+        ):
+            if g["2"]["class_type"] == "KilnLoadDataset":
+                g["2"]["inputs"]["folder"] = str(tmp / "bench")
+            rows.append((label, peak_mib(g, tmp, label.split()[0].lower() + str(len(rows)), ckpt)))
+    base = rows[0][1]
+    print(f"\nUNet {args.size}, 64x64, batch 1, rank 8, {args.steps} steps; peak RSS of the whole process")
+    print("| job | peak RSS (MiB) | vs inference |")
+    print("|---|---|---|")
+    for label, mib in rows:
+        print(f"| {label} | {mib:.0f} | {mib / base:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
