@@ -1,4 +1,4 @@
-"""KilnAutoCaption: caption a dataset (or a folder) with a local BLIP / Florence-2 model, in the graph.
+"""KilnAutoCaption: caption a dataset (or a folder) with a local BLIP / Florence-2 model (or WD14 tagger).
 
 Sits between Load Dataset and Train Steps. Captions are written next to the images (``.txt`` sidecars and/or
 ``metadata.csv``) and travel on in the dataset: its latents are kept as they are (nothing is re-encoded), and Train
@@ -65,8 +65,9 @@ class _NodeEvents(CaptionEvents):
         return self.progress.should_stop()
 
 
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+def _weights_bytes(info: ModelInfo) -> int:
+    pattern = "*.onnx" if info.kind.name == "wd14" else "*.safetensors"
+    return sum(p.stat().st_size for p in info.folder.glob(pattern))
 
 
 class KilnAutoCaption(io.ComfyNode):
@@ -77,7 +78,8 @@ class KilnAutoCaption(io.ComfyNode):
             display_name="Auto Caption (Kiln)",
             category=f"{CATEGORY}/data",
             description=(
-                "Captions the images of a dataset with a local BLIP or Florence-2 model from models/captioners, "
+                "Captions the images of a dataset with a local BLIP or Florence-2 model (or a WD14 tagger) from "
+                "models/captioners, "
                 "writes .txt sidecars and/or metadata.csv next to them (images are never touched) and passes the "
                 "captioned dataset on to Train Steps. Review the captions shown on the node before training; by "
                 "default existing captions are kept, so captions you fixed by hand stay."
@@ -91,18 +93,21 @@ class KilnAutoCaption(io.ComfyNode):
                     "relative to ComfyUI's input folder). Load Dataset then reads the caption files.")),
                 io.Combo.Input("model", options=bridge.captioner_names(), tooltip=(
                     "A model folder in ComfyUI/models/captioners/ (Hugging Face layout: config.json, "
-                    f"model.safetensors, processor and tokenizer files). Downloads: {_REPOS}.")),
+                    "model.safetensors, processor and tokenizer files; a WD14 tagger: model.onnx + "
+                    f"selected_tags.csv, needs onnxruntime). Downloads: {_REPOS}.")),
                 io.String.Input("prompt", default="", tooltip=(
                     "Florence-2: the task, <DETAILED_CAPTION> when empty (<CAPTION> is shorter, "
                     "<MORE_DETAILED_CAPTION> a paragraph). BLIP: optional start of every caption, e.g. "
-                    "'a photography of' (empty: unconditional).")),
+                    "'a photography of' (empty: unconditional). WD14 tagger: tag thresholds, e.g. '0.35' or "
+                    "'0.35 0.85' (general, character; empty: those).")),
                 io.Int.Input("max_tokens", default=75, min=1, max=1024, tooltip=(
-                    "Longest caption in tokens. SD1.5's text encoder reads 75 tokens per chunk.")),
+                    "Longest caption in tokens (WD14 tagger: most tags). SD1.5's text encoder reads 75 tokens per "
+                    "chunk.")),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip=(
                     "Images captioned at once. Higher is faster on a GPU; lower it if you run out of memory.")),
                 io.Int.Input("beams", default=1, min=1, max=8, tooltip=(
-                    "Beam search width. 1 = greedy (fastest); 3 gives slightly better captions at about 2-3x the "
-                    "time.")),
+                    "Beam search width (BLIP, Florence-2). 1 = greedy (fastest); 3 gives slightly better captions at "
+                    "about 2-3x the time.")),
                 io.String.Input("trigger_word", default="", tooltip=(
                     "Put first in every caption this node writes, e.g. 'sks' (never doubled when the caption already "
                     "contains it). Load Dataset's trigger_word is applied on top as usual: set it in one place.")),
@@ -183,7 +188,7 @@ class KilnAutoCaption(io.ComfyNode):
         dtype = bridge.inference_dtype(device)
 
         def load(info: ModelInfo, device: object, dtype: object) -> object:
-            bridge.make_room(device, int(_weights_bytes(info.folder) * 1.5) + (512 << 20))
+            bridge.make_room(device, int(_weights_bytes(info) * 1.5) + (512 << 20))
             return load_captioner(info, device, dtype)
 
         progress = bridge.ItemProgress(cls.hidden.unique_id, unit="images")

@@ -7,6 +7,7 @@ Only plain ``transformers`` classes are used (never ``trust_remote_code``), weig
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -63,7 +64,18 @@ KINDS: dict[str, ModelKind] = {
         default_prompt="<DETAILED_CAPTION>",
         min_transformers="4.56",
     ),
+    "wd14": ModelKind(
+        name="wd14",
+        label="WD14 tagger",
+        model_types=(),
+        repos=("SmilingWolf/wd-vit-tagger-v3", "SmilingWolf/wd-eva02-large-tagger-v3", "SmilingWolf/wd-swinv2-tagger-v3"),
+        tokenizer_files=(),
+        default_prompt="",
+        min_transformers="",
+    ),
 }
+
+WD14_FILES = ("model.onnx", "selected_tags.csv")
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -80,6 +92,8 @@ def _get_it(folder: Path, kind: ModelKind | None = None) -> str:
 
 
 def _expected(kind: ModelKind | None) -> str:
+    if kind is not None and kind.name == "wd14":
+        return " and ".join(WD14_FILES)
     tokenizer = " or ".join(" + ".join(t) for t in (kind.tokenizer_files if kind else (("tokenizer.json",),)))
     return f"config.json, model.safetensors, preprocessor_config.json and the tokenizer ({tokenizer})"
 
@@ -146,13 +160,15 @@ def inspect_model_folder(folder: str | os.PathLike[str]) -> ModelInfo:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise CaptionError(
-            f"captioner folder {folder} {what}. It must be a Hugging Face model folder with {_expected(None)}. "
-            f"{_get_it(folder)}."
+            f"captioner folder {folder} {what}. It must be a Hugging Face model folder with {_expected(None)} "
+            f"(a WD14 tagger: {_expected(KINDS['wd14'])}). {_get_it(folder)}."
         )
     try:
         files = {p.name for p in folder.iterdir() if p.is_file()}
     except OSError as exc:
         raise CaptionError(f"captioner folder {folder} cannot be listed ({exc}); check its permissions") from exc
+    if any(f in files for f in WD14_FILES):
+        return _inspect_wd14(folder, files)
     if "config.json" not in files:
         raise CaptionError(
             f"captioner folder {folder} is incomplete: config.json is missing (found: "
@@ -198,9 +214,35 @@ def inspect_model_folder(folder: str | os.PathLike[str]) -> ModelInfo:
     return ModelInfo(folder=folder, kind=kind, fingerprint=model_fingerprint(folder))
 
 
+def _inspect_wd14(folder: Path, files: set[str]) -> ModelInfo:
+    kind = KINDS["wd14"]
+    missing = [f for f in WD14_FILES if f not in files]
+    if missing:
+        raise CaptionError(
+            f"captioner folder {folder} ({kind.label}) is incomplete: missing {', '.join(missing)}. It needs "
+            f"{_expected(kind)}. {_get_it(folder, kind)}."
+        )
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise CaptionError(
+            f"captioner folder {folder} holds a {kind.label} (ONNX), which needs the optional package onnxruntime: "
+            "install it with ComfyUI's Python (pip install onnxruntime, or onnxruntime-gpu for NVIDIA GPUs) and "
+            "restart ComfyUI"
+        )
+    return ModelInfo(folder=folder, kind=kind, fingerprint=model_fingerprint(folder))
+
+
 def load_captioner(info: ModelInfo, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Captioner:
-    """Load the model and its processor from the folder (local files only, safetensors only) onto ``device``."""
+    """Load the model and its processor from the folder (local files only, safetensors only) onto ``device``.
+
+    A WD14 tagger runs in onnxruntime (its CUDA provider when ``device`` is a GPU and onnxruntime-gpu is installed).
+    """
     import torch
+
+    if info.kind.name == "wd14":
+        from .backends import Wd14Tagger
+
+        return Wd14Tagger.load(info, device)
+
     import transformers
 
     from .backends import BlipCaptioner, Florence2Captioner

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["WORDS", "build_tiny_blip", "build_tiny_florence2"]
+__all__ = ["WD14_TAGS", "WORDS", "build_tiny_blip", "build_tiny_florence2", "build_tiny_wd14"]
 
 WORDS = (
     "a an the of on in with and photo picture cat dog woman man sofa table red blue green yellow circle square "
@@ -152,4 +152,52 @@ def build_tiny_florence2(
     model.generation_config.suppress_tokens = special
     model.save_pretrained(str(folder), safe_serialization=True)
     processor.save_pretrained(str(folder))
+    return folder
+
+
+# name, category (9 rating, 0 general, 4 character), weights on the mean (b, g, r) in 0..1, bias
+WD14_TAGS: tuple[tuple[str, int, tuple[float, float, float], float], ...] = (
+    ("general", 9, (0.0, 0.0, 0.0), 2.0),
+    ("sensitive", 9, (0.0, 0.0, 0.0), -2.0),
+    ("red", 0, (-5.0, -5.0, 10.0), -2.0),
+    ("green", 0, (-5.0, 10.0, -5.0), -2.0),
+    ("blue", 0, (10.0, -5.0, -5.0), -2.0),
+    ("1girl", 0, (0.0, 0.0, 0.0), 0.0),  # p = 0.50
+    ("^_^", 0, (0.0, 0.0, 0.0), -0.2),  # p = 0.45, a kaomoji: keeps its underscore
+    ("hair_ribbon", 0, (0.0, 0.0, 0.0), -0.5),  # p = 0.38
+    ("kiln_(character)", 4, (0.0, 0.0, 0.0), 1.0),  # p = 0.73: under the default character threshold 0.85
+    ("solo", 0, (0.0, 0.0, 0.0), -3.0),  # p = 0.05
+)
+
+
+def build_tiny_wd14(folder: str | os.PathLike[str], size: int = 32, fixed_batch: bool = False) -> Path:
+    """A WD14-style tagger (``model.onnx`` + ``selected_tags.csv``) whose tag probabilities are known functions of
+    the image's mean colour (see :data:`WD14_TAGS`), so tests can assert exact tags. Needs the ``onnx`` package."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = np.array([w for _, _, w, _ in WD14_TAGS], dtype=np.float32).T / 255.0  # [3 (BGR), tags]
+    bias = np.array([b for _, _, _, b in WD14_TAGS], dtype=np.float32)
+    batch = 1 if fixed_batch else "batch"
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input_1"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["mean", "w"], ["logits0"]),
+            helper.make_node("Add", ["logits0", "b"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
+        ],
+        "tiny_wd14",
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [batch, size, size, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(WD14_TAGS)])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    lines = ["tag_id,name,category,count"] + [f"{i},{name},{cat},{100 - i}" for i, (name, cat, _, _) in enumerate(WD14_TAGS)]
+    (folder / "selected_tags.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder

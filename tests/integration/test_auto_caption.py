@@ -156,3 +156,24 @@ def test_node_is_registered_with_tooltips_and_its_caption_view_is_served(server,
     assert {"tiny-blip", "tiny-florence"} <= set(inputs["model"][1]["options"])
     assert inputs["existing_captions"][1]["default"] == "keep"
     assert any(e.endswith("/kiln_caption_view.js") for e in server.get("/extensions"))
+
+
+def test_wd14_tagger_tags_feed_training(server, captioners):
+    pytest.importorskip("onnx", reason="building the tiny WD14 tagger needs the onnx package")
+    pytest.importorskip("onnxruntime", reason="the WD14 tagger needs onnxruntime (optional)")
+    from lora_core.caption.tiny import build_tiny_wd14
+
+    build_tiny_wd14(captioners / "tiny-wd14")
+    folder = make_images(server.base / "input" / "caption_tags", n=3, captions=False)
+    wf = caption_graph("tagged", "caption_tags", model="tiny-wd14", prompt="0.4", trigger_word="")
+    wf["2"]["inputs"]["trigger_word"] = "kilnwd"  # Load Dataset's trigger is applied on top for training
+    result = server.run(wf)
+    assert result.status == "success", result.error
+    for i in range(3):  # the tiny tagger's tags are known: 1girl (0.50) and ^_^ (0.45) pass 0.4, ribbon (0.38) not
+        tags = (folder / f"img_{i:02d}.txt").read_text(encoding="utf-8").split(", ")
+        assert {"1girl", "^_^"} <= set(tags) and not {"hair ribbon", "solo", "kilnwd"} & set(tags)
+        assert tags.index("1girl") < tags.index("^_^")  # most probable first
+    with safe_open(str(server.base / "models" / "loras" / "tagged.safetensors"), "pt") as f:
+        freq = json.loads(f.metadata()["ss_tag_frequency"])["1_caption_tags"]
+    assert freq["kilnwd"] == 3 and freq["1girl"] == 3 and freq["^_^"] == 3
+    assert "Load Dataset's trigger word 'kilnwd' is applied on top" in result.history["outputs"]["10"]["text"][0]

@@ -397,3 +397,75 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="write_to='json'"):
         CaptionSettings(write_to="json")
     assert "sidecar" in WRITE_TARGETS
+
+
+# ---- WD14 ONNX tagger (optional: onnxruntime) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wd14_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("onnx", reason="building the tiny WD14 tagger needs the onnx package")
+    pytest.importorskip("onnxruntime", reason="the WD14 tagger needs onnxruntime (optional)")
+    from lora_core.caption.tiny import build_tiny_wd14
+
+    return build_tiny_wd14(tmp_path_factory.mktemp("captioners") / "tiny-wd14")
+
+
+def colour_images(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rgb, size in (("a_red", (220, 40, 40), (60, 40)), ("b_green", (40, 200, 60), (40, 40)),
+                            ("c_blue", (40, 40, 220), (30, 50))):
+        Image.new("RGB", size, rgb).save(folder / f"{name}.png")
+        paths.append(folder / f"{name}.png")
+    return paths
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True])
+def test_wd14_tagger_writes_known_tags(wd14_dir: Path, tmp_path: Path, fixed_batch: bool) -> None:
+    folder = wd14_dir
+    if fixed_batch:  # older taggers have a batch dimension fixed to 1
+        from lora_core.caption.tiny import build_tiny_wd14
+
+        folder = build_tiny_wd14(tmp_path / "wd14-fixed", fixed_batch=True)
+    info = inspect_model_folder(folder)
+    assert info.kind.name == "wd14"
+    paths = colour_images(tmp_path / "data")
+    report = caption_images(paths, info, CaptionSettings(batch_size=2, trigger="sks"), memo=None, ledger=WriteLedger())
+    assert [p.with_suffix(".txt").read_text(encoding="utf-8") for p in paths] == [
+        "sks, red, 1girl, ^_^, hair ribbon",
+        "sks, green, 1girl, ^_^, hair ribbon",
+        "sks, blue, 1girl, ^_^, hair ribbon",
+    ]
+    assert report.generated == 3
+
+
+def test_wd14_thresholds_come_from_the_prompt(wd14_dir: Path, tmp_path: Path) -> None:
+    info = inspect_model_folder(wd14_dir)
+    tagger = load_captioner(info)
+    red = [Image.new("RGB", (40, 40), (220, 40, 40))]
+    assert tagger.caption(red, "0.4", 75, 1) == ["red, 1girl, ^_^"]
+    assert tagger.caption(red, "0.35 0.7", 75, 1) == ["kiln \\(character\\), red, 1girl, ^_^, hair ribbon"]
+    assert tagger.caption(red, "", 2, 1) == ["red, 1girl"]  # max_tokens caps the number of tags
+    with pytest.raises(CaptionError, match="thresholds like '0.35'"):
+        tagger.caption(red, "<CAPTION>", 75, 1)
+    with pytest.raises(CaptionError, match="between 0 and 1"):
+        tagger.caption(red, "1.5", 75, 1)
+
+
+def test_wd14_folder_problems_are_explained(wd14_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    folder = shutil.copytree(wd14_dir, tmp_path / "wd14")
+    (folder / "selected_tags.csv").unlink()
+    with pytest.raises(CaptionError, match=r"\(WD14 tagger\) is incomplete: missing selected_tags.csv.*SmilingWolf/wd-vit"):
+        inspect_model_folder(folder)
+    shutil.copy(wd14_dir / "selected_tags.csv", folder / "selected_tags.csv")
+    with (folder / "selected_tags.csv").open("a", encoding="utf-8") as f:
+        f.write("99,extra_tag,0,1\n")
+    with pytest.raises(CaptionError, match="11 tags.*different models"):
+        load_captioner(inspect_model_folder(folder))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(CaptionError, match=r"optional package onnxruntime: install it.*pip install onnxruntime"):
+        inspect_model_folder(wd14_dir)
