@@ -267,15 +267,27 @@ def test_training_can_start_from_an_existing_lora(server, trained):
         assert set(f.keys()) == set(g.keys())
 
 
-@pytest.mark.parametrize("filename", ["../escape", "/tmp/absolute", "a/../../b"])
-def test_save_refuses_names_that_escape_models_loras(server, filename):
+@pytest.mark.parametrize(
+    ("filename", "message"),
+    [("../escape", "'..'"), ("/tmp/absolute", "relative name"), ("a/../../b", "'..'"),
+     ("linked/escape", "resolves outside")],
+)
+def test_save_refuses_names_that_escape_models_loras(server, tmp_path, filename, message):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = server.base / "models" / "loras" / "linked"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(outside, target_is_directory=True)  # a folder inside models/loras that points outside
     wf = tiny_train_workflow("escape", steps=1)
     wf["5"]["inputs"]["filename"] = filename
     result = server.run(wf)
     assert result.status == "error"
     assert result.error["node_type"] == "KilnSaveLoRA"
-    assert "relative name" in result.error["exception_message"] or "'..'" in result.error["exception_message"]
-    assert not list(server.base.parent.glob("escape*")) and not (server.base / "models" / "escape.safetensors").exists()
+    assert message in result.error["exception_message"]
+    assert not list(outside.iterdir())
+    assert not (server.base / "models" / "escape.safetensors").exists()
+    assert not list(server.base.parent.glob("escape*"))
 
 
 def test_text_encoder_training_saves_lora_te_keys_that_the_stock_loader_applies(server):
