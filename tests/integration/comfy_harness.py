@@ -35,17 +35,12 @@ def load_workflow_format():
 
 
 def find_comfyui() -> Path | None:
-    """``$COMFYUI_PATH``, else the ComfyUI containing this checkout, else ``~/comfy/ComfyUI``."""
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if REPO.parent.name == "custom_nodes":
-        candidates.append(REPO.parent.parent)
-    candidates.append(Path("~/comfy/ComfyUI").expanduser())
-    for c in candidates:
-        if (c / "main.py").is_file() and (c / "comfy").is_dir():
-            return c.resolve()
-    return None
+    """``$COMFYUI_PATH``, else the ComfyUI containing this checkout, else ``~/comfy/ComfyUI`` (kiln.py's rule)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from kiln import find_comfyui as find
+
+    return find()
 
 
 def free_port() -> int:
