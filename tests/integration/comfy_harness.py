@@ -223,3 +223,20 @@ def make_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 64), capt
         if captions:
             (folder / f"img_{i:02d}.txt").write_text(f"a kilnshape circle, colour {i}", encoding="utf-8")
     return folder
+
+
+def load_api(name: str) -> dict:
+    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def tiny_train_workflow(name: str, **train_overrides) -> dict:
+    """The shipped example, pointed at the tiny checkpoint and the test images, small and fast."""
+    wf = load_api("train_sd15_lora")
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    wf["2"]["inputs"].update(folder="shapes", resolution=64)
+    wf["3"]["inputs"].update(name=name, rank=8, alpha=8.0)
+    wf["4"]["inputs"].update(steps=8, learning_rate=1e-3, save_every=0, preview_every=0, preview_size=64,
+                             preview_steps=2)
+    wf["4"]["inputs"].update(train_overrides)
+    wf["5"]["inputs"].update(filename=name)
+    return wf

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_harness import REPO, ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
+from comfy_harness import REPO, ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402, F401
 
 COMFY = find_comfyui()
 SKIP_REASON = (
@@ -47,20 +46,3 @@ def server(comfy_base, tiny_checkpoint):
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     (artifacts / "comfyui-server.log").write_text(srv.log())
-
-
-def load_api(name: str) -> dict:
-    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-
-
-def tiny_train_workflow(name: str, **train_overrides) -> dict:
-    """The shipped example, pointed at the tiny checkpoint and the test images, small and fast."""
-    wf = load_api("train_sd15_lora")
-    wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
-    wf["2"]["inputs"].update(folder="shapes", resolution=64)
-    wf["3"]["inputs"].update(name=name, rank=8, alpha=8.0)
-    wf["4"]["inputs"].update(steps=8, learning_rate=1e-3, save_every=0, preview_every=0, preview_size=64,
-                             preview_steps=2)
-    wf["4"]["inputs"].update(train_overrides)
-    wf["5"]["inputs"].update(filename=name)
-    return wf

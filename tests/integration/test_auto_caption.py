@@ -7,8 +7,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from comfy_harness import PromptRejected, make_images
-from conftest import tiny_train_workflow
+from comfy_harness import PromptRejected, make_images, tiny_train_workflow
 from lora_core.caption.tiny import build_tiny_blip, build_tiny_florence2
 
 CAPTION = {"prompt": "", "max_tokens": 8, "batch_size": 2, "beams": 1, "trigger_word": "kilnsks", "prefix": "",
@@ -139,6 +138,9 @@ def test_cancel_keeps_the_captions_written_so_far(server, captioners):
 
     result = server.run(graph, on_message=on_message, timeout=300)
     assert result.status == "interrupted"
+    assert seen[:2] == [1, 2]  # one step per image (batch_size 1)
+    texts = [d["text"] for d in result.of_type("progress_text") if d["node"] == "1"]
+    assert texts and texts[0].startswith("1/24 images · ") and "images/s · ETA " in texts[0]
     written = sorted(folder.glob("*.txt"))
     assert 2 <= len(written) < 24
     for path in written:

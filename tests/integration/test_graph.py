@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import tiny_train_workflow
+from comfy_harness import tiny_train_workflow
 
 KSAMPLER = {"seed": 42, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 
