@@ -316,3 +316,22 @@ def test_text_encoder_training_saves_lora_te_keys_that_the_stock_loader_applies(
     assert "lora key not loaded" not in server.log()[log_before:]
     # the text-encoder half alone changes the image: the CLIP weights really carry the LoRA
     assert not np.array_equal(saved_image(server, loaded, "605"), saved_image(server, loaded, "705"))
+
+
+def test_changed_files_rerun_load_dataset_but_only_changed_images_are_encoded(server):
+    import shutil
+
+    folder = server.base / "input" / "recache"
+    shutil.copytree(server.base / "input" / "shapes", folder)
+    wf = tiny_train_workflow("recache", steps=1)
+    wf["2"]["inputs"]["folder"] = "recache"
+    first = server.run(wf)
+    assert first.status == "success", first.error
+    (folder / "img_00.txt").write_text("a kilnshape circle, edited by hand", encoding="utf-8")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(folder / "img_01.png")
+    second = server.run(wf)
+    assert second.status == "success", second.error
+    assert "2" not in {n for d in second.of_type("execution_cached") for n in d["nodes"]}
+    assert "latents: 1 encoded, 3 from cache" in second.history["outputs"]["2"]["text"][0]
