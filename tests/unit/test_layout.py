@@ -1,0 +1,42 @@
+"""The house rules: the engine never imports ComfyUI, and the package imports cleanly without it."""
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes",
+                 "execution", "node_helpers", "latent_preview"}
+
+
+def test_lora_core_never_imports_comfyui():
+    offenders = []
+    for path in sorted((ROOT / "lora_core").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in COMFY_MODULES]
+    assert not offenders, offenders
+
+
+def test_engine_modules_import_each_other_relatively():
+    """``lora_core`` must work both as a top-level package and inside the custom-node package."""
+    absolute = []
+    for path in sorted((ROOT / "lora_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lora_core"):
+                absolute.append(str(path.relative_to(ROOT)))
+    assert not absolute, absolute
+
+
+def test_the_package_imports_without_comfyui():
+    spec = importlib.util.spec_from_file_location("lora_kiln_pkg", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.WEB_DIRECTORY == "./web/js" and (ROOT / "web" / "js").is_dir()
