@@ -68,6 +68,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
     save_steps: int = 0
     save_precision: str = "fp16"
     seed: int = 0
@@ -135,7 +136,7 @@ class RunConfig:
             scheduler=self.lr_scheduler, warmup_steps=self.lr_warmup_steps, batch_size=self.batch_size,
             grad_accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
             gradient_checkpointing=self.gradient_checkpointing, min_snr_gamma=float(self.min_snr_gamma),
-            noise_offset=float(self.noise_offset), seed=self.seed,
+            noise_offset=float(self.noise_offset), seed=self.seed, max_grad_norm=float(self.max_grad_norm),
         )
 
     def to_dict(self) -> dict[str, Any]:

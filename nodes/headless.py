@@ -212,7 +212,7 @@ def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[st
             "save_every": cfg.save_steps, "preview_every": cfg.sample_every,
             "preview_prompt": cfg.sample_prompts[0] if cfg.sample_prompts else "", "preview_seed": cfg.seed,
             "preview_size": cfg.sample_size, "preview_steps": cfg.sample_steps,
-            "text_encoder_lr": float(cfg.text_encoder_lr)}},
+            "text_encoder_lr": float(cfg.text_encoder_lr), "max_grad_norm": float(cfg.max_grad_norm)}},
         SAVE_NODE: {"class_type": "KilnSaveLoRA", "inputs": {
             "state": ["4", 0], "filename": cfg.output_name, "dtype": cfg.save_precision, "save_checkpoint": True}},
     }
@@ -260,6 +260,7 @@ def config_from_graph(api: dict[str, Any]) -> RunConfig:
                       algorithm=inject["algorithm"], conv_rank=inject["conv_rank"], dropout=inject["dropout"],
                       seed=inject["seed"], train_text_encoder=bool(inject.get("train_text_encoder", False)))
     values["text_encoder_lr"] = train.get("text_encoder_lr", 0.0)
+    values["max_grad_norm"] = train.get("max_grad_norm", 1.0)
     return RunConfig.from_mapping(values)
 
 

@@ -95,6 +95,8 @@ class KilnTrainSteps(io.ComfyNode):
                 io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, round=False, optional=True, tooltip=(
                     "Learning rate of the text-encoder adapters (when Inject LoRA trains them); 0 = learning_rate. "
                     "kohya's usual choice is half the UNet's, e.g. 5e-5.")),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True, tooltip=(
+                    "Clip the gradient norm to this value before each step (0 = no clipping).")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
@@ -112,7 +114,7 @@ class KilnTrainSteps(io.ComfyNode):
                 scheduler: str, warmup_steps: int, schedule_steps: int, batch_size: int, grad_accum: int,
                 precision: str, gradient_checkpointing: bool, min_snr_gamma: float, noise_offset: float,
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
-                preview_steps: int, text_encoder_lr: float = 0.0) -> io.NodeOutput:
+                preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0) -> io.NodeOutput:
         run = state
         node_id = cls.hidden.unique_id
         config = TrainConfig(
@@ -120,6 +122,7 @@ class KilnTrainSteps(io.ComfyNode):
             warmup_steps=warmup_steps, schedule_steps=schedule_steps, batch_size=batch_size, grad_accum=grad_accum,
             precision=precision, gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma,
             noise_offset=noise_offset, seed=run.state.seed, text_encoder_lr=text_encoder_lr,
+            max_grad_norm=max_grad_norm,
         )
         if run.trains_text_encoder and run.clip is None:
             raise bridge.KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")

@@ -335,3 +335,4 @@ def test_changed_files_rerun_load_dataset_but_only_changed_images_are_encoded(se
     assert second.status == "success", second.error
     assert "2" not in {n for d in second.of_type("execution_cached") for n in d["nodes"]}
     assert "latents: 1 encoded, 3 from cache" in second.history["outputs"]["2"]["text"][0]
+
