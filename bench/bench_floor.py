@@ -3,9 +3,14 @@
     python bench/bench_floor.py                       # the 107 M UNet, fp32, 8x8 latents, batch 1
     python bench/bench_floor.py --size tiny --batch 4
     python bench/bench_floor.py --profile             # also print torch.profiler's top ops for one Kiln step
+    python bench/bench_floor.py --size sd15 --latent 64 --batch 8 --rank 16 --dtype bf16 --native --peak-tflops 989
+                                                      # the GPU row: full SD1.5 UNet at 512 px, with MFU
 
 Rows: forward only (no grad), plain peft loop (peft LoRA layers injected into a copy of the UNet, AdamW),
-Kiln (lora_core.Trainer with hook adapters on the shared UNet), for attention-only and all-layer targets.
+Kiln (lora_core.Trainer with hook adapters on the shared UNet), for attention-only and all-layer targets, and
+with ``--native`` ComfyUI's own TrainLoraNode (called in-process, like the server does). The device is
+ComfyUI's (the GPU when there is one). ``--peak-tflops`` adds MFU: the FLOPs torch's FlopCounterMode counts for
+one Kiln step (forward + backward, as executed) per second, over that peak.
 Each s/step is (long run - short run) / step difference, interleaved so machine noise hits all alike.
 """
 
@@ -50,7 +55,7 @@ def boot(size: str, tmp: Path):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
@@ -58,29 +63,42 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=13)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--native", action="store_true", help="also time ComfyUI's TrainLoraNode (all layers)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="dense peak of the device, for MFU")
     args = parser.parse_args()
 
     import torch
 
     tmp = Path(tempfile.mkdtemp())
     model, bridge, core = boot(args.size, tmp)
-    bridge.load_for_training(model)
+    device = bridge.load_for_training(model)
     diffusion = bridge.ComfyDiffusion(model)
     unet = diffusion.unet
     b, s = args.batch, args.latent
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 4, s, s, generator=g)
-    ctx = torch.randn(b, 77, 768, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
+    x = torch.randn(b, 4, s, s, generator=g).to(device)
+    ctx = torch.randn(b, 77, 768, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     items = tuple(core.LatentItem(latent=torch.randn(4, s, s, generator=g), cond={"context": ctx[0]}) for _ in range(max(b, 4)))
     data = core.LatentDataset(items)
     ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 
     def forward_run(n: int) -> float:
+        sync()
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for _ in range(n):
                 unet(x, t.float(), context=ctx)
+        sync()
         return time.perf_counter() - start
 
     def peft_run(targets: str):
@@ -98,20 +116,25 @@ def main() -> int:
         params = [p for n, p in copy_unet.named_parameters() if "lora_" in n]
         for n, p in copy_unet.named_parameters():
             p.requires_grad_("lora_" in n)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        ac = diffusion.alphas_cumprod
+        copy_unet.to(device)
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+        ac = diffusion.alphas_cumprod.to(device)
 
         def run(n: int) -> float:
+            sync()
             start = time.perf_counter()
             for _ in range(n):
-                tt = torch.randint(0, 1000, (b,))
+                tt = torch.randint(0, 1000, (b,), device=device)
                 noise = torch.randn_like(x)
                 a = ac[tt].view(-1, 1, 1, 1)
                 noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-                loss = torch.nn.functional.mse_loss(copy_unet(noisy, tt.float(), context=ctx), noise)
+                with autocast():
+                    pred = copy_unet(noisy, tt.float(), context=ctx)
+                loss = torch.nn.functional.mse_loss(pred.float(), noise)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            sync()
             return time.perf_counter() - start
 
         return run
@@ -120,12 +143,32 @@ def main() -> int:
         cfg = core.AdapterConfig(rank=args.rank, alpha=args.rank, unet_targets=targets,
                                  algorithm="lora" if targets == "attn" else "locon")
         state = core.TrainState.from_adapters(core.AdapterSet.create({"unet": unet}, cfg))
-        trainer = core.Trainer(diffusion, {"unet": unet})
+        trainer = core.Trainer(diffusion, {"unet": unet}, device)
 
         def run(n: int) -> float:
-            train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision="fp32")
+            train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision=args.dtype)
+            sync()
             start = time.perf_counter()
             trainer.run(state, data, train)
+            sync()
+            return time.perf_counter() - start
+
+        return run
+
+    def native_run():
+        import comfy.sd  # noqa: F401
+        from comfy_extras.nodes_train import TrainLoraNode
+        latents = {"samples": torch.randn(b, 4, s, s, generator=g)}
+        positive = [[ctx[:1].cpu(), {}]]
+        dtype = "bf16" if args.dtype == "bf16" else "fp32"
+
+        def run(n: int) -> float:
+            sync()
+            start = time.perf_counter()
+            with torch.inference_mode():  # as ComfyUI's executor calls every node
+                TrainLoraNode().train(model, latents, positive, b, 1, n, 1e-4, args.rank, "AdamW", "MSE", 0,
+                                      dtype, dtype, "LoRA", False, "[None]")
+            sync()
             return time.perf_counter() - start
 
         return run
@@ -134,6 +177,8 @@ def main() -> int:
     for targets in ("attn", "all"):
         runs[f"peft {targets}"] = peft_run(targets)
         runs[f"kiln {targets}"] = kiln_run(targets)
+    if args.native:
+        runs["native all"] = native_run()
     samples: dict[str, list[float]] = {k: [] for k in runs}
     with torch.inference_mode(False), torch.enable_grad():
         for run in runs.values():
@@ -149,16 +194,30 @@ def main() -> int:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run(3)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        flops: dict[str, float] = {}
+        if args.peak_tflops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            for name in ("kiln attn", "kiln all"):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    runs[name](1)
+                flops[name] = counter.get_total_flops()
     med = {k: statistics.median(v) for k, v in samples.items()}
     fwd = med["forward"]
-    print(f"\nUNet {args.size}, batch {b}, latents {s}x{s}, rank {args.rank}, fp32, median of {args.repeats}")
-    print("| run | s/step | x forward | Kiln / peft |")
-    print("|---|---|---|---|")
+    print(f"\nUNet {args.size}, batch {b}, latents {s}x{s}, rank {args.rank}, {args.dtype}, {device}, "
+          f"median of {args.repeats}")
+    print("| run | s/step | it/s | x forward | Kiln / peft | Kiln / native | MFU |")
+    print("|---|---|---|---|---|---|---|")
     for name, v in med.items():
-        rel = ""
+        rel = native = mfu = ""
         if name.startswith("kiln"):
             rel = f"**{v / med['peft ' + name.split()[1]]:.2f}**"
-        print(f"| {name} | {v:.4f} | {v / fwd:.2f} | {rel} |")
+            if "native all" in med:
+                native = f"{v / med['native all']:.2f}"
+            if name in flops:
+                mfu = f"{flops[name] / v / (args.peak_tflops * 1e12):.1%}"
+        print(f"| {name} | {v:.4f} | {1 / v:.2f} | {v / fwd:.2f} | {rel} | {native} | {mfu} |")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 

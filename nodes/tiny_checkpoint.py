@@ -6,6 +6,7 @@ proj_in, no label_emb and 4 input channels, so depth and width of everything els
 
 - ``tiny``:  channel_mult [1], one res block, no middle block  (UNet about 19 M parameters)
 - ``small``: channel_mult [1, 2], one res block, a middle block (UNet about 107 M parameters)
+- ``sd15``:  the full SD1.5 UNet layout (860 M parameters), for GPU benchmarks
 
 The text encoder is the full CLIP-L (the loader always builds it) and the VAE is TAESD (ComfyUI builds
 TAESD when the checkpoint carries ``taesd_encoder``/``taesd_decoder`` weights), both random.
@@ -29,6 +30,10 @@ UNET_CONFIGS = {
              "transformer_depth_output": [1, 1], "transformer_depth_middle": -2},
     "small": {"channel_mult": (1, 2), "num_res_blocks": [1, 1], "transformer_depth": [1, 1],
               "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1},
+    # the real SD1.5 UNet layout (860 M parameters), random weights: for GPU benchmarks
+    "sd15": {"channel_mult": (1, 2, 4, 4), "num_res_blocks": [2, 2, 2, 2],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1},
 }
 
 
