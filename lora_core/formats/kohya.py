@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -92,15 +93,26 @@ def _alpha_for_file(spec: AdapterSpec, use_rslora: bool) -> float:
 
 
 def export_tensors(state: TrainState, naming: KohyaNaming, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """kohya tensors; every layer gets the same ``.alpha`` (the most common one).
+
+    A layer whose alpha differs has the ratio folded into its ``lora_up`` weight, so the scale alpha/rank every
+    loader applies gives the same result; diffusers' kohya converter, for one, mis-files per-layer alphas of
+    attention projections (diffusers 0.42), so uniform alphas are the portable form.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     out: dict[str, torch.Tensor] = {}
     names = naming.names(s.name for s in state.specs)
-    for spec in state.specs:
+    alphas = [_alpha_for_file(spec, state.adapter_config.use_rslora) for spec in state.specs]
+    common = Counter(alphas).most_common(1)[0][0] if alphas else 1.0
+    for spec, alpha in zip(state.specs, alphas):
         key = names[spec.name]
+        up = state.weights[f"{spec.name}.lora_up.weight"].float()
+        if alpha != common:
+            up = up * (alpha / common)
         out[f"{key}.lora_down.weight"] = state.weights[f"{spec.name}.lora_down.weight"].to(DTYPES[dtype]).contiguous()
-        out[f"{key}.lora_up.weight"] = state.weights[f"{spec.name}.lora_up.weight"].to(DTYPES[dtype]).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(_alpha_for_file(spec, state.adapter_config.use_rslora), dtype=torch.float32)
+        out[f"{key}.lora_up.weight"] = up.to(DTYPES[dtype]).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(common, dtype=torch.float32)
     return out
 
 
