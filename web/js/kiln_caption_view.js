@@ -8,7 +8,14 @@
 // node's settings unchanged, the last run's captions come back from ComfyUI's history (like the Train Steps view).
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
-import { lastOutputOf, locatorIdOf, nodeByLocatorId, recentHistory, rootGraph } from "./common/kiln_graph.js";
+import {
+  attachNodeView,
+  lastOutputOf,
+  locatorIdOf,
+  recentHistory,
+  rootGraph,
+  showNodeOutputs,
+} from "./common/kiln_graph.js";
 
 const NODE_TYPES = new Set(["KilnAutoCaption"]);
 const WIDGET = "kiln_captions";
@@ -141,43 +148,21 @@ async function restoreViews() {
   }
 }
 
+const showCaptions = (view, output, state) => view.show(output, state);
+
 app.registerExtension({
   name: "LoRAKiln.CaptionView",
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData?.name)) return;
-    const proto = nodeType.prototype;
-
-    const onNodeCreated = proto.onNodeCreated;
-    proto.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
-      this.kilnCaptionView = new CaptionView(this);
-      return r;
-    };
-
-    const onExecuted = proto.onExecuted;
-    proto.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
-      this.kilnCaptionView?.show(message, "done");
-      return r;
-    };
-
-    const onRemoved = proto.onRemoved;
-    proto.onRemoved = function () {
-      this.kilnCaptionView?.dispose(); // a restore still waiting for /history leaves it alone
-      this.kilnCaptionView = null;
-      return onRemoved?.apply(this, arguments);
-    };
+    attachNodeView(nodeType, "kilnCaptionView", (node) => new CaptionView(node), showCaptions);
   },
 
   async afterConfigureGraph() {
     await restoreViews();
   },
 
-  // The queue panel's "load workflow" and switching workflow tabs put outputs back into app.nodeOutputs.
   onNodeOutputsUpdated(nodeOutputs) {
-    for (const [locatorId, output] of Object.entries(nodeOutputs ?? {})) {
-      nodeByLocatorId(locatorId)?.kilnCaptionView?.show(output, "restored");
-    }
+    showNodeOutputs(nodeOutputs, "kilnCaptionView", showCaptions);
   },
 });

@@ -12,13 +12,14 @@ import { LossChart, formatLr, formatNumber } from "./common/kiln_chart.js";
 import { PreviewStrip, el, ensureStyles, formatEta } from "./common/kiln_dom.js";
 import {
   allViews,
+  attachNodeView,
   disposeOrphanViews,
   lastOutputOf,
   locatorIdOf,
-  nodeByLocatorId,
   recentHistory,
   registerView,
   routeToViews,
+  showNodeOutputs,
   unregisterView,
   viewUrl,
 } from "./common/kiln_graph.js";
@@ -232,6 +233,8 @@ async function restoreViews() {
   }
 }
 
+const showRun = (view, output, state) => view.showOutput(output, state);
+
 app.registerExtension({
   name: "LoRAKiln.TrainView",
 
@@ -245,28 +248,7 @@ app.registerExtension({
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData?.name)) return;
-    const proto = nodeType.prototype;
-
-    const onNodeCreated = proto.onNodeCreated;
-    proto.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
-      this.kilnView = new TrainView(this);
-      return r;
-    };
-
-    const onExecuted = proto.onExecuted;
-    proto.onExecuted = function (output) {
-      const r = onExecuted?.apply(this, arguments);
-      this.kilnView?.showOutput(output, "done");
-      return r;
-    };
-
-    const onRemoved = proto.onRemoved;
-    proto.onRemoved = function () {
-      this.kilnView?.dispose();
-      this.kilnView = null; // the global event router finds nothing to call any more
-      return onRemoved?.apply(this, arguments);
-    };
+    attachNodeView(nodeType, "kilnView", (node) => new TrainView(node), showRun);
   },
 
   async afterConfigureGraph() {
@@ -274,10 +256,7 @@ app.registerExtension({
     await restoreViews();
   },
 
-  // The queue panel's "load workflow" and switching workflow tabs put outputs back into app.nodeOutputs.
   onNodeOutputsUpdated(nodeOutputs) {
-    for (const [locatorId, output] of Object.entries(nodeOutputs ?? {})) {
-      nodeByLocatorId(locatorId)?.kilnView?.showOutput(output, "restored");
-    }
+    showNodeOutputs(nodeOutputs, "kilnView", showRun);
   },
 });

@@ -175,3 +175,35 @@ export function lastOutputOf(node, history, key) {
   }
   return null;
 }
+
+// Give every node of a type a view object under node[key]: made with the node, shown the node's ui output when it
+// runs ("done"), disposed when the node is removed (so no event reaches it any more).
+export function attachNodeView(nodeType, key, create, showOutput) {
+  const proto = nodeType.prototype;
+  const onNodeCreated = proto.onNodeCreated;
+  proto.onNodeCreated = function () {
+    const r = onNodeCreated?.apply(this, arguments);
+    this[key] = create(this);
+    return r;
+  };
+  const onExecuted = proto.onExecuted;
+  proto.onExecuted = function (output) {
+    const r = onExecuted?.apply(this, arguments);
+    if (this[key]) showOutput(this[key], output, "done");
+    return r;
+  };
+  const onRemoved = proto.onRemoved;
+  proto.onRemoved = function () {
+    this[key]?.dispose(); // a restore still waiting for /history leaves it alone
+    this[key] = null;
+    return onRemoved?.apply(this, arguments);
+  };
+}
+
+// The queue panel's "load workflow" and switching workflow tabs put outputs back into app.nodeOutputs.
+export function showNodeOutputs(nodeOutputs, key, showOutput) {
+  for (const [locatorId, output] of Object.entries(nodeOutputs ?? {})) {
+    const view = nodeByLocatorId(locatorId)?.[key];
+    if (view) showOutput(view, output, "restored");
+  }
+}
