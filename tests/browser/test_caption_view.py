@@ -14,7 +14,15 @@ import time
 from typing import Any
 
 import pytest
-from test_live_view import ARTIFACTS, Console, is_ours, node_clip, normalised, open_comfyui, widget_slots
+from test_live_view import (
+    ARTIFACTS,
+    Console,
+    assert_no_new_console_errors,
+    is_ours,
+    node_clip,
+    open_comfyui,
+    widget_slots,
+)
 
 from comfy_harness import REPO, make_images
 
@@ -196,11 +204,6 @@ def test_auto_caption_view_shows_the_captions_and_comes_back_after_reload(comfy,
     reload_errors = console.since(mark)
 
     # 5. Console: nothing from Kiln, and nothing the stock page does not log by itself.
-    known = {normalised(e) for e in baseline}
-    new = [e for e in run_errors + reload_errors if normalised(e) not in known]
-    (ARTIFACTS / "caption_view_console.json").write_text(json.dumps(
-        {"baseline": baseline, "run": run_errors, "reload": reload_errors, "new": new}, indent=2))
-    assert not [e for e in console.entries if is_ours(e)], console.entries
-    assert not new, f"console errors the stock page does not log: {new}"
+    assert_no_new_console_errors(console, baseline, run_errors, reload_errors, "caption_view_console.json")
     page.close()
     print(f"browser caption-view test took {time.monotonic() - started:.1f}s")

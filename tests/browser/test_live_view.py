@@ -88,6 +88,17 @@ def normalised(entry: dict[str, str]) -> str:
 def is_ours(entry: dict[str, str]) -> bool:
     return "lora-kiln" in entry["where"] or "lora-kiln" in entry["text"] or "kiln" in entry["text"].lower()
 
+def assert_no_new_console_errors(console: Console, baseline: list, run_errors: list, reload_errors: list,
+                                 artifact: str) -> None:
+    """Nothing from Kiln in the console, and no error the stock page does not log by itself; record all of it."""
+    known = {normalised(e) for e in baseline}
+    new = [e for e in run_errors + reload_errors if normalised(e) not in known]
+    (ARTIFACTS / artifact).write_text(json.dumps(
+        {"baseline": baseline, "run": run_errors, "reload": reload_errors, "new": new}, indent=2))
+    assert not [e for e in console.entries if is_ours(e)], console.entries
+    assert not new, f"console errors the stock page does not log: {new}"
+
+
 
 def open_comfyui(page, url: str) -> None:
     page.goto(url, wait_until="domcontentloaded")
@@ -263,12 +274,7 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     reload_errors = console.since(mark)
 
     # 6. Console: nothing from Kiln, and nothing the stock page does not log by itself.
-    known = {normalised(e) for e in baseline}
-    new = [e for e in run_errors + reload_errors if normalised(e) not in known]
-    (ARTIFACTS / "live_view_console.json").write_text(json.dumps(
-        {"baseline": baseline, "run": run_errors, "reload": reload_errors, "new": new}, indent=2))
-    assert not [e for e in console.entries if is_ours(e)], console.entries
-    assert not new, f"console errors the stock page does not log: {new}"
+    assert_no_new_console_errors(console, baseline, run_errors, reload_errors, "live_view_console.json")
     page.close()
     print(f"browser live-view test took {time.monotonic() - started:.1f}s")
 
