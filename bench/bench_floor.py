@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on (Kiln and TrainLoraNode)")
     parser.add_argument("--native", action="store_true", help="also time ComfyUI's TrainLoraNode (all layers)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="dense peak of the device, for MFU")
     args = parser.parse_args()
@@ -143,10 +144,11 @@ def main() -> int:
         cfg = core.AdapterConfig(rank=args.rank, alpha=args.rank, unet_targets=targets,
                                  algorithm="lora" if targets == "attn" else "locon")
         state = core.TrainState.from_adapters(core.AdapterSet.create({"unet": unet}, cfg))
-        trainer = core.Trainer(diffusion, {"unet": unet}, device)
+        trainer = core.Trainer(diffusion, {"unet": unet}, device, bridge.checkpoint_blocks(model))
 
         def run(n: int) -> float:
-            train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision=args.dtype)
+            train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision=args.dtype,
+                                     gradient_checkpointing=args.grad_ckpt)
             sync()
             start = time.perf_counter()
             trainer.run(state, data, train)
@@ -167,9 +169,16 @@ def main() -> int:
             start = time.perf_counter()
             with torch.inference_mode():  # as ComfyUI's executor calls every node
                 TrainLoraNode().train(model, latents, positive, b, 1, n, 1e-4, args.rank, "AdamW", "MSE", 0,
-                                      dtype, dtype, "LoRA", False, "[None]")
+                                      dtype, dtype, "LoRA", args.grad_ckpt, "[None]")
             sync()
-            return time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            # TrainLoraNode returns its clone still loaded: its weight wrappers stay on the shared UNet's modules
+            # (every later forward would run them). Reload the base patcher, as the graph does before Kiln trains.
+            bridge.load_for_training(model)
+            leftover = [n for n, m in unet.named_modules() if getattr(m, "weight_function", None)]
+            if leftover:
+                raise RuntimeError(f"TrainLoraNode's weight wrappers are still on {leftover[:3]}")
+            return elapsed
 
         return run
 
@@ -206,6 +215,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in samples.items()}
     fwd = med["forward"]
     print(f"\nUNet {args.size}, batch {b}, latents {s}x{s}, rank {args.rank}, {args.dtype}, {device}, "
+          f"gradient checkpointing {'on (Kiln, TrainLoraNode)' if args.grad_ckpt else 'off'}, "
           f"median of {args.repeats}")
     print("| run | s/step | it/s | x forward | Kiln / peft | Kiln / native | MFU |")
     print("|---|---|---|---|---|---|---|")

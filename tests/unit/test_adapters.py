@@ -139,3 +139,62 @@ def test_load_weights_names_the_mismatching_key():
     w[key] = torch.zeros(99, 1)
     with pytest.raises(ValueError, match=f"shape mismatch for {key}"):
         a.load_weights(w)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_attached_hook_matches_peft_in_output_and_gradients(kind):
+    """The hook's fused path (functional calls, scale folded into the add) is the same maths as peft's layer."""
+    peft_lora = pytest.importorskip("peft.tuners.lora.layer")
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        base = nn.Linear(12, 10)
+        spec = AdapterSpec("unet.layer", "linear", 12, 10, rank=4, alpha=8.0)
+        x = torch.randn(3, 5, 12)
+    else:
+        base = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        spec = AdapterSpec("unet.layer", "conv", 6, 8, rank=4, alpha=8.0, kernel_size=(3, 3), stride=(2, 2),
+                           padding=(1, 1))
+        x = torch.randn(2, 6, 9, 9)
+    root = nn.Module()
+    root.layer = base
+    adapters = AdapterSet([spec], AdapterConfig(rank=4, alpha=8.0))
+    ours = adapters["unet.layer"]
+    assert ours.scale == 2.0  # the torch.add(alpha=...) path
+    with torch.no_grad():
+        ours.lora_down.weight.normal_()
+        ours.lora_up.weight.normal_()
+    cls = peft_lora.Linear if kind == "linear" else peft_lora.Conv2d
+    ref = cls(base, "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
+    with torch.no_grad():
+        ref.lora_A["default"].weight.copy_(ours.lora_down.weight)
+        ref.lora_B["default"].weight.copy_(ours.lora_up.weight)
+    base.requires_grad_(False)
+    with adapters.attach({"unet": root}):
+        out = root.layer(x)
+    expected = ref(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.allclose(ours.lora_down.weight.grad, ref.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ours.lora_up.weight.grad, ref.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_applies_in_training_only():
+    spec = AdapterSpec("unet.l", "linear", 16, 16, rank=4, alpha=4.0)
+    module = LoRAModule(spec, dropout=0.5)
+    with torch.no_grad():
+        module.lora_down.weight.normal_()
+        module.lora_up.weight.normal_()
+    x = torch.randn(8, 16)
+    module.eval()
+    clean = module(x)
+    assert torch.equal(module(x), clean)
+    module.train()
+    torch.manual_seed(0)
+    dropped = module(x)
+    assert not torch.allclose(dropped, clean)
+    torch.manual_seed(0)
+    mask_x = torch.nn.functional.dropout(x, 0.5, training=True)
+    assert torch.allclose(dropped, module.eval()(mask_x))
