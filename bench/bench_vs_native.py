@@ -2,6 +2,8 @@
 
 s/step of each trainer = (time of a long run - time of a short run) / (step difference), so model loading,
 encoding and saving cancel. Times come from the server's own execution_start / execution_success stamps.
+Each case is measured ``--repeats`` times, the two trainers back to back; the ratio is the median of the
+per-pair ratios (the machine this was written on is shared, and its speed drifts by 30 % within minutes).
 
     python bench/bench_vs_native.py                 # quick matrix (tiny + small UNet)
     python bench/bench_vs_native.py --full          # every combination of the matrix
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -79,7 +82,6 @@ def timed(server: ComfyServer, graph: dict) -> float:
 
 
 def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, tag: str) -> float:
-    timed(server, build(case, 1, f"{tag}_warm"))  # loads and caches everything the trainer does not redo
     t_short = timed(server, build(case, short, f"{tag}_s"))
     t_long = timed(server, build(case, long, f"{tag}_l"))
     return (t_long - t_short) / (long - short)
@@ -90,7 +92,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     parser.add_argument("--full", action="store_true", help="every batch x dtype x checkpointing combination")
     parser.add_argument("--short", type=int, default=3)
-    parser.add_argument("--long", type=int, default=13)
+    parser.add_argument("--long", type=int, default=23)
+    parser.add_argument("--repeats", type=int, default=3, help="paired repetitions per case (median reported)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vs_native.json")
     args = parser.parse_args()
     comfy = find_comfyui()
@@ -118,12 +121,20 @@ def main() -> int:
         server.start()
         try:
             for i, case in enumerate(cases):
-                native = sec_per_step(server, native_graph, case, args.short, args.long, f"n{i}")
-                kiln = sec_per_step(server, kiln_graph, case, args.short, args.long, f"k{i}")
-                row = {**case.__dict__, "native_s_per_step": native, "kiln_s_per_step": kiln, "ratio": kiln / native}
+                timed(server, native_graph(case, 1, f"n{i}_warm"))  # loads and caches what a trainer does not redo
+                timed(server, kiln_graph(case, 1, f"k{i}_warm"))
+                natives, kilns = [], []
+                for r in range(args.repeats):  # back to back, so machine noise hits both trainers alike
+                    natives.append(sec_per_step(server, native_graph, case, args.short, args.long, f"n{i}_{r}"))
+                    kilns.append(sec_per_step(server, kiln_graph, case, args.short, args.long, f"k{i}_{r}"))
+                native, kiln = statistics.median(natives), statistics.median(kilns)
+                ratio = statistics.median(k / n for k, n in zip(kilns, natives))
+                row = {**case.__dict__, "native_s_per_step": native, "kiln_s_per_step": kiln, "ratio": ratio,
+                       "native_samples": natives, "kiln_samples": kilns}
                 rows.append(row)
                 print(f"{case.model:5} b{case.batch} {case.dtype} ckpt={str(case.ckpt):5} {case.layers:8} "
-                      f"native {native:.3f} s/step  kiln {kiln:.3f} s/step  kiln/native {kiln / native:.2f}", flush=True)
+                      f"native {native:.3f} s/step  kiln {kiln:.3f} s/step  kiln/native {ratio:.2f} "
+                      f"(pairs: {', '.join(f'{k / n:.2f}' for k, n in zip(kilns, natives))})", flush=True)
         finally:
             server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,22 @@ def _fused_ok(params: list[torch.Tensor]) -> bool:
     return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
+def place_fused_state(optimizer: torch.optim.Optimizer) -> None:
+    """Put each fused group's ``step`` counters beside their parameters.
+
+    A state written by the for-loop optimizer (or on another device) keeps ``step`` on the CPU; torch only moves
+    it when the *saved* groups say fused, and the fused CUDA kernel refuses a CPU counter.
+    """
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            entry = optimizer.state.get(p)
+            step = entry.get("step") if entry else None
+            if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
+                entry["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 @functools.lru_cache(maxsize=64)
 def _lr_lambda(name: str, warmup: int, total: int, num_cycles: int) -> Callable[[int], float]:
     from transformers.optimization import get_scheduler

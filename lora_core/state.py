@@ -36,6 +36,7 @@ class TrainState:
     optimizer_name: str | None = None
     optimizer_state: Mapping[str, Any] | None = None  # torch optimizer state_dict, CPU tensors
     rng: Mapping[str, torch.Tensor] | None = None  # None: seeded from ``seed`` on first use
+    scaler_state: Mapping[str, Any] | None = None  # fp16 GradScaler (loss scale, growth tracker); JSON-able
     history: tuple[tuple[int, float, float], ...] = ()  # (step, loss, lr) per optimizer step
     info: Mapping[str, Any] = field(default_factory=dict)  # run facts for export metadata
 
@@ -88,6 +89,7 @@ class TrainState:
             "batch_index": self.batch_index,
             "optimizer_name": self.optimizer_name,
             "optimizer": optim_json,
+            "scaler": dict(self.scaler_state) if self.scaler_state is not None else None,
             "history": [list(h) for h in self.history],
             "info": dict(self.info),
         }
@@ -132,6 +134,7 @@ class TrainState:
             optimizer_name=meta["optimizer_name"],
             optimizer_state=optimizer_state,
             rng=rng,
+            scaler_state=meta.get("scaler"),  # absent in checkpoints written before it was kept
             history=tuple((int(s), float(lo), float(lr)) for s, lo, lr in meta["history"]),
             info=meta["info"],
         )

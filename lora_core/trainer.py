@@ -22,7 +22,7 @@ from .adapters import AdapterSet
 from .config import TrainConfig
 from .data.latents import LatentDataset
 from .diffusion import DiffusionModel, diffusion_loss
-from .optim import build_optimizer, lr_multiplier, param_groups, set_lr
+from .optim import build_optimizer, lr_multiplier, param_groups, place_fused_state, set_lr
 from .progress import Smoother, StepInfo, TrainCallback
 from .state import TrainState
 
@@ -101,6 +101,54 @@ def frozen(roots: Mapping[str, nn.Module]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+class FrozenWeightCast:
+    """Low-precision copies of the frozen Linear/Conv2d weights, swapped in while an autocast run trains.
+
+    Under autocast every matmul and convolution casts its fp32 weight to bf16/fp16 again on each forward (torch
+    caches casts only for weights that require grad). On a CPU that re-cast is memory-bound and was ~20 % of a
+    bf16 step of the 107 M UNet (bench/bench_floor.py --profile). The copies are made once per run and round
+    exactly as autocast would, so the run is bit-identical; the fp32 originals go back on exit and around
+    previews (a sampler runs the model outside autocast). Only fp32 weights that need no gradient are touched.
+    """
+
+    def __init__(self, roots: Mapping[str, nn.Module], dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        with torch.no_grad():
+            for root in roots.values():
+                for module in root.modules():
+                    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                        continue
+                    for name in ("weight", "bias"):
+                        p = module._parameters.get(name)
+                        if p is not None and p.dtype == torch.float32 and not p.requires_grad:
+                            low = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                            self._swaps.append((module, name, p, low))
+        self.applied = False
+
+    def apply(self) -> None:
+        for module, name, _, low in self._swaps:
+            module._parameters[name] = low
+        self.applied = True
+
+    def restore(self) -> None:
+        for module, name, original, _ in self._swaps:
+            module._parameters[name] = original
+        self.applied = False
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The fp32 originals for the duration of the block (previews), then the copies again."""
+        was = self.applied
+        if was:
+            self.restore()
+        try:
+            yield
+        finally:
+            if was:
+                self.apply()
+
+
 def _clone_tree(obj: object) -> object:
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
@@ -125,6 +173,7 @@ class Trainer:
         self.roots = dict(roots)
         self.device = torch.device(device)
         self.checkpoint_modules = list(checkpoint_modules)
+        self._cast: FrozenWeightCast | None = None
 
     def run(
         self,
@@ -149,6 +198,7 @@ class Trainer:
                 optimizer.load_state_dict(_clone_tree(state.optimizer_state))  # never share tensors with the input
                 for group, settings in zip(optimizer.param_groups, fresh):
                     group.update(settings)  # this run's lr / betas / weight decay apply from here on
+                place_fused_state(optimizer)
             else:
                 logger.warning(
                     "optimizer changed from %s to %s at step %d: starting a fresh optimizer state",
@@ -157,9 +207,11 @@ class Trainer:
                     state.step,
                 )
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        if scaler.is_enabled() and state.scaler_state is not None:
+            scaler.load_state_dict(dict(state.scaler_state))  # fp16 resumes with the loss scale it had reached
         cuda_devices = [device] if device.type == "cuda" else []
 
-        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config):
+        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config, dtype):
             noise_gen = torch.Generator()
             if state.rng is not None:
                 noise_gen.set_state(state.rng["noise"])
@@ -179,12 +231,19 @@ class Trainer:
         return TrainResult(final, stopped)
 
     @contextlib.contextmanager
-    def _attached(self, adapters: AdapterSet, config: TrainConfig) -> Iterator[None]:
+    def _attached(self, adapters: AdapterSet, config: TrainConfig, dtype: torch.dtype) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.roots))
             stack.enter_context(adapters.attach(self.roots))
             if config.gradient_checkpointing and self.checkpoint_modules:
                 stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
+            self._cast = None
+            # CPU only: there the per-step re-cast is memory-bound and costly; on a GPU it is ~1 % of a step and
+            # the copies would cost VRAM (half the UNet's fp32 size).
+            if dtype != torch.float32 and self.device.type == "cpu" and "unet" in self.roots:
+                self._cast = FrozenWeightCast({"unet": self.roots["unet"]}, dtype)
+                self._cast.apply()
+                stack.callback(self._cast.restore)
             yield
 
 
@@ -219,7 +278,11 @@ class _Run:
         self.history = list(state.history)
         self._batches = dataset.epoch_batches(self.epoch, config.batch_size, state.seed)
         self._rng_mark = self._rng_state()
+        self._scaler_mark = self._scaler_state()
         self._mark = (self.step, self.epoch, self.batch_index)
+
+    def _scaler_state(self) -> dict[str, float | int] | None:
+        return dict(self.scaler.state_dict()) if self.scaler.is_enabled() else self.start.scaler_state
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
@@ -238,6 +301,7 @@ class _Run:
             optimizer_name=self.config.optimizer,
             optimizer_state=_clone_tree(self.optimizer.state_dict()),
             rng=self._rng_mark if at_mark else self._rng_state(),
+            scaler_state=self._scaler_mark if at_mark else self._scaler_state(),
             history=tuple(h for h in self.history if h[0] <= step),
         )
 
@@ -281,6 +345,8 @@ class _Run:
             t0 = time.perf_counter()
             self._mark = (self.step, self.epoch, self.batch_index)
             self._rng_mark = self._rng_state()
+            if self.scaler.is_enabled():
+                self._scaler_mark = self._scaler_state()
             factor = lr_multiplier(config, self.step, schedule_steps)
             set_lr(self.optimizer, factor)
             lr = config.learning_rate * factor
@@ -334,8 +400,9 @@ class _Run:
     def _preview(self, callbacks: Sequence[TrainCallback]) -> None:
         rng = torch.get_rng_state()  # a sampler may reseed the global RNG; training must not notice
         self.adapters.eval()
+        cast = getattr(self.t, "_cast", None)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), cast.suspended() if cast is not None else contextlib.nullcontext():
                 for cb in callbacks:
                     cb.on_preview(self.step, self.adapters)
         finally:

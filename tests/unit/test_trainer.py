@@ -101,6 +101,25 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(straight.weights[k], resumed.weights[k]), k
 
 
+def test_fp16_resume_keeps_the_loss_scale(tmp_path):
+    """fp16 trains with a GradScaler; a resumed run continues its loss scale and growth counter, not from scratch."""
+    cfg = dict(learning_rate=1e-3, batch_size=2, precision="fp16", min_snr_gamma=0.0)
+    data = make_dataset(n=4)
+    _, trainer, state = _setup(seed=5)
+    straight = trainer.run(state, data, TrainConfig(steps=8, **cfg)).state
+    assert straight.scaler_state is not None and straight.scaler_state["_growth_tracker"] == 8  # 8 clean steps
+    _, trainer2, state2 = _setup(seed=5)
+    half = trainer2.run(state2, data, TrainConfig(steps=4, **cfg)).state
+    half.save(tmp_path / "half.safetensors")
+    loaded = TrainState.load(tmp_path / "half.safetensors")
+    assert loaded.scaler_state == half.scaler_state
+    resumed = trainer2.run(loaded, data, TrainConfig(steps=4, **cfg)).state
+    assert resumed.scaler_state == straight.scaler_state
+    assert [h[1] for h in resumed.history] == [h[1] for h in straight.history]
+    for k in straight.weights:
+        assert torch.equal(straight.weights[k], resumed.weights[k]), k
+
+
 def test_same_seed_same_run_and_other_seed_differs():
     def run(seed):
         _, trainer, state = _setup(seed=seed)
@@ -255,3 +274,35 @@ def test_text_encoder_adapters_get_their_own_learning_rate_and_a_changed_lr_appl
     second = trainer.run(first, make_dataset(), TrainConfig(steps=2, learning_rate=5e-4)).state
     assert [h[2] for h in second.history] == [1e-3, 1e-3, 5e-4, 5e-4]
     assert second.optimizer_state["param_groups"][0]["lr"] == 5e-4
+
+
+def test_bf16_cpu_runs_on_cast_copies_bit_identically_and_restores_the_originals(monkeypatch):
+    """A CPU bf16 run swaps bf16 copies of the frozen weights in (autocast would re-cast them every forward):
+    same numbers as without, fp32 originals during previews, the original tensors back afterwards."""
+    from lora_core import trainer as trainer_module
+
+    cfg = TrainConfig(steps=4, learning_rate=1e-3, batch_size=2, precision="bf16")
+    unet, trainer, state = _setup(AdapterConfig(rank=4, alpha=4, algorithm="locon"), seed=2)
+    originals = {name: p for name, p in unet.named_parameters()}
+    seen = {}
+
+    class Probe(TrainCallback):
+        def on_step(self, info):
+            seen.setdefault("train", {p.dtype for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                                      for p in m.parameters(recurse=False)})
+
+        def on_preview(self, step, adapters):
+            seen["preview"] = {p.dtype for p in unet.parameters()}
+            unet(torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 7, 16))  # a sampler's forward
+
+    cast = trainer.run(state, make_dataset(), cfg, callbacks=[Probe()], preview_every=2).state
+    assert seen["train"] == {torch.bfloat16} and seen["preview"] == {torch.float32}
+    assert all(p is originals[name] for name, p in unet.named_parameters())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in unet.parameters())
+
+    monkeypatch.setattr(trainer_module.FrozenWeightCast, "apply", lambda self: None)
+    _, trainer2, state2 = _setup(AdapterConfig(rank=4, alpha=4, algorithm="locon"), seed=2)
+    plain = trainer2.run(state2, make_dataset(), cfg).state
+    assert [h[1] for h in cast.history] == [h[1] for h in plain.history]
+    for k in plain.weights:
+        assert torch.equal(plain.weights[k], cast.weights[k]), k
