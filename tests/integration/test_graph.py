@@ -118,16 +118,22 @@ def test_stock_lora_loader_loads_every_key_and_changes_the_image(server, trained
     assert np.abs(with_lora - without).max() > 0
 
 
-def test_original_model_branch_renders_exactly_as_without_kiln(server):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_original_model_branch_renders_exactly_as_without_kiln(server, precision):
+    """Also for bf16 on the CPU, where the trainer swaps bf16 copies of the frozen weights in for the run and the
+    fp32 originals back around each preview and at the end."""
     server.post("/free", {"unload_models": True, "free_memory": True})  # fresh model objects, empty cache
     time.sleep(1.0)
     baseline = server.run({**checkpoint_loader(), **render_graph("baseline", ["1", 0], ["1", 1])})
     assert baseline.status == "success", baseline.error
     # train on the same (cached) model objects and render with the LoRA in the same prompt
-    wf = tiny_train_workflow("isolation", steps=6)
+    previews = 2 if precision == "bf16" else 0
+    wf = tiny_train_workflow(f"isolation_{precision}", steps=6, precision=precision,
+                             preview_every=3 if previews else 0)
     wf.update(render_graph("kiln_branch", ["4", 1], ["1", 1], base_id=300))
     trained = server.run(wf)
     assert trained.status == "success", trained.error
+    assert len(trained.of_type("preview_image")) == previews
     # now the original MODEL again, through another sampler node type so nothing comes from the cache
     after = server.run({**checkpoint_loader(), **render_graph("after", ["1", 0], ["1", 1], sampler="KSamplerAdvanced")})
     assert after.status == "success", after.error
