@@ -105,14 +105,13 @@ class FrozenWeightCast:
     """Low-precision copies of the frozen Linear/Conv2d weights, swapped in while an autocast run trains.
 
     Under autocast every matmul and convolution casts its fp32 weight to bf16/fp16 again on each forward (torch
-    caches casts only for weights that require grad). On a CPU that re-cast is memory-bound and was ~20 % of a
-    bf16 step of the 107 M UNet (bench/bench_floor.py --profile). The copies are made once per run and round
-    exactly as autocast would, so the run is bit-identical; the fp32 originals go back on exit and around
-    previews (a sampler runs the model outside autocast). Only fp32 weights that need no gradient are touched.
+    caches casts only for weights that require grad). On a CPU that re-cast is memory-bound: making the copies
+    once per run saved 4-6 % of a bf16 step (BENCHMARKS.md, *Profile*). They round exactly as autocast would, so
+    the run is bit-identical; the fp32 originals go back on exit and around previews (a sampler runs the model
+    outside autocast). Only fp32 weights that need no gradient are touched; with no roots it does nothing.
     """
 
     def __init__(self, roots: Mapping[str, nn.Module], dtype: torch.dtype) -> None:
-        self.dtype = dtype
         self._swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         with torch.no_grad():
             for root in roots.values():
@@ -173,7 +172,6 @@ class Trainer:
         self.roots = dict(roots)
         self.device = torch.device(device)
         self.checkpoint_modules = list(checkpoint_modules)
-        self._cast: FrozenWeightCast | None = None
 
     def run(
         self,
@@ -211,7 +209,7 @@ class Trainer:
             scaler.load_state_dict(dict(state.scaler_state))  # fp16 resumes with the loss scale it had reached
         cuda_devices = [device] if device.type == "cuda" else []
 
-        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config, dtype):
+        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config, dtype) as cast:
             noise_gen = torch.Generator()
             if state.rng is not None:
                 noise_gen.set_state(state.rng["noise"])
@@ -221,7 +219,7 @@ class Trainer:
             else:
                 noise_gen.manual_seed(state.seed)
                 torch.manual_seed(state.seed)
-            run = _Run(self, state, dataset, config, adapters, optimizer, scaler, noise_gen, dtype)
+            run = _Run(self, state, dataset, config, adapters, optimizer, scaler, noise_gen, dtype, cast)
             for cb in callbacks:
                 cb.on_start(state, config.steps)
             stopped = run.loop(callbacks, save_every, preview_every)
@@ -231,20 +229,19 @@ class Trainer:
         return TrainResult(final, stopped)
 
     @contextlib.contextmanager
-    def _attached(self, adapters: AdapterSet, config: TrainConfig, dtype: torch.dtype) -> Iterator[None]:
+    def _attached(self, adapters: AdapterSet, config: TrainConfig, dtype: torch.dtype) -> Iterator[FrozenWeightCast]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.roots))
             stack.enter_context(adapters.attach(self.roots))
             if config.gradient_checkpointing and self.checkpoint_modules:
                 stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
-            self._cast = None
             # CPU only: there the per-step re-cast is memory-bound and costly; on a GPU it is ~1 % of a step and
             # the copies would cost VRAM (half the UNet's fp32 size).
-            if dtype != torch.float32 and self.device.type == "cpu" and "unet" in self.roots:
-                self._cast = FrozenWeightCast({"unet": self.roots["unet"]}, dtype)
-                self._cast.apply()
-                stack.callback(self._cast.restore)
-            yield
+            low = dtype != torch.float32 and self.device.type == "cpu" and "unet" in self.roots
+            cast = FrozenWeightCast({"unet": self.roots["unet"]} if low else {}, dtype)
+            cast.apply()
+            stack.callback(cast.restore)
+            yield cast
 
 
 class _Run:
@@ -261,6 +258,7 @@ class _Run:
         scaler: torch.amp.GradScaler,
         noise_gen: torch.Generator,
         dtype: torch.dtype,
+        cast: FrozenWeightCast,
     ) -> None:
         self.t = trainer
         self.start = state
@@ -272,6 +270,7 @@ class _Run:
         self.scaler = scaler
         self.noise_gen = noise_gen
         self.dtype = dtype
+        self.cast = cast
         self.step = state.step
         self.epoch = state.epoch
         self.batch_index = state.batch_index
@@ -345,8 +344,7 @@ class _Run:
             t0 = time.perf_counter()
             self._mark = (self.step, self.epoch, self.batch_index)
             self._rng_mark = self._rng_state()
-            if self.scaler.is_enabled():
-                self._scaler_mark = self._scaler_state()
+            self._scaler_mark = self._scaler_state()
             factor = lr_multiplier(config, self.step, schedule_steps)
             set_lr(self.optimizer, factor)
             lr = config.learning_rate * factor
@@ -400,9 +398,8 @@ class _Run:
     def _preview(self, callbacks: Sequence[TrainCallback]) -> None:
         rng = torch.get_rng_state()  # a sampler may reseed the global RNG; training must not notice
         self.adapters.eval()
-        cast = getattr(self.t, "_cast", None)
         try:
-            with torch.no_grad(), cast.suspended() if cast is not None else contextlib.nullcontext():
+            with torch.no_grad(), self.cast.suspended():
                 for cb in callbacks:
                     cb.on_preview(self.step, self.adapters)
         finally:

@@ -16,11 +16,10 @@ from typing import Any
 import pytest
 from test_live_view import (
     ARTIFACTS,
-    Console,
     assert_no_new_console_errors,
-    is_ours,
     node_clip,
-    open_comfyui,
+    open_stock_page,
+    show_node,
     widget_slots,
 )
 
@@ -75,16 +74,8 @@ def tiny_caption_workflow(object_info: dict[str, Any]) -> dict[str, Any]:
     return wf
 
 
-def show_node(page, node_id: int) -> None:
-    """Zoom to 1 and put the node at the top left, so its DOM widgets are on screen (hidden when zoomed out)."""
-    page.evaluate(
-        """(id) => {
-            const c = window.app.canvas, n = window.app.graph.getNodeById(id);
-            c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 80, -n.pos[1] + 60]; c.setDirty(true, true);
-        }""",
-        node_id,
-    )
-    page.wait_for_function(f"(id) => ({BOX})(id)?.visible", arg=node_id, timeout=10_000)
+def show_caption_box(page, node_id: int) -> None:
+    show_node(page, node_id, ready=f"(id) => ({BOX})(id)?.visible")
 
 
 def caption_lines(text: str) -> dict[str, tuple[str, str]]:
@@ -114,20 +105,13 @@ def test_auto_caption_view_shows_the_captions_and_comes_back_after_reload(comfy,
     shot.unlink(missing_ok=True)
     workflow = tiny_caption_workflow(comfy.get("/object_info"))
 
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    console = Console(page)
-
     # 1. The stock page (default graph, no Kiln node) and its own console errors: the baseline.
-    open_comfyui(page, comfy.url)
-    page.wait_for_function("() => window.app.extensions.some((e) => e.name === 'LoRAKiln.CaptionView')")
-    page.wait_for_timeout(1500)
-    baseline = console.since(0)
-    assert not [e for e in baseline if is_ours(e)], baseline
+    page, console, baseline = open_stock_page(browser, comfy.url, ("LoRAKiln.TrainView", "LoRAKiln.CaptionView"))
 
     # 2. Open the workflow: the Auto Caption node has an empty, read-only caption box that is not a prompt input.
     mark = console.mark()
     page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
-    show_node(page, CAPTION)
+    show_caption_box(page, CAPTION)
     idle = page.evaluate(BOX, CAPTION)
     assert idle["value"] == "" and idle["readOnly"] and "Captions appear here" in idle["placeholder"], idle
     prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
@@ -153,7 +137,7 @@ def test_auto_caption_view_shows_the_captions_and_comes_back_after_reload(comfy,
         assert sidecar.read_text(encoding="utf-8") == caption and caption.startswith("sks, "), (caption, sidecar)
     assert text == run["outputs"][str(CAPTION)]["text"][0]
 
-    show_node(page, CAPTION)
+    show_caption_box(page, CAPTION)
     page.wait_for_timeout(300)
     page.screenshot(path=str(shot), clip=node_clip(page, CAPTION))
     box = page.evaluate(BOX, CAPTION)
@@ -177,7 +161,7 @@ def test_auto_caption_view_shows_the_captions_and_comes_back_after_reload(comfy,
     page.wait_for_function(f"(id) => ({BOX})(id)?.state === 'restored'", arg=CAPTION, timeout=15_000)
     restored = page.evaluate(BOX, CAPTION)
     assert text in restored["value"] and caption_lines(restored["value"]) == lines, restored
-    show_node(page, CAPTION)
+    show_caption_box(page, CAPTION)
     page.screenshot(path=str(ARTIFACTS / "caption_view_after_reload.png"), clip=node_clip(page, CAPTION))
 
     # Removing the node, then loading the workflow again: a fresh, empty box that is filled from the history.
@@ -192,7 +176,7 @@ def test_auto_caption_view_shows_the_captions_and_comes_back_after_reload(comfy,
     many = "40 images: 40 new\n\n" + "\n".join(f"[new] img_{i:02d}.png: sks, " + "a long caption " * (i % 4 + 1)
                                                 for i in range(40))
     page.evaluate("([id, text]) => window.app.graph.getNodeById(id).onExecuted({text: [text]})", [CAPTION, many])
-    show_node(page, CAPTION)
+    show_caption_box(page, CAPTION)
     page.wait_for_timeout(300)
     box = page.evaluate(BOX, CAPTION)
     grown = page.evaluate(GEOMETRY, CAPTION)

@@ -100,17 +100,32 @@ def assert_no_new_console_errors(console: Console, baseline: list, run_errors: l
 
 
 
-def open_comfyui(page, url: str) -> None:
+def open_comfyui(page, url: str, extensions: tuple[str, ...] = ("LoRAKiln.TrainView",)) -> None:
     page.goto(url, wait_until="domcontentloaded")
     page.wait_for_function(
-        "() => window.app?.vueAppReady && window.app.graph && window.LiteGraph?.registered_node_types?.KilnTrainSteps "
-        "&& window.app.extensions?.some((e) => e.name === 'LoRAKiln.TrainView')",
+        "(names) => window.app?.vueAppReady && window.app.graph && window.LiteGraph?.registered_node_types?.KilnTrainSteps "
+        "&& names.every((name) => window.app.extensions?.some((e) => e.name === name))",
+        arg=list(extensions),
         timeout=60_000,
     )
 
 
-def show_node(page, node_id: int) -> None:
-    """Zoom to 1 and put the node at the top left, so its DOM widget is on screen (hidden when zoomed out)."""
+def open_stock_page(browser, url: str, extensions: tuple[str, ...] = ("LoRAKiln.TrainView",)):
+    """A new page on ComfyUI's default graph (no Kiln node yet) and the console errors the stock page logs by
+    itself: the baseline later errors are compared with. Returns (page, console, baseline)."""
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    console = Console(page)
+    open_comfyui(page, url, extensions)
+    page.wait_for_timeout(1500)
+    baseline = console.since(0)
+    assert not [e for e in baseline if is_ours(e)], baseline
+    return page, console, baseline
+
+
+def show_node(page, node_id: int,
+              ready: str = "(id) => window.app.graph.getNodeById(id)?.kilnView?.root.isConnected") -> None:
+    """Zoom to 1 and put the node at the top left, so its DOM widgets are on screen (hidden when zoomed out);
+    then wait until ``ready`` (a JS predicate of the node id) holds."""
     page.evaluate(
         """(id) => {
             const c = window.app.canvas, n = window.app.graph.getNodeById(id);
@@ -118,8 +133,7 @@ def show_node(page, node_id: int) -> None:
         }""",
         node_id,
     )
-    page.wait_for_function(
-        "(id) => window.app.graph.getNodeById(id)?.kilnView?.root.isConnected", arg=node_id, timeout=10_000)
+    page.wait_for_function(ready, arg=node_id, timeout=10_000)
 
 
 VIEW_STATE = """(id) => {
@@ -163,14 +177,8 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     for old in ARTIFACTS.glob("live_view_*"):
         old.unlink()
     workflow = tiny_ui_workflow(comfy.get("/object_info"))
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    console = Console(page)
-
     # 1. The stock page (default graph, no Kiln node) and its own console errors: the baseline.
-    open_comfyui(page, comfy.url)
-    page.wait_for_timeout(1500)
-    baseline = console.since(0)
-    assert not [e for e in baseline if is_ours(e)], baseline
+    page, console, baseline = open_stock_page(browser, comfy.url)
 
     # 2. Open the shipped workflow: the Train Steps node has the (empty) live view, nothing else changed.
     mark = console.mark()

@@ -39,6 +39,24 @@ def checkpoint_loader() -> dict:
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}}}
 
 
+def render_with_stock_lora(server, lora_name: str, base_id: int, strength_model: float = 1.0,
+                           strength_clip: float = 1.0, without_id: int | None = None):
+    """Render through ComfyUI's stock LoraLoader (and, with ``without_id``, without it) in one prompt.
+
+    Returns the result and what the server logged meanwhile (where ComfyUI reports keys it could not load)."""
+    log_before = len(server.log())
+    graph = {**checkpoint_loader(),
+             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                          "strength_model": strength_model,
+                                                          "strength_clip": strength_clip}}}
+    graph.update(render_graph(f"lora_{base_id}", ["2", 0], ["2", 1], base_id=base_id))
+    if without_id is not None:
+        graph.update(render_graph(f"base_{without_id}", ["1", 0], ["1", 1], base_id=without_id))
+    result = server.run(graph)
+    assert result.status == "success", result.error
+    return result, server.log()[log_before:]
+
+
 def saved_image(server, result, node_id: str) -> np.ndarray:
     info = result.history["outputs"][node_id]["images"][0]
     path = server.base / "output" / info["subfolder"] / info["filename"]
@@ -103,15 +121,7 @@ def test_progress_text_and_previews_arrive_while_training(server, trained):
 
 
 def test_stock_lora_loader_loads_every_key_and_changes_the_image(server, trained):
-    log_before = len(server.log())
-    graph = {**checkpoint_loader(),
-             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "e2e.safetensors",
-                                                          "strength_model": 1.0, "strength_clip": 1.0}}}
-    graph.update(render_graph("with_lora", ["2", 0], ["2", 1], base_id=100))
-    graph.update(render_graph("without_lora", ["1", 0], ["1", 1], base_id=200))
-    result = server.run(graph)
-    assert result.status == "success", result.error
-    new_log = server.log()[log_before:]
+    result, new_log = render_with_stock_lora(server, "e2e.safetensors", base_id=100, without_id=200)
     assert "lora key not loaded" not in new_log
     assert "NOT LOADED" not in new_log
     with_lora, without = saved_image(server, result, "105"), saved_image(server, result, "205")
@@ -253,15 +263,8 @@ def test_locon_on_every_layer_maps_onto_comfyui_and_loads_without_missing_keys(s
     assert "lora_unet_down_blocks_0_resnets_0_conv1" in bases  # 3x3 conv (LoCon)
     assert "lora_unet_conv_in" in bases and "lora_unet_time_embedding_linear_1" in bases
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8.0"}
-    log_before = len(server.log())
-    graph = {**checkpoint_loader(),
-             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                          "lora_name": "everything.safetensors",
-                                                          "strength_model": 1.0, "strength_clip": 1.0}}}
-    graph.update(render_graph("everything", ["2", 0], ["2", 1], base_id=500))
-    loaded = server.run(graph)
-    assert loaded.status == "success", loaded.error
-    assert "lora key not loaded" not in server.log()[log_before:]
+    _, new_log = render_with_stock_lora(server, "everything.safetensors", base_id=500)
+    assert "lora key not loaded" not in new_log
 
 
 def test_training_can_start_from_an_existing_lora(server, trained):
@@ -311,15 +314,9 @@ def test_text_encoder_training_saves_lora_te_keys_that_the_stock_loader_applies(
     assert any(b.startswith("lora_unet_") for b in bases)
     assert up.abs().sum() > 0  # trained, not just initialised
     assert json.loads(meta["prompt"])["3"]["inputs"]["train_text_encoder"] is True
-    log_before = len(server.log())
-    graph = {**checkpoint_loader(),
-             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "with_te.safetensors",
-                                                          "strength_model": 0.0, "strength_clip": 1.0}}}
-    graph.update(render_graph("te_only", ["2", 0], ["2", 1], base_id=600))
-    graph.update(render_graph("te_base", ["1", 0], ["1", 1], base_id=700))
-    loaded = server.run(graph)
-    assert loaded.status == "success", loaded.error
-    assert "lora key not loaded" not in server.log()[log_before:]
+    loaded, new_log = render_with_stock_lora(server, "with_te.safetensors", base_id=600, strength_model=0.0,
+                                             without_id=700)
+    assert "lora key not loaded" not in new_log
     # the text-encoder half alone changes the image: the CLIP weights really carry the LoRA
     assert not np.array_equal(saved_image(server, loaded, "605"), saved_image(server, loaded, "705"))
 
