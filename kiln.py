@@ -4,8 +4,8 @@
     python kiln.py                      # the demo: tiny model, bundled images, about a minute on a CPU
     python kiln.py my_lora.yaml         # train from a config (keys as in kohya / lora-scripts)
     python kiln.py my_lora.yaml --resume output/my_lora/checkpoints/my_lora_step000500.kiln.safetensors
-    python kiln.py run workflows/train_sd15_lora.json --set dataset=/data/cat --set steps=500
-    python kiln.py export workflows/train_sd15_lora.json > my_lora.yaml
+    python kiln.py run example_workflows/train_sd15_lora.json --set dataset=/data/cat --set steps=500
+    python kiln.py export example_workflows/train_sd15_lora.json > my_lora.yaml
 
 It uses ComfyUI as a library, found at --comfyui, $COMFYUI_PATH, the ComfyUI this folder is installed in
 (custom_nodes/..), or ~/comfy/ComfyUI, and runs the very nodes the graph uses.

@@ -37,7 +37,7 @@ from ..lora_core.data import DatasetConfig, DatasetError, apply_trigger, dataset
 from . import comfy_bridge as bridge
 from .dataset import resolve_folder
 from .objects import KilnDataset
-from .types import CATEGORY, KilnDatasetType
+from .sockets import CATEGORY, KilnDatasetType
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from ..lora_core.data import (
 )
 from . import comfy_bridge as bridge
 from .objects import KilnDataset
-from .types import CATEGORY, KilnDatasetType
+from .sockets import CATEGORY, KilnDatasetType
 
 logger = logging.getLogger(__name__)
 

@@ -196,7 +196,7 @@ def steps_per_epoch(cfg: RunConfig) -> int:
 
 
 def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[str, Any]:
-    """The same graph a user wires in ComfyUI (see workflows/train_sd15_lora.json)."""
+    """The same graph a user wires in ComfyUI (see example_workflows/train_sd15_lora.json)."""
     graph: dict[str, Any] = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name(cfg.base_model)}},
         "2": {"class_type": "KilnLoadDataset", "inputs": {

@@ -11,7 +11,7 @@ from ..lora_core.config import ALGORITHMS, TARGET_PRESETS
 from ..lora_core.formats.kohya import load_lora_as_state
 from . import comfy_bridge as bridge
 from .objects import KilnRun
-from .types import CATEGORY, KilnStateType
+from .sockets import CATEGORY, KilnStateType
 
 NO_LORA = "none"
 

@@ -14,8 +14,8 @@ from ..lora_core.fileio import atomic_save_safetensors
 from ..lora_core.formats.kohya import build_metadata, export_tensors
 from . import comfy_bridge as bridge
 from .objects import KilnRun
+from .sockets import CATEGORY, KilnStateType
 from .train import save_checkpoint
-from .types import CATEGORY, KilnStateType
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from ..lora_core.plot import loss_chart
 from ..lora_core.tb import TensorBoardCallback
 from . import comfy_bridge as bridge
 from .objects import KilnDataset, KilnRun
-from .types import CATEGORY, KilnDatasetType, KilnStateType
+from .sockets import CATEGORY, KilnDatasetType, KilnStateType
 
 logger = logging.getLogger(__name__)
 

@@ -118,12 +118,12 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any
 
 
 def main() -> int:
-    """Regenerate workflows/*.json from workflows/api/*.json using a running server's /object_info."""
+    """Regenerate example_workflows/*.json from example_workflows/api/*.json using a running server's /object_info."""
     import urllib.request
 
     url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188"
     object_info = json.loads(urllib.request.urlopen(url + "/object_info").read())
-    root = Path(__file__).resolve().parents[1] / "workflows"
+    root = Path(__file__).resolve().parents[1] / "example_workflows"
     for api_file in sorted((root / "api").glob("*.json")):
         ui = api_to_ui(json.loads(api_file.read_text()), object_info)
         (root / api_file.name).write_text(json.dumps(ui, indent=1) + "\n")

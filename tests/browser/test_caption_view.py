@@ -1,6 +1,6 @@
 """The Auto Caption view, as a user sees it: ComfyUI's real frontend in headless Chromium, a real server.
 
-Loads ``workflows/caption_and_train.json`` (a tiny checkpoint, a tiny random BLIP in models/captioners, three test
+Loads ``example_workflows/caption_and_train.json`` (a tiny checkpoint, a tiny random BLIP in models/captioners, three test
 images without captions, a 2-step run), queues it like the Run button and expects the captions on the Auto
 Caption node, the sidecar files on disk, a re-queue that re-runs nothing, the captions back after a page reload,
 and no console error the stock page does not log by itself. Screenshot: ``test-artifacts/caption_view.png``.
@@ -25,7 +25,7 @@ from test_live_view import (
 
 from comfy_harness import REPO, make_images
 
-CAPTION, TRAIN = 9, 4  # node ids in workflows/caption_and_train.json
+CAPTION, TRAIN = 9, 4  # node ids in example_workflows/caption_and_train.json
 FOLDER, MODEL, IMAGES = "caption_view", "tiny-blip", 3
 
 # The caption box of an Auto Caption node: its text, placeholder, state and whether it is on screen.
@@ -58,7 +58,7 @@ GEOMETRY = """(id) => {
 
 def tiny_caption_workflow(object_info: dict[str, Any]) -> dict[str, Any]:
     """The shipped caption-and-train workflow with the tiny checkpoint and captioner, the test images, 2 steps."""
-    wf = json.loads((REPO / "workflows" / "caption_and_train.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "caption_and_train.json").read_text())
     patch = {
         "CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
         "KilnLoadDataset": {"folder": FOLDER, "resolution": 64},

@@ -1,6 +1,6 @@
 """The Train Steps live view, as a user sees it: ComfyUI's real frontend in headless Chromium, a real server.
 
-Loads ``workflows/train_sd15_lora.json`` (pointed at a tiny checkpoint), queues it, and watches the loss chart and
+Loads ``example_workflows/train_sd15_lora.json`` (pointed at a tiny checkpoint), queues it, and watches the loss chart and
 the preview strip on the Train Steps node fill while training runs; then reloads the page and opens the workflow
 again and expects the last run back. Screenshots go to ``test-artifacts/``. Console errors are compared with the
 stock page's own (it logs a few by itself).
@@ -19,7 +19,7 @@ from comfy_harness import REPO
 
 ARTIFACTS = REPO / "test-artifacts"
 
-TRAIN = 4  # the Train Steps node of workflows/train_sd15_lora.json
+TRAIN = 4  # the Train Steps node of example_workflows/train_sd15_lora.json
 STEPS, PREVIEW_EVERY = 30, 10
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -40,7 +40,7 @@ def widget_slots(info: dict[str, Any]) -> list[str | None]:
 
 def tiny_ui_workflow(object_info: dict[str, Any]) -> dict[str, Any]:
     """The shipped UI workflow with the tiny checkpoint, the test images and a short run with previews."""
-    wf = json.loads((REPO / "workflows" / "train_sd15_lora.json").read_text())
+    wf = json.loads((REPO / "example_workflows" / "train_sd15_lora.json").read_text())
     patch = {
         "CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
         "KilnLoadDataset": {"folder": "shapes", "resolution": 64},

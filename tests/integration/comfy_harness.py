@@ -226,7 +226,7 @@ def make_images(folder: Path, n: int = 4, size: tuple[int, int] = (64, 64), capt
 
 
 def load_api(name: str) -> dict:
-    return json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    return json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
 
 
 def tiny_train_workflow(name: str, **train_overrides) -> dict:

@@ -111,13 +111,13 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_resume_continues(tmp_path, tin
 
 
 def test_run_a_workflow_headless_with_overrides_and_export_its_config(tmp_path, tiny_checkpoint, data):
-    result = kiln("run", str(REPO / "workflows" / "train_sd15_lora.json"), "--set", f"dataset={data}",
+    result = kiln("run", str(REPO / "example_workflows" / "train_sd15_lora.json"), "--set", f"dataset={data}",
                   "--set", "steps=2", "--set", f"base_model={tiny_checkpoint}", "--set", "resolution=64",
                   "--set", "name=wf", "--set", "KilnTrainSteps.preview_every=0", "--set", "KilnTrainSteps.save_every=0",
                   "--set", "KilnSaveLoRA.filename=wf_headless", cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "workflow train_sd15_lora.json: success" in result.stdout
-    exported = kiln("export", str(REPO / "workflows" / "train_sd15_lora.json"), cwd=tmp_path)
+    exported = kiln("export", str(REPO / "example_workflows" / "train_sd15_lora.json"), cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     cfg = yaml.safe_load(exported.stdout)
     assert cfg["max_steps"] == 500 and cfg["lora_rank"] == 16 and cfg["train_data_dir"] == "my_dataset"

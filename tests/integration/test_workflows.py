@@ -10,7 +10,7 @@ from safetensors import safe_open
 from comfy_harness import REPO, load_workflow_format
 
 ui_to_api = load_workflow_format().ui_to_api
-WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 
 
 def test_the_two_documented_workflows_are_shipped():
@@ -20,15 +20,15 @@ def test_the_two_documented_workflows_are_shipped():
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_and_api_twin_agree_and_every_node_exists(server, name):
     object_info = server.get("/object_info")
-    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    api = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
     missing = {n["type"] for n in ui["nodes"]} - set(object_info)
     assert not missing, f"unknown node types in {name}.json: {missing}"
     assert ui_to_api(ui, object_info) == api
 
 
 def test_train_preview_train_runs_with_a_stock_ksampler_between(server):
-    api = json.loads((REPO / "workflows" / "api" / "train_preview_train.json").read_text())
+    api = json.loads((REPO / "example_workflows" / "api" / "train_preview_train.json").read_text())
     api["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     api["2"]["inputs"].update(folder="shapes", resolution=64)
     api["3"]["inputs"]["name"] = "tpt"

@@ -39,3 +39,22 @@ def test_the_package_imports_without_comfyui():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.WEB_DIRECTORY == "./web/js" and (ROOT / "web" / "js").is_dir()
+
+
+def test_no_module_shadows_the_standard_library():
+    """A module named like a stdlib one (``nodes/types.py`` once) breaks every script run from its folder.
+
+    Running ``python nodes/x.py`` puts ``nodes/`` first on ``sys.path``; a clean venv then imports the package's
+    ``types`` instead of the standard library's and ``import argparse`` fails. Checked for every file and package.
+    """
+    import sys
+
+    skip = {".git", ".venv", "node_modules", "test-artifacts", "__pycache__"}
+    offenders = []
+    for path in ROOT.rglob("*"):
+        if any(part in skip or part.startswith(".") for part in path.relative_to(ROOT).parts):
+            continue
+        name = path.stem if path.suffix == ".py" else path.name if (path / "__init__.py").is_file() else None
+        if name and name != "__init__" and name in sys.stdlib_module_names:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"rename these (they shadow the standard library): {offenders}"
