@@ -41,7 +41,8 @@ def boot(size: str, tmp: Path):
     from importlib import import_module
 
     tiny = import_module(pkg.__name__ + ".nodes.tiny_checkpoint")
-    bridge = import_module(pkg.__name__ + ".nodes.comfy_bridge")
+    patching = import_module(pkg.__name__ + ".nodes.corridor.patching")
+    denoiser = import_module(pkg.__name__ + ".nodes.corridor.denoiser")
     core = import_module(pkg.__name__ + ".lora_core")
     path = tmp / f"{size}.safetensors"
     tiny.write_checkpoint(str(path), size)
@@ -50,7 +51,7 @@ def boot(size: str, tmp: Path):
 
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    return model, bridge, core
+    return model, patching, denoiser, core
 
 
 def main() -> int:
@@ -72,9 +73,9 @@ def main() -> int:
     import torch
 
     tmp = Path(tempfile.mkdtemp())
-    model, bridge, core = boot(args.size, tmp)
-    device = bridge.load_for_training(model)
-    diffusion = bridge.ComfyDiffusion(model)
+    model, patching, denoiser, core = boot(args.size, tmp)
+    device = patching.load_for_training(model)
+    diffusion = denoiser.ComfyDiffusion(model)
     unet = diffusion.unet
     b, s = args.batch, args.latent
     g = torch.Generator().manual_seed(0)
@@ -144,7 +145,7 @@ def main() -> int:
         cfg = core.AdapterConfig(rank=args.rank, alpha=args.rank, unet_targets=targets,
                                  algorithm="lora" if targets == "attn" else "locon")
         state = core.TrainState.from_adapters(core.AdapterSet.create({"unet": unet}, cfg))
-        trainer = core.Trainer(diffusion, {"unet": unet}, device, bridge.checkpoint_blocks(model))
+        trainer = core.Trainer(diffusion, {"unet": unet}, device, patching.checkpoint_blocks(model))
 
         def run(n: int) -> float:
             train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision=args.dtype,
@@ -174,7 +175,7 @@ def main() -> int:
             elapsed = time.perf_counter() - start
             # TrainLoraNode returns its clone still loaded: its weight wrappers stay on the shared UNet's modules
             # (every later forward would run them). Reload the base patcher, as the graph does before Kiln trains.
-            bridge.load_for_training(model)
+            patching.load_for_training(model)
             leftover = [n for n, m in unet.named_modules() if getattr(m, "weight_function", None)]
             if leftover:
                 raise RuntimeError(f"TrainLoraNode's weight wrappers are still on {leftover[:3]}")

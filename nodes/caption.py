@@ -34,7 +34,8 @@ from ..lora_core.caption import (
     model_fingerprint,
 )
 from ..lora_core.data import DatasetConfig, DatasetError, apply_trigger, dataset_fingerprint, scan_dataset
-from . import comfy_bridge as bridge
+from .corridor import devices, folders, reporting
+from .corridor.errors import KilnUserError
 from .dataset import resolve_folder
 from .objects import KilnDataset
 from .sockets import CATEGORY, KilnDatasetType
@@ -46,13 +47,13 @@ _REPOS = "; ".join(f"{k.label}: {', '.join(k.repos[:2])}" for k in KINDS.values(
 
 def model_info(name: str) -> ModelInfo:
     try:
-        return inspect_model_folder(bridge.captioner_path(name))
+        return inspect_model_folder(folders.captioner_path(name))
     except CaptionError as exc:
-        raise bridge.KilnUserError(str(exc)) from None
+        raise KilnUserError(str(exc)) from None
 
 
 class _NodeEvents(CaptionEvents):
-    def __init__(self, progress: bridge.ItemProgress) -> None:
+    def __init__(self, progress: reporting.ItemProgress) -> None:
         self.progress = progress
 
     def on_start(self, total: int) -> None:
@@ -91,7 +92,7 @@ class KilnAutoCaption(io.ComfyNode):
                 io.String.Input("folder", default="", optional=True, tooltip=(
                     "Only used when no dataset is connected: caption the images of this folder (absolute, or "
                     "relative to ComfyUI's input folder). Load Dataset then reads the caption files.")),
-                io.Combo.Input("model", options=bridge.captioner_names(), tooltip=(
+                io.Combo.Input("model", options=folders.captioner_names(), tooltip=(
                     "A model folder in ComfyUI/models/captioners/ (Hugging Face layout: config.json, "
                     "model.safetensors, processor and tokenizer files; a WD14 tagger: model.onnx + "
                     f"selected_tags.csv, needs onnxruntime). Downloads: {_REPOS}.")),
@@ -137,7 +138,7 @@ class KilnAutoCaption(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model: str) -> bool | str:
         try:
-            inspect_model_folder(bridge.captioner_path(model))
+            inspect_model_folder(folders.captioner_path(model))
         except CaptionError as exc:
             return str(exc)
         return True
@@ -145,7 +146,7 @@ class KilnAutoCaption(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, model: str, folder: str = "", **_: object) -> str:
         """The model folder's files, and (folder mode) the folder's files as the user left them."""
-        parts = [model_fingerprint(bridge.captioner_path(model))]
+        parts = [model_fingerprint(folders.captioner_path(model))]
         if folder and folder.strip():
             try:
                 parts.append(dataset_fingerprint(resolve_folder(folder), stat_view=WRITTEN.view))
@@ -165,14 +166,14 @@ class KilnAutoCaption(io.ComfyNode):
             extension, max_pixels = dataset.config.caption_extension, dataset.config.max_image_pixels
         else:
             if not (folder or "").strip():
-                raise bridge.KilnUserError(
+                raise KilnUserError(
                     "Auto Caption needs images: connect Load Dataset's dataset output, or set 'folder'"
                 )
             root = resolve_folder(folder)
             try:
                 scan = scan_dataset(DatasetConfig(folder=str(root)))
             except DatasetError as exc:
-                raise bridge.KilnUserError(str(exc)) from None
+                raise KilnUserError(str(exc)) from None
             paths = [r.path for r in scan.records]
             extension, max_pixels = ".txt", DatasetConfig(folder=str(root)).max_image_pixels
         try:
@@ -182,32 +183,32 @@ class KilnAutoCaption(io.ComfyNode):
                 caption_extension=extension, max_image_pixels=max_pixels,
             )
         except ValueError as exc:
-            raise bridge.KilnUserError(str(exc)) from None
+            raise KilnUserError(str(exc)) from None
 
-        device = bridge.compute_device()
-        dtype = bridge.inference_dtype(device)
+        device = devices.compute_device()
+        dtype = devices.inference_dtype(device)
 
         def load(info: ModelInfo, device: object, dtype: object) -> object:
-            bridge.make_room(device, int(_weights_bytes(info) * 1.5) + (512 << 20))
+            devices.make_room(device, int(_weights_bytes(info) * 1.5) + (512 << 20))
             return load_captioner(info, device, dtype)
 
-        progress = bridge.ItemProgress(cls.hidden.unique_id, unit="images")
+        progress = reporting.ItemProgress(cls.hidden.unique_id, unit="images")
         try:
             report = caption_images(paths, info, settings, device=device, dtype=dtype, load=load,
                                     events=_NodeEvents(progress))
         except CaptionError as exc:
-            raise bridge.KilnUserError(str(exc)) from None
+            raise KilnUserError(str(exc)) from None
         finally:
-            bridge.release_memory()
+            devices.release_memory()
         if report.cancelled or progress.cancelled:
             logger.info("Auto Caption: cancelled; %d caption files written are kept", len(report.files_written))
-            bridge.raise_if_interrupted()
+            reporting.raise_if_interrupted()
 
         text, listing = _describe(report, root, info, device, dataset)
         for line in text.split("\n\n", 1)[0].splitlines():
             logger.info("Auto Caption: %s", line)
         if dataset is None:
-            out = bridge.blocked(
+            out = reporting.blocked(
                 "Auto Caption captioned a folder, so it has no dataset to pass on: connect Load Dataset -> Auto "
                 "Caption -> Train Steps, or load the captioned folder with Load Dataset"
             )

@@ -20,7 +20,8 @@ from ..lora_core.data import (
     open_image,
     scan_dataset,
 )
-from . import comfy_bridge as bridge
+from .corridor import caches, folders
+from .corridor.errors import KilnUserError
 from .objects import KilnDataset
 from .sockets import CATEGORY, KilnDatasetType
 
@@ -30,11 +31,11 @@ logger = logging.getLogger(__name__)
 def resolve_folder(folder: str) -> Path:
     text = folder.strip().strip('"')
     if not text:
-        raise bridge.KilnUserError(
+        raise KilnUserError(
             "folder is empty: give the path of your image folder (absolute, or relative to ComfyUI's input folder)"
         )
     path = Path(text).expanduser()
-    return path if path.is_absolute() else bridge.input_directory() / path
+    return path if path.is_absolute() else folders.input_directory() / path
 
 
 class KilnLoadDataset(io.ComfyNode):
@@ -94,25 +95,27 @@ class KilnLoadDataset(io.ComfyNode):
             )
             scan = scan_dataset(config)
         except DatasetError as exc:
-            raise bridge.KilnUserError(str(exc)) from None
+            raise KilnUserError(str(exc)) from None
         latents = []
+        sizes = []  # SDXL's size conditioning, as kohya computes it: original size, crop top-left, bucket size
         encoded = 0
         for record in scan.records:
             key = (file_digest(record.path), record.bucket)
             try:
-                image, _ = fit_to_bucket(open_image(record.path, config.max_image_pixels), record.bucket)
+                image, (left, top, _, _) = fit_to_bucket(open_image(record.path, config.max_image_pixels), record.bucket)
             except DatasetError as exc:  # changed on disk since the scan
-                raise bridge.KilnUserError(str(exc)) from None
-            latent, new = bridge.encode_image(vae, key, image_to_tensor(image))
+                raise KilnUserError(str(exc)) from None
+            latent, new = caches.encode_image(vae, key, image_to_tensor(image))
             if not bool(latent.isfinite().all()):
-                raise bridge.KilnUserError(
+                raise KilnUserError(
                     f"{record.path.name}: the VAE produced NaN/inf latents for this image. Use a VAE that runs in "
                     "fp32 (start ComfyUI with --fp32-vae, or load an fp32 VAE), or check the VAE file."
                 )
             encoded += int(new)
             latents.append(latent)
+            sizes.append((record.height, record.width, top, left, record.bucket[1], record.bucket[0]))
         dataset = KilnDataset(config=config, folder=path, records=scan.records, latents=tuple(latents), clip=clip,
-                              vae=vae, warnings=scan.warnings)
+                              vae=vae, warnings=scan.warnings, sizes=tuple(sizes))
         buckets = Counter(r.bucket for r in scan.records)
         lines = [
             f"{scan.num_images} images ({scan.num_samples} samples per epoch with repeats) from {path}",

@@ -31,8 +31,8 @@ import nodes as comfy_nodes
 from ..lora_core.data import DatasetConfig, scan_dataset
 from ..lora_core.progress import format_eta
 from ..lora_core.runconfig import RunConfig
-from . import comfy_bridge as bridge
 from . import workflow_format
+from .corridor import folders, reporting
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ class TerminalServer:
         if not isinstance(event, str):
             return  # binary frames (preview images) have no terminal form
         self.events.append((event, data))
-        if event == bridge.PROGRESS_EVENT:
+        if event == reporting.PROGRESS_EVENT:
             self._progress(data)
         elif event == "executed" and isinstance(data, dict):
             for text in (data.get("output") or {}).get("text", []):
@@ -271,7 +271,7 @@ def train(cfg: RunConfig, resume: str | None = None, out: Any = None) -> int:
     out = out or sys.stdout
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     run_dir = output_dir / cfg.output_name
-    bridge.configure_directories(runs=output_dir, loras=run_dir)
+    folders.configure_directories(runs=output_dir, loras=run_dir)
     resume = resume or cfg.resume_from_checkpoint or None
     start_step = 0
     resume_name = None
@@ -429,6 +429,6 @@ def main(argv: list[str]) -> int:
         print(f"kiln.py: {exc}", file=sys.stderr)
         return 2
     finally:
-        bridge.configure_directories()
+        folders.configure_directories()
 
 

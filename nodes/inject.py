@@ -9,7 +9,10 @@ from comfy_api.latest import io
 from ..lora_core import AdapterConfig, AdapterSet, TrainState
 from ..lora_core.config import ALGORITHMS, TARGET_PRESETS
 from ..lora_core.formats.kohya import load_lora_as_state
-from . import comfy_bridge as bridge
+from .corridor import families, folders, patching, text_encoders
+from .corridor.errors import KilnUserError
+from .file_names import check_run_name
+from .model_source import model_file_name
 from .objects import KilnRun
 from .sockets import CATEGORY, KilnStateType
 
@@ -28,7 +31,7 @@ class KilnInjectLoRA(io.ComfyNode):
                 "a copy, so other branches of the graph render exactly as before."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to train a LoRA for (SD1.x / SD2.x)."),
+                io.Model.Input("model", tooltip="The model to train a LoRA for (SD1.x, SD2.x, SDXL and its derivatives such as Pony, Illustrious, NoobAI)."),
                 io.String.Input("name", default="my_lora", tooltip=(
                     "Name of this LoRA: used for checkpoints, logs and the default file name.")),
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip=(
@@ -44,7 +47,7 @@ class KilnInjectLoRA(io.ComfyNode):
                     "Rank of the 3x3 conv adapters with locon; 0 uses the same rank.")),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01, tooltip=(
                     "Dropout on the adapter input during training (0 = off).")),
-                io.Combo.Input("init_lora", options=[NO_LORA, *bridge.lora_names()], default=NO_LORA, tooltip=(
+                io.Combo.Input("init_lora", options=[NO_LORA, *folders.lora_names()], default=NO_LORA, tooltip=(
                     "Start from an existing kohya LoRA in models/loras (its layers, rank and alpha win).")),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False, tooltip=(
                     "Seed for the adapter initialisation and for all training randomness (batch order, noise).")),
@@ -61,6 +64,7 @@ class KilnInjectLoRA(io.ComfyNode):
                 io.Clip.Output(display_name="clip", tooltip="A copy of the CLIP with the text-encoder adapters "
                                                             "(the input CLIP when the text encoder is not trained)."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to name the checkpoint file (ss_sd_model_name)
         )
 
     @classmethod
@@ -69,26 +73,31 @@ class KilnInjectLoRA(io.ComfyNode):
         dropout: float, init_lora: str, seed: int, train_text_encoder: bool = False, clip: object = None,
     ) -> io.NodeOutput:
         if not name.strip():
-            raise bridge.KilnUserError("name is empty: give the LoRA a name, e.g. 'my_lora'")
+            raise KilnUserError("name is empty: give the LoRA a name, e.g. 'my_lora'")
+        try:
+            check_run_name(folders.runs_directory(), name)
+        except ValueError as exc:
+            raise KilnUserError(str(exc)) from None
         if train_text_encoder and clip is None:
-            raise bridge.KilnUserError(
+            raise KilnUserError(
                 "train_text_encoder is on but no CLIP is connected: wire Load Checkpoint's CLIP into Inject LoRA"
             )
         config = AdapterConfig(rank=rank, alpha=alpha, unet_targets=targets, algorithm=algorithm,
                                conv_rank=conv_rank or None, dropout=dropout,
                                text_targets="text" if train_text_encoder else ())
-        base = bridge.strip_adapters(model)
-        diffusion = bridge.ComfyDiffusion(base)  # refuses unsupported model families with a clear message
-        roots = bridge.unet_roots(base)
+        base = patching.strip_adapters(model)
+        detected = families.detect(base)  # refuses what Kiln cannot train, naming the model and what is supported
+        family = detected.family
+        roots = patching.unet_roots(base)
         if clip is not None and (train_text_encoder or init_lora != NO_LORA):
-            roots.update(bridge.text_roots(clip))
-        naming = bridge.kohya_naming(base)
+            roots.update(text_encoders.text_roots(clip, family))
+        naming = families.kohya_naming(base, family)
         if init_lora != NO_LORA:
             try:
-                state = load_lora_as_state(bridge.lora_path(init_lora), roots, naming, config, seed=seed)
+                state = load_lora_as_state(folders.lora_path(init_lora), roots, naming, config, seed=seed)
             except ValueError as exc:
-                if "lora_te" in str(exc) and "te" not in roots:
-                    raise bridge.KilnUserError(
+                if "lora_te" in str(exc) and not set(family.components) & set(roots):
+                    raise KilnUserError(
                         f"{init_lora} has text-encoder weights: connect the CLIP to Inject LoRA to continue it"
                     ) from None
                 raise
@@ -96,13 +105,10 @@ class KilnInjectLoRA(io.ComfyNode):
             state = TrainState.from_adapters(AdapterSet.create(roots, config, seed=seed), seed=seed)
         naming.names(s.name for s in state.specs)  # every adapter must have a kohya name: fail now, not at save
         state = state.replace(info={**state.info, "training_started_at": time.time()})
-        run = KilnRun(
-            state=state, model=base, name=name.strip(), naming=naming,
-            base_model_version=bridge.base_model_version(base), prediction_type=diffusion.prediction_type,
-            clip=clip,
-        )
+        run = KilnRun(state=state, model=base, name=name.strip(), naming=naming, detected=detected, clip=clip,
+                      base_model_name=model_file_name(cls.hidden.prompt, cls.hidden.unique_id))
         n_params = sum(w.numel() for w in state.weights.values())
-        te = sum(1 for s in state.specs if s.name.startswith("te."))
+        te = sum(1 for s in state.specs if not s.name.startswith("unet."))
         text = f"{len(state.specs)} adapters ({te} on the text encoder), {n_params / 1e6:.2f} M trainable parameters"
-        out_clip = bridge.clip_with_lora(clip, state, naming) if clip is not None else None
-        return io.NodeOutput(run, bridge.with_adapters(base, state), out_clip, ui={"text": [text]})
+        out_clip = text_encoders.clip_with_lora(clip, state, naming) if clip is not None else None
+        return io.NodeOutput(run, patching.with_adapters(base, state), out_clip, ui={"text": [text]})

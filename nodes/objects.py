@@ -12,7 +12,9 @@ import torch
 from ..lora_core import LatentDataset, LatentItem, TrainState
 from ..lora_core.data import DatasetConfig, ImageRecord, tag_frequency
 from ..lora_core.formats.kohya import KohyaNaming
-from . import comfy_bridge as bridge
+from .corridor import text_encoders
+from .corridor.denoiser import SIZE
+from .corridor.families import Detected
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class KilnDataset:
     clip: Any
     vae: Any
     warnings: tuple[str, ...] = ()
+    # per record: (original h, original w, crop top, crop left, target h, target w), SDXL's size conditioning
+    sizes: tuple[tuple[int, int, int, int, int, int], ...] = ()
 
     def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it short
         return f"KilnDataset({len(self.records)} images from {self.folder})"
@@ -36,25 +40,34 @@ class KilnDataset:
     def replace(self, **changes: Any) -> KilnDataset:
         return dataclasses.replace(self, **changes)
 
-    def encoded(self, text_encoder: bridge.TextEncoder | None = None) -> tuple[LatentDataset, int]:
+    def encoded(self, text_encoder: text_encoders.TextEncoder | None = None,
+                size_conditioning: bool = False) -> tuple[LatentDataset, int]:
         """The engine's dataset; captions go through CLIP once per distinct text (cached). Returns (dataset, new encodes).
 
         With ``text_encoder`` (text-encoder training) the items carry token ids instead: the text is encoded in
-        every step, through the adapters.
+        every step, through the adapters. ``size_conditioning`` (SDXL) adds each image's original size, crop and
+        bucket size.
         """
         items = []
         fresh = 0
-        for record, latent in zip(self.records, self.latents):
+        for i, (record, latent) in enumerate(zip(self.records, self.latents)):
             text = self.caption(record)
             if text_encoder is not None:
-                cond = {"tokens": text_encoder.tokens(text)}
+                cond = text_encoder.tokens(text)
             else:
-                context, new = bridge.encode_text(self.clip, text)
+                cond, new = text_encoders.encode_caption(self.clip, text)
                 fresh += int(new)
-                cond = {"context": context}
+                cond = dict(cond)
+            if size_conditioning:
+                cond[SIZE] = torch.tensor(self.sizes[i] if self.sizes else self.default_size(record), dtype=torch.long)
             items.append(LatentItem(latent=latent, cond=cond, repeats=record.repeats, caption=text,
                                     key=str(record.path)))
         return LatentDataset(tuple(items)), fresh
+
+    @staticmethod
+    def default_size(record: ImageRecord) -> tuple[int, int, int, int, int, int]:
+        w, h = record.bucket
+        return (record.height, record.width, 0, 0, h, w)
 
     def run_info(self) -> dict[str, Any]:
         """Facts for the LoRA's ``ss_*`` metadata, keyed like kohya (``<repeats>_<folder>``)."""
@@ -79,15 +92,22 @@ class KilnRun:
     model: Any  # the MODEL training runs on, without Kiln adapters
     name: str
     naming: KohyaNaming
-    base_model_version: str
+    detected: Detected  # the model family and its training objective (corridor/families.py)
     base_model_name: str = ""
-    prediction_type: str = "epsilon"
     train_settings: dict[str, Any] = field(default_factory=dict)
     clip: Any = None  # the CLIP whose text encoder is trained (None: UNet only)
 
     @property
     def trains_text_encoder(self) -> bool:
-        return any(s.name.startswith("te.") for s in self.state.specs)
+        return any(not s.name.startswith("unet.") for s in self.state.specs)
+
+    @property
+    def base_model_version(self) -> str:
+        return self.detected.base_model_version
+
+    @property
+    def prediction_type(self) -> str:
+        return self.detected.objective.prediction_type
 
     def __repr__(self) -> str:
         return f"KilnRun({self.name!r}, step {self.state.step}, {len(self.state.specs)} adapters)"

@@ -14,7 +14,8 @@ from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, Trai
 from ..lora_core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from ..lora_core.plot import loss_chart
 from ..lora_core.tb import TensorBoardCallback
-from . import comfy_bridge as bridge
+from .corridor import denoiser, folders, patching, previews, reporting, text_encoders
+from .corridor.errors import KilnUserError
 from .objects import KilnDataset, KilnRun
 from .sockets import CATEGORY, KilnDatasetType, KilnStateType
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_path(run: KilnRun, state: TrainState, tag: str) -> Path:
-    folder = bridge.checkpoint_directory(run.name)
+    folder = folders.checkpoint_directory(run.name)
     return folder / f"{folder.parent.name}_step{state.step:06d}{tag}.kiln.safetensors"
 
 
@@ -125,42 +126,43 @@ class KilnTrainSteps(io.ComfyNode):
             max_grad_norm=max_grad_norm,
         )
         if run.trains_text_encoder and run.clip is None:
-            raise bridge.KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
+            raise KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
         clip = run.clip if run.clip is not None else dataset.clip
         start = run.state.replace(info={**run.state.info, **dataset.run_info()})
         prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")
 
         with torch.inference_mode(False), torch.enable_grad():
-            device = bridge.load_for_training(run.model)
-            roots = bridge.unet_roots(run.model)
+            device = patching.load_for_training(run.model)
+            roots = patching.unet_roots(run.model)
+            family = run.detected.family
             text_encoder = None
             if run.trains_text_encoder:
-                text_encoder = bridge.load_text_encoder_for_training(run.clip)
-                roots["te"] = text_encoder.root
-            latent_data, _ = dataset.encoded(text_encoder)
-            trainer = Trainer(bridge.ComfyDiffusion(run.model, text_encoder), roots, device,
-                              checkpoint_modules=bridge.checkpoint_blocks(run.model))
+                text_encoder = text_encoders.load_text_encoder_for_training(run.clip, family)
+                roots.update(text_encoder.roots)
+            latent_data, _ = dataset.encoded(text_encoder, size_conditioning=family.size_conditioning)
+            trainer = Trainer(denoiser.ComfyDiffusion(run.model, text_encoder, run.detected), roots, device,
+                              checkpoint_modules=patching.checkpoint_blocks(run.model))
 
             preview_files: list[dict] = []  # temp PNGs of the previews, for the node's live view (web/js)
 
             def preview(step: int) -> torch.Tensor:
-                image = bridge.sample_preview(run.model, clip, dataset.vae, prompt, preview_seed,
-                                              preview_size, preview_size, preview_steps, 7.0,
-                                              text_adapters=text_encoder is not None)
-                bridge.load_for_training(run.model)  # the VAE may have displaced the UNet
+                image = previews.sample_preview(run.model, clip, dataset.vae, prompt, preview_seed,
+                                                preview_size, preview_size, preview_steps, 7.0, family,
+                                                text_adapters=text_encoder is not None)
+                patching.load_for_training(run.model)  # the VAE may have displaced the UNet
                 try:
-                    ref = {**bridge.save_temp_preview(image), "step": step}
+                    ref = {**previews.save_temp_preview(image), "step": step}
                 except OSError as exc:  # a full temp disk must not stop training
                     logger.warning("LoRA Kiln: could not save the preview of step %d: %s", step, exc)
                 else:
                     preview_files.append(ref)
-                    bridge.send_event(bridge.PREVIEW_EVENT, {"node": node_id, **ref})
+                    reporting.send_event(reporting.PREVIEW_EVENT, {"node": node_id, **ref})
                 return image
 
-            progress = bridge.NodeProgress(node_id, steps, preview if preview_every else None,
-                                           samples_dir=bridge.samples_directory(run.name))
+            progress = reporting.NodeProgress(node_id, steps, preview if preview_every else None,
+                                              samples_dir=folders.samples_directory(run.name))
             checkpoints = _Checkpoints(run)
-            tb = TensorBoardCallback(bridge.logs_directory(run.name))
+            tb = TensorBoardCallback(folders.logs_directory(run.name))
             try:
                 with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
                     result = trainer.run(start, latent_data, config, [progress, checkpoints, tb],
@@ -168,25 +170,22 @@ class KilnTrainSteps(io.ComfyNode):
             except TrainingError as exc:
                 tb.close()
                 path = save_checkpoint(run, exc.last_good_state, "_lastgood")
-                raise bridge.KilnUserError(f"{exc}\nCheckpoint of the last good state: {path}") from None
+                raise KilnUserError(f"{exc}\nCheckpoint of the last good state: {path}") from None
 
         new_run = run.replace(state=result.state, train_settings=config.to_dict())
         if result.stopped_early:
             path = save_checkpoint(run, result.state, "_cancelled")
             logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
-            bridge.raise_if_interrupted()
-            raise bridge.KilnUserError(f"training was cancelled at step {result.state.step}; checkpoint: {path}")
+            reporting.raise_if_interrupted()
+            raise KilnUserError(f"training was cancelled at step {result.state.step}; checkpoint: {path}")
 
         chart = image_from_pil(loss_chart(result.state.history))
-        if progress.previews:
-            previews = torch.cat([img for _, img in progress.previews], dim=0)
-        else:
-            previews = chart
+        preview_images = torch.cat([img for _, img in progress.previews], dim=0) if progress.previews else chart
         last = result.state.history[-1] if result.state.history else (0, float("nan"), 0.0)
         text = f"step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
         # For the live view (web/js/kiln_train_view.js), which redraws them after a page reload from the history.
         # Lists only (ComfyUI concatenates ui lists); nothing of this is stored in the workflow.
         history = [list(h) for h in result.state.history[-2000:]]
         ui = {"text": [text], "kiln_history": history, "kiln_previews": preview_files}
-        out_clip = bridge.clip_with_lora(run.clip, result.state, run.naming) if run.clip is not None else dataset.clip
-        return io.NodeOutput(new_run, bridge.with_adapters(run.model, result.state), chart, previews, out_clip, ui=ui)
+        out_clip = text_encoders.clip_with_lora(run.clip, result.state, run.naming) if run.clip is not None else dataset.clip
+        return io.NodeOutput(new_run, patching.with_adapters(run.model, result.state), chart, preview_images, out_clip, ui=ui)

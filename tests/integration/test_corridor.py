@@ -16,12 +16,13 @@ SCRIPT = textwrap.dedent(
     import kiln
     headless = kiln.boot_comfyui(kiln.find_comfyui(), extras=False)
     pkg = headless.__name__.rsplit(".nodes.", 1)[0]
-    bridge = importlib.import_module(pkg + ".nodes.comfy_bridge")
+    patching = importlib.import_module(pkg + ".nodes.corridor.patching")
+    denoiser = importlib.import_module(pkg + ".nodes.corridor.denoiser")
     core = importlib.import_module(pkg + ".lora_core")
     import torch, comfy.sd
     with torch.inference_mode():
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config({ckpt!r}, output_vae=True, output_clip=True)
-    blocks = bridge.checkpoint_blocks(model)
+    blocks = patching.checkpoint_blocks(model)
     calls = collections.Counter()
     for b in blocks:  # count the layers inside: a recomputation calls them again
         for name, m in b.named_modules():
@@ -34,9 +35,9 @@ SCRIPT = textwrap.dedent(
     data = core.LatentDataset(items)
     for ckpt in (False, True):
         with torch.inference_mode(False), torch.enable_grad():
-            bridge.load_for_training(model)
-            state = core.TrainState.from_adapters(core.AdapterSet.create(bridge.unet_roots(model), core.AdapterConfig(rank=4)))
-            trainer = core.Trainer(bridge.ComfyDiffusion(model), bridge.unet_roots(model),
+            patching.load_for_training(model)
+            state = core.TrainState.from_adapters(core.AdapterSet.create(patching.unet_roots(model), core.AdapterConfig(rank=4)))
+            trainer = core.Trainer(denoiser.ComfyDiffusion(model), patching.unet_roots(model),
                                    checkpoint_modules=blocks)
             calls.clear()
             result = trainer.run(state, data, core.TrainConfig(steps=2, gradient_checkpointing=ckpt, precision="fp32"))

@@ -58,3 +58,33 @@ def test_no_module_shadows_the_standard_library():
         if name and name != "__init__" and name in sys.stdlib_module_names:
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, f"rename these (they shadow the standard library): {offenders}"
+
+
+# Where ComfyUI may be imported: the corridor (its internals), the headless runner (ComfyUI's executor and server
+# stand-in) and the tiny-checkpoint builder (ComfyUI's own model classes). Node modules use only the public node
+# API (comfy_api) and the corridor.
+COMFY_IMPORTERS = {"nodes/headless.py", "nodes/tiny_checkpoint.py"}
+NODE_API = {"comfy_api"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_corridor_touches_comfyui_internals():
+    offenders = []
+    for path in sorted((ROOT / "nodes").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("nodes/corridor/") or rel in COMFY_IMPORTERS:
+            continue
+        bad = (_imports(path) & COMFY_MODULES) - NODE_API
+        offenders += [f"{rel}: {name}" for name in sorted(bad)]
+    assert not offenders, f"only nodes/corridor/ (and {sorted(COMFY_IMPORTERS)}) may import ComfyUI: {offenders}"
+    for rel in COMFY_IMPORTERS:  # the exceptions must still exist, so the list cannot rot silently
+        assert (ROOT / rel).is_file(), rel

@@ -1,0 +1,67 @@
+"""The network the engine trains: ComfyUI's diffusion model, called the way ComfyUI's own sampler calls it.
+
+The engine (``lora_core.diffusion``) noises latents and picks the target from plain data (the family's
+:class:`~.families.Objective`); this adapter turns one micro-batch into the diffusion model's inputs. Extra inputs
+(SDXL's ``y`` vector: pooled CLIP-G output + size embeddings) come from ComfyUI's own ``BaseModel.extra_conds``, per
+sample, with each sample's own sizes: ComfyUI's ``SDXL.encode_adm`` would silently use 768 x 768 and crop 0
+when they are missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import KilnUserError
+from .families import Detected, detect
+from .text_encoders import TextEncoder
+
+SIZE = "size"  # cond key: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] per sample (SDXL)
+
+
+class ComfyDiffusion:
+    """:class:`lora_core.DiffusionModel` over a ComfyUI ModelPatcher of a family in :mod:`.families`."""
+
+    def __init__(self, patcher: Any, text_encoder: TextEncoder | None = None, detected: Detected | None = None) -> None:
+        self.detected = detected or detect(patcher)  # refuses what Kiln cannot train, by name
+        self.family = self.detected.family
+        self.base = patcher.model
+        self.unet: nn.Module = self.base.diffusion_model
+        self.text_encoder = text_encoder
+        self.prediction_type = self.detected.objective.prediction_type
+        self.alphas_cumprod = self.detected.objective.alphas_cumprod
+        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_in(latents)
+
+    def conditioning(self, cond: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
+        """(context, extra diffusion-model kwargs) for a batch, through ComfyUI's ``extra_conds``."""
+        if any(k.startswith("tokens.") for k in cond):  # text-encoder training: encode with gradients
+            if self.text_encoder is None:
+                raise KilnUserError("this dataset was prepared for text-encoder training but no CLIP was given")
+            context, pooled = self.text_encoder(cond)
+        else:
+            context, pooled = cond["context"], cond.get("pooled")
+        if self.base.adm_channels == 0:
+            return context, {}
+        if pooled is None:
+            raise KilnUserError(f"{self.family.name} needs the pooled text-encoder output; the CLIP gave none")
+        sizes = cond.get(SIZE)
+        rows = []
+        for i in range(context.shape[0]):
+            kwargs: dict[str, Any] = {"pooled_output": pooled[i : i + 1].to(device), "device": device}
+            if sizes is not None:
+                oh, ow, ct, cl, th, tw = (int(v) for v in sizes[i].tolist())
+                kwargs.update(height=oh, width=ow, crop_h=ct, crop_w=cl, target_height=th, target_width=tw)
+            rows.append(self.base.extra_conds(**kwargs)["y"].cond)
+        return context, {"y": torch.cat(rows).to(device)}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
+        context, extra = self.conditioning(cond, x.device)
+        extra = {k: v.to(x.device, dtype) for k, v in extra.items()}
+        return self.unet(x.to(dtype), t.float(), context=context.to(x.device, dtype), **extra).float()

@@ -1,0 +1,108 @@
+"""Per-clone adapters on a shared module tree, loading a model for training, and LoraLoader key checks.
+
+``ModelPatcher.clone()`` shares the ``nn.Module`` tree; Kiln's adapters attach by forward hooks for the duration
+of one diffusion-model call (a ``DIFFUSION_MODEL`` wrapper registered on the clone), so other clones and the
+cache never see them and module names never change (a stacked LoraLoader keeps applying).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.patcher_extension
+import torch
+from torch import nn
+
+from ...lora_core import AdapterSet, TrainState
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEY = "lora_kiln"
+
+
+def unet_roots(patcher: Any) -> dict[str, nn.Module]:
+    return {"unet": patcher.model.diffusion_model}
+
+
+def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
+    """The layers to recompute in backward: ResBlocks and transformers inside each UNet block.
+
+    Not the ``TimestepEmbedSequential`` containers themselves: the UNet iterates over their children
+    (``forward_timestep_embed``) and never calls the container's ``forward``.
+    """
+    unet = patcher.model.diffusion_model
+    containers = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
+    if getattr(unet, "middle_block", None) is not None:
+        containers.append(unet.middle_block)
+    return [layer for block in containers for layer in block if any(True for _ in layer.parameters())]
+
+
+def lora_keys_loadable(patcher: Any, keys: list[str], clip: Any = None) -> list[str]:
+    """The kohya base keys ComfyUI's LoraLoader would NOT map onto this model/CLIP (empty: all load)."""
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return [k for k in keys if k not in key_map]
+
+
+def make_autograd_safe(module: nn.Module) -> int:
+    """Swap inference-mode parameters/buffers for equal normal tensors so autograd can save them.
+
+    ComfyUI builds models inside ``torch.inference_mode()``; such tensors cannot be saved for backward.
+    The values do not change, so every clone of the model renders exactly as before. Returns the count.
+    """
+    swapped = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                    swapped += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    swapped += 1
+    return swapped
+
+
+def load_for_training(patcher: Any) -> torch.device:
+    """Load the model fully on ComfyUI's compute device (GPU when there is one) and make it trainable."""
+    with torch.inference_mode(False):
+        mm.load_models_gpu([patcher], force_full_load=True)
+    swapped = make_autograd_safe(patcher.model.diffusion_model)
+    if swapped:
+        logger.debug("made %d base tensors autograd-safe", swapped)
+    return patcher.load_device
+
+
+def with_adapters(patcher: Any, state: TrainState) -> Any:
+    """A clone of ``patcher`` whose UNet runs with ``state``'s adapters (frozen); the original is untouched."""
+    adapters = state.build_adapters().eval().requires_grad_(False)
+    placed: dict[tuple[torch.device, torch.dtype], AdapterSet] = {}
+
+    def wrapper(executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        unet = executor.class_obj
+        x = args[0]
+        key = (x.device, torch.float32)
+        if key not in placed:
+            placed.clear()
+            placed[key] = adapters.to(x.device)
+        with placed[key].attach({"unet": unet}):
+            return executor(*args, **kwargs)
+
+    clone = patcher.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    return clone
+
+
+def strip_adapters(patcher: Any) -> Any:
+    """The model without any Kiln adapters (what training runs on)."""
+    clone = patcher.clone()
+    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    return clone
+
+
