@@ -20,6 +20,7 @@ import torch
 from .adapters import AdapterSet, AdapterSpec
 from .config import AdapterConfig
 from .fileio import atomic_save_safetensors, dumps, load_safetensors
+from .formats.privacy import Redactor
 
 CHECKPOINT_FORMAT = "lora-kiln.checkpoint/1"
 
@@ -64,7 +65,12 @@ class TrainState:
         return self.history[-1][1] if self.history else None
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], extra_metadata: Mapping[str, str] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], extra_metadata: Mapping[str, str] | None = None,
+             redact: bool = True) -> Path:
+        """Write the checkpoint. With ``redact`` (the default) the run facts in ``info`` and ``extra_metadata`` are
+        redacted like a shared LoRA's metadata (no absolute path, home, user or host name: see
+        :mod:`.formats.privacy`); the resume data (weights, optimizer, RNG, step) is never touched.
+        """
         tensors: dict[str, torch.Tensor] = {f"weights/{k}": v for k, v in self.weights.items()}
         optim_json: dict[str, Any] | None = None
         if self.optimizer_state is not None:
@@ -93,8 +99,13 @@ class TrainState:
             "history": [list(h) for h in self.history],
             "info": dict(self.info),
         }
+        extra = dict(extra_metadata or {})
+        if redact:
+            redactor = Redactor()
+            meta["info"] = redactor.value(meta["info"])
+            extra = redactor.metadata(extra)
         metadata = {"format": CHECKPOINT_FORMAT, "kiln_state": dumps(meta)}
-        metadata.update(extra_metadata or {})
+        metadata.update(extra)
         return atomic_save_safetensors(tensors, path, metadata)
 
     @classmethod

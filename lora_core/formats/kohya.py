@@ -9,6 +9,7 @@ itself (ComfyUI: ``comfy.utils.unet_to_diffusers``) and passes it in; nothing he
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as st_save
 from torch import nn
 
 from ..adapters import AdapterSpec, module_spec
@@ -116,10 +118,16 @@ def export_tensors(state: TrainState, naming: KohyaNaming, dtype: str = "fp16") 
     return out
 
 
+# (modelspec.architecture, modelspec.implementation) per ss_base_model_version. The implementation says which
+# code reads the file as it is: a kohya LoRA is read by kohya-style loaders (ComfyUI's LoraLoader, A1111/Forge, and
+# diffusers only through its kohya converter), so SD1/SD2 files name sd-scripts rather than "diffusers" (kohya's
+# sai_model_spec writes "diffusers" there because the module paths inside the keys are diffusers paths; the file is
+# still not a diffusers/peft LoRA). SDXL files keep Stability's generative-models, as kohya writes them.
+KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 ARCHITECTURES = {
-    "sd_v1": ("stable-diffusion-v1", "diffusers"),
-    "sd_v2": ("stable-diffusion-v2-512", "diffusers"),
-    "sd_v2_768_v": ("stable-diffusion-v2-768-v", "diffusers"),
+    "sd_v1": ("stable-diffusion-v1", KOHYA_IMPLEMENTATION),
+    "sd_v2": ("stable-diffusion-v2-512", KOHYA_IMPLEMENTATION),
+    "sd_v2_768_v": ("stable-diffusion-v2-768-v", KOHYA_IMPLEMENTATION),
     "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
 }
 
@@ -145,7 +153,7 @@ def build_metadata(
     now = time.time()
     started = float(info.get("training_started_at", now))
     resolution = tuple(info.get("resolution", (512, 512)))
-    arch, impl = ARCHITECTURES.get(base_model_version, (base_model_version, "diffusers"))
+    arch, impl = ARCHITECTURES.get(base_model_version, (base_model_version, KOHYA_IMPLEMENTATION))
     network_args: dict[str, str] = {}
     if cfg.algorithm == "locon":
         network_args = {"conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
@@ -202,6 +210,31 @@ def build_metadata(
             for k, v in meta.items() if v is not None}
 
 
+LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000
+
+
+def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as kohya sd-scripts precalculates them.
+
+    Both hash the file as sd-scripts would write it with only its ``ss_*`` metadata (the training facts; anything
+    a user adds later must not change the hash): the model hash is the SHA-256 of everything after the header
+    (the tensor bytes), the legacy hash the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (the old
+    A1111 ``model_hash``; a file shorter than that hashes the empty string, as in kohya).
+    """
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=ss_only)
+    header = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header:]).hexdigest()
+    legacy = hashlib.sha256(data[LEGACY_HASH_OFFSET:LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def with_addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """``metadata`` plus ``sshs_model_hash`` / ``sshs_legacy_hash`` for these tensors: call it last."""
+    model_hash, legacy = addnet_hashes(tensors, metadata)
+    return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
+
+
 def save_lora(
     state: TrainState,
     path: str | os.PathLike[str],
@@ -210,8 +243,9 @@ def save_lora(
     dtype: str = "fp16",
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a kohya-format ``.safetensors`` atomically (temp file + rename)."""
-    return atomic_save_safetensors(export_tensors(state, naming, dtype), path, metadata)
+    """Write a kohya-format ``.safetensors`` atomically (temp file + rename), with kohya's two model hashes."""
+    tensors = export_tensors(state, naming, dtype)
+    return atomic_save_safetensors(tensors, path, with_addnet_hashes(tensors, metadata or {}))
 
 
 def group_kohya_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -85,6 +85,15 @@ def normalised(entry: dict[str, str]) -> str:
     return re.sub(r"\d+", "N", text)[:300]
 
 
+# Backend endpoints newer frontends (1.58) call that ComfyUI 0.3.64 lacks: their 404s, and the frontend's own messages
+# about them (stack traces that differ with the caller), are the frontend's, logged whenever it polls.
+NEWER_BACKEND_404 = re.compile(r"/api/(jobs|global_subgraphs)\b|JobsApiError")
+
+
+def is_newer_backend_404(entry: dict[str, str]) -> bool:
+    return bool(NEWER_BACKEND_404.search(f"{entry['where']} {entry['text']}"))
+
+
 def is_ours(entry: dict[str, str]) -> bool:
     return "lora-kiln" in entry["where"] or "lora-kiln" in entry["text"] or "kiln" in entry["text"].lower()
 
@@ -92,7 +101,7 @@ def assert_no_new_console_errors(console: Console, baseline: list, run_errors: l
                                  artifact: str) -> None:
     """Nothing from Kiln in the console, and no error the stock page does not log by itself; record all of it."""
     known = {normalised(e) for e in baseline}
-    new = [e for e in run_errors + reload_errors if normalised(e) not in known]
+    new = [e for e in run_errors + reload_errors if normalised(e) not in known and not is_newer_backend_404(e)]
     (ARTIFACTS / artifact).write_text(json.dumps(
         {"baseline": baseline, "run": run_errors, "reload": reload_errors, "new": new}, indent=2))
     assert not [e for e in console.entries if is_ours(e)], console.entries
@@ -171,10 +180,12 @@ def node_clip(page, node_id: int) -> dict[str, float]:
     return {k: max(0.0, v) for k, v in box.items()}
 
 
+@pytest.mark.newest_frontend  # also on the newer frontend package when installed (conftest.py)
 def test_live_chart_and_previews_update_while_training_and_come_back_after_reload(comfy, browser):
     started = time.monotonic()
-    ARTIFACTS.mkdir(exist_ok=True)
-    for old in ARTIFACTS.glob("live_view_*"):
+    out = ARTIFACTS if comfy.frontend == "stock" else ARTIFACTS / f"frontend-{comfy.frontend}"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("live_view_*"):
         old.unlink()
     workflow = tiny_ui_workflow(comfy.get("/object_info"))
     # 1. The stock page (default graph, no Kiln node) and its own console errors: the baseline.
@@ -191,7 +202,7 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     # 3. Run it (like pressing Run) and watch the view while it trains.
     page.evaluate("() => window.app.queuePrompt(0, 1)")
     seen: list[dict[str, Any]] = []
-    shot_running = ARTIFACTS / "live_view_running.png"
+    shot_running = out / "live_view_running.png"
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         s = page.evaluate(VIEW_STATE, TRAIN)
@@ -228,7 +239,7 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     page.wait_for_timeout(200)
     hover = page.evaluate("(id) => window.app.graph.getNodeById(id).kilnView.chart.hover", TRAIN)
     assert hover and 1 <= hover["step"] <= STEPS and hover["loss"] > 0, hover
-    page.screenshot(path=str(ARTIFACTS / "live_view_done.png"), clip=node_clip(page, TRAIN))
+    page.screenshot(path=str(out / "live_view_done.png"), clip=node_clip(page, TRAIN))
 
     # Log scale toggle, then a preview enlarged by a click (Esc closes it).
     page.locator(".kiln-view button.kiln-toggle", has_text="log").first.click()
@@ -237,7 +248,7 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     page.wait_for_selector(".kiln-lightbox img", timeout=5000)
     page.wait_for_function("() => document.querySelector('.kiln-lightbox img').naturalWidth > 0", timeout=5000)
     assert "step 10" in page.locator(".kiln-lightbox .kiln-caption").inner_text()
-    page.screenshot(path=str(ARTIFACTS / "live_view_lightbox.png"))
+    page.screenshot(path=str(out / "live_view_lightbox.png"))
     page.keyboard.press("Escape")
     page.wait_for_selector(".kiln-lightbox", state="detached", timeout=5000)
     page.locator(".kiln-view button.kiln-toggle", has_text="log").first.click()  # back to linear for the next load
@@ -247,8 +258,9 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     train = next(n for n in saved["nodes"] if n["id"] == TRAIN)
     original = next(n for n in workflow["nodes"] if n["id"] == TRAIN)
     n = len(original["widgets_values"])
-    # After them: null in the live view's slot (it never serialises) and the stock progress-text widget's string.
-    assert train["widgets_values"][:n] == original["widgets_values"] and train["widgets_values"][n] is None
+    # After them: null in the live view's slot (it never serialises) and the stock progress-text widget's string;
+    # newer frontends (1.58) leave both slots out.
+    assert train["widgets_values"][:n] == original["widgets_values"] and train["widgets_values"][n:n + 1] in ([], [None])
     text = json.dumps(saved)
     assert "kiln_history" not in text and "kiln_previews" not in text and "lora_kiln/preview" not in text
     assert len(text) < len(json.dumps(before)) + 400, "the run made the saved workflow grow"
@@ -270,7 +282,7 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
                            arg=TRAIN, timeout=10_000)
     page.wait_for_timeout(200)
     assert page.evaluate(ORANGE_PIXELS, TRAIN) > 50
-    page.screenshot(path=str(ARTIFACTS / "live_view_after_reload.png"), clip=node_clip(page, TRAIN))
+    page.screenshot(path=str(out / "live_view_after_reload.png"), clip=node_clip(page, TRAIN))
 
     # 5. Open the same workflow file again (a new workflow id): the same node with the same settings comes back too.
     page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
@@ -282,9 +294,11 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     reload_errors = console.since(mark)
 
     # 6. Console: nothing from Kiln, and nothing the stock page does not log by itself.
-    assert_no_new_console_errors(console, baseline, run_errors, reload_errors, "live_view_console.json")
+    assert_no_new_console_errors(console, baseline, run_errors, reload_errors,
+                                 str((out / "live_view_console.json").relative_to(ARTIFACTS)))
     page.close()
-    print(f"browser live-view test took {time.monotonic() - started:.1f}s")
+    print(f"browser live-view test ({comfy.frontend} frontend {comfy.frontend_version}) took "
+          f"{time.monotonic() - started:.1f}s")
 
 
 def test_live_view_of_a_train_steps_node_inside_a_subgraph(comfy, browser):

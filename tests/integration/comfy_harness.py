@@ -67,8 +67,9 @@ class Result:
 
 
 class ComfyServer:
-    def __init__(self, comfy: Path, base: Path, checkpoint: Path) -> None:
+    def __init__(self, comfy: Path, base: Path, checkpoint: Path, extra_args: tuple[str, ...] | list[str] = ()) -> None:
         self.comfy = comfy
+        self.extra_args = list(extra_args)  # more main.py flags, e.g. ["--front-end-root", <static dir>]
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -89,7 +90,8 @@ class ComfyServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"],
+             "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
+             *self.extra_args],
             cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + timeout
