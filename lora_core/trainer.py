@@ -304,19 +304,20 @@ class _Run:
             history=tuple(h for h in self.history if h[0] <= step),
         )
 
-    def _next_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _next_indices(self) -> list[int]:
         if self.batch_index >= len(self._batches):
             self.epoch += 1
             self.batch_index = 0
             self._batches = self.dataset.epoch_batches(self.epoch, self.config.batch_size, self.start.seed)
         indices = self._batches[self.batch_index]
         self.batch_index += 1
-        return self.dataset.collate(indices)
+        return indices
 
-    def _micro_step(self) -> float:
+    def _micro_step(self, indices: list[int], weight: float) -> float:
+        """Forward and backward of one micro-batch; its mean loss counts ``weight`` of the optimizer step."""
         model = self.t.model
         device = self.t.device
-        latents, cond = self._next_batch()
+        latents, cond = self.dataset.collate(indices)
         latents = model.scale_latents(latents.to(device))
         cond = {k: v.to(device) for k, v in cond.items()}
         autocast = self.dtype != torch.float32
@@ -331,15 +332,25 @@ class _Run:
                 f"the last good state (step {self._mark[0]}) is kept.",
                 self.snapshot(at_mark=True),
             )
-        self.scaler.scale(loss / self.config.grad_accum).backward()
+        self.scaler.scale(loss * weight).backward()
         return value
+
+    def _accumulated_step(self) -> tuple[float, int]:
+        """One optimizer step's gradients over ``grad_accum`` micro-batches; returns (mean loss, samples).
+
+        Bucket remainders make micro-batches of unequal size; each is weighted by its share of the step's samples,
+        so every sample counts the same (as one big batch would), and the reported loss is the per-sample mean.
+        """
+        micro = [self._next_indices() for _ in range(self.config.grad_accum)]
+        total = sum(len(m) for m in micro)
+        loss = sum(self._micro_step(m, len(m) / total) * len(m) for m in micro) / total
+        return loss, total
 
     def loop(self, callbacks: Sequence[TrainCallback], save_every: int, preview_every: int) -> bool:
         config = self.config
         schedule_steps = config.schedule_steps or (self.start.step + config.steps)
         smooth_loss = Smoother(0.9)
         smooth_time = Smoother(0.8)
-        samples_per_step = config.batch_size * config.grad_accum
         for i in range(config.steps):
             t0 = time.perf_counter()
             self._mark = (self.step, self.epoch, self.batch_index)
@@ -349,7 +360,7 @@ class _Run:
             set_lr(self.optimizer, factor)
             lr = config.learning_rate * factor
             try:
-                loss = sum(self._micro_step() for _ in range(config.grad_accum)) / config.grad_accum
+                loss, samples = self._accumulated_step()
                 self.scaler.unscale_(self.optimizer)
                 max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -378,7 +389,7 @@ class _Run:
                 lr=lr,
                 grad_norm=grad_norm,
                 sec_per_step=sec,
-                samples_per_sec=samples_per_step / sec if sec > 0 else float("inf"),
+                samples_per_sec=samples / sec if sec > 0 else float("inf"),
                 eta_seconds=sec * (config.steps - i - 1),
             )
             for cb in callbacks:

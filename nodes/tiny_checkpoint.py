@@ -1,4 +1,4 @@
-"""Write a tiny, randomly initialised SD1.5-shaped checkpoint that ComfyUI's stock loader detects as SD1.5.
+"""Write a small, randomly initialised checkpoint that ComfyUI's stock loader detects as SD1.5 or SDXL.
 
 For tests, benchmarks and the first-run demo; never for real images. ComfyUI's SD1.5 detection checks
 only model_channels=320, context_dim=768 (from the first input block's cross-attention), a 1x1 conv
@@ -8,12 +8,20 @@ proj_in, no label_emb and 4 input channels, so depth and width of everything els
 - ``small``: channel_mult [1, 2], one res block, a middle block (UNet about 107 M parameters)
 - ``sd15``:  the full SD1.5 UNet layout (860 M parameters), for GPU benchmarks
 
-The text encoder is the full CLIP-L (the loader always builds it) and the VAE is TAESD (ComfyUI builds
-TAESD when the checkpoint carries ``taesd_encoder``/``taesd_decoder`` weights), both random.
+SDXL's detection checks model_channels 320, a linear proj_in, the input-side transformer depths
+[0, 0, 2, 2, 10, 10], context 2048 and adm 2816, but not channel_mult nor the output/middle depths:
+
+- ``sdxl``:      channel_mult [1, 1, 1], one transformer per output block, no middle block (UNet about 152 M)
+- ``sdxl_full``: the full SDXL UNet layout (2.6 B parameters), for GPU benchmarks
+
+The text encoders are full size (CLIP-L, and CLIP-G for SDXL: the loader always builds them) and the VAE is
+TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/``taesd_decoder`` weights), all random.
+``--vpred`` adds the ``v_pred`` key (ComfyUI then samples the model as v-prediction), ``--ztsnr`` also ``ztsnr``
+(zero-terminal SNR), as NoobAI-style v-prediction SDXL checkpoints ship them.
 
 Usage (ComfyUI importable, e.g. ``PYTHONPATH=$COMFYUI_PATH``)::
 
-    python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small] [--seed 0]
+    python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full] [--vpred] [--ztsnr]
 """
 
 from __future__ import annotations
@@ -34,38 +42,72 @@ UNET_CONFIGS = {
     "sd15": {"channel_mult": (1, 2, 4, 4), "num_res_blocks": [2, 2, 2, 2],
              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
              "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1},
+    "sdxl": {"channel_mult": (1, 1, 1), "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "transformer_depth_output": [1] * 9, "transformer_depth_middle": -2},
+    # the real SDXL UNet layout (2.6 B parameters), random weights: for GPU benchmarks
+    "sdxl_full": {"channel_mult": (1, 2, 4), "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+                  "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10},
 }
+SDXL_SIZES = ("sdxl", "sdxl_full")
 
 
-def build_state_dict(size: str = "tiny", seed: int = 0) -> dict:
+def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> dict:
     import comfy.ops
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.taesd.taesd import TAESD
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     cfg = UNET_CONFIGS[size]
+    xl = size in SDXL_SIZES
+    family = {"context_dim": 2048, "use_linear_in_transformer": True, "adm_in_channels": 2816,
+              "num_classes": "sequential", "num_head_channels": 64} if xl else \
+             {"context_dim": 768, "use_linear_in_transformer": False, "num_heads": 8}
     unet = UNetModel(
         image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=cfg["num_res_blocks"],
-        channel_mult=cfg["channel_mult"], num_heads=8, use_spatial_transformer=True,
-        transformer_depth=cfg["transformer_depth"], transformer_depth_output=cfg["transformer_depth_output"],
-        transformer_depth_middle=cfg["transformer_depth_middle"], context_dim=768, use_linear_in_transformer=False,
-        legacy=False, operations=comfy.ops.manual_cast,
+        channel_mult=cfg["channel_mult"], use_spatial_transformer=True, transformer_depth=cfg["transformer_depth"],
+        transformer_depth_output=cfg["transformer_depth_output"],
+        transformer_depth_middle=cfg["transformer_depth_middle"], legacy=False, operations=comfy.ops.manual_cast,
+        **family,
     )
     _init_(unet)
     sd = {f"model.diffusion_model.{k}": v.half() for k, v in unet.state_dict().items()}
+    del unet
 
-    clip_cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                              max_position_embeddings=77, vocab_size=49408, projection_dim=768)
-    clip = CLIPTextModel(clip_cfg)
-    sd.update({f"cond_stage_model.transformer.{k}": v.half() for k, v in clip.state_dict().items()
-               if not k.endswith("position_ids")})
+    if xl:  # CLIP-L and CLIP-G (HF layout, as SDXL.process_clip_state_dict reads them)
+        sd.update(_clip("conditioner.embedders.0.transformer.", 768, 3072, 12, 12, projection=False))
+        sd.update(_clip("conditioner.embedders.1.model.transformer.", 1280, 5120, 20, 32, projection=True))
+    else:
+        sd.update(_clip("cond_stage_model.transformer.", 768, 3072, 12, 12, projection=False))
 
     taesd = TAESD(latent_channels=4)
     _init_(taesd)
     sd.update({f"first_stage_model.{k}": v.float() for k, v in taesd.state_dict().items()})
+    if vpred or ztsnr:
+        sd["v_pred"] = torch.tensor([])
+    if ztsnr:
+        sd["ztsnr"] = torch.tensor([])
     return sd
+
+
+def _clip(prefix: str, hidden: int, ffn: int, heads: int, layers: int, projection: bool) -> dict:
+    """A random CLIP text model in Hugging Face layout under ``prefix`` (fp16)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                         num_hidden_layers=layers, max_position_embeddings=77, vocab_size=49408,
+                         projection_dim=hidden, hidden_act="gelu" if projection else "quick_gelu")
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        # ComfyUI reads the classic layout (text_model.*, text_projection.weight); some transformers releases
+        # name the CLIPTextModel's own keys without the text_model. prefix
+        if key != "text_projection.weight" and not key.startswith("text_model."):
+            key = f"text_model.{key}"
+        out[f"{prefix}{key}"] = value.half()
+    return out
 
 
 def _init_(module) -> None:
@@ -86,10 +128,10 @@ def _init_(module) -> None:
                 p.zero_()
 
 
-def write_checkpoint(path: str, size: str = "tiny", seed: int = 0) -> str:
+def write_checkpoint(path: str, size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> str:
     from safetensors.torch import save_file
 
-    sd = build_state_dict(size, seed)
+    sd = build_state_dict(size, seed, vpred=vpred, ztsnr=ztsnr)
     tmp = f"{path}.tmp"
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
     os.replace(tmp, path)
@@ -101,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--size", choices=sorted(UNET_CONFIGS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vpred", action="store_true", help="mark it v-prediction (the v_pred key)")
+    parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
     args = parser.parse_args(argv)
     comfy_path = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/comfy/ComfyUI")
     if comfy_path not in sys.path:
@@ -109,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    write_checkpoint(args.out, args.size, args.seed)
+    write_checkpoint(args.out, args.size, args.seed, vpred=args.vpred, ztsnr=args.ztsnr)
     logger.info("wrote %s", args.out)
     return 0
 

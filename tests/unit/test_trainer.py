@@ -306,3 +306,32 @@ def test_bf16_cpu_runs_on_cast_copies_bit_identically_and_restores_the_originals
     assert [h[1] for h in cast.history] == [h[1] for h in plain.history]
     for k in plain.weights:
         assert torch.equal(plain.weights[k], cast.weights[k]), k
+
+
+def test_unequal_micro_batches_weigh_every_sample_equally(monkeypatch):
+    """Three same-bucket images at batch_size 2 give micro-batches of 2 and 1: with grad_accum 2 the step must equal
+    one batch of 3 (each sample 1/3 of the gradient), not weigh the lone sample twice as much."""
+    import lora_core.trainer as trainer_module
+
+    def per_sample_loss(model, latents, cond, config, generator):  # deterministic: no noise, no timesteps
+        return ((model(latents, None, cond) - 2.0 * latents) ** 2).mean(dim=(1, 2, 3)).mean()
+
+    monkeypatch.setattr(trainer_module, "diffusion_loss", per_sample_loss)
+    g = torch.Generator().manual_seed(1)
+    items = tuple(LatentItem(torch.randn(4, 2, 2, generator=g), {"c": torch.zeros(1)}) for _ in range(3))
+
+    def one_step(batch_size, grad_accum):
+        model = Regression()
+        adapters = AdapterSet.create({"m": model.net}, AdapterConfig(rank=4, alpha=4, unet_targets="all"), seed=0)
+        state = TrainState.from_adapters(adapters)
+        cfg = TrainConfig(steps=1, learning_rate=0.1, optimizer="sgd", batch_size=batch_size, grad_accum=grad_accum,
+                          weight_decay=0.0, max_grad_norm=0)
+        return Trainer(model, {"m": model.net}).run(state, LatentDataset(items), cfg).state
+
+    whole, split = one_step(3, 1), one_step(2, 2)
+    assert split.history[0][1] == pytest.approx(whole.history[0][1], rel=1e-6)  # the per-sample mean loss
+    for key, w in whole.weights.items():
+        torch.testing.assert_close(split.weights[key], w, rtol=1e-5, atol=1e-7)
+    start = TrainState.from_adapters(
+        AdapterSet.create({"m": Regression().net}, AdapterConfig(rank=4, alpha=4, unet_targets="all"), seed=0))
+    assert any(not torch.equal(w, start.weights[k]) for k, w in whole.weights.items())  # the step did move
