@@ -6,7 +6,7 @@ Every dataclass validates itself on construction, so a bad value fails where it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ._validate import check_choice, check_int, check_range
@@ -27,7 +27,6 @@ SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("mse", "l1", "huber")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,8 @@ class TrainConfig:
     """How one run of N optimizer steps trains.
 
     The learning-rate schedule is a pure function of the global step (``schedule_steps`` long, 0 means
-    "ends with this run"), so chained runs with the same settings continue the schedule exactly.
+    "ends with this run"), so chained runs with the same settings continue the schedule exactly. The seed
+    (adapter init, data order, noise) belongs to the run, not to one node: it is ``TrainState.seed``.
     """
 
     steps: int = 100
@@ -123,7 +123,6 @@ class TrainConfig:
     logit_std: float = 1.0
     min_timestep: int = 0
     max_timestep: int = 1000
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -158,7 +157,6 @@ class TrainConfig:
             raise ValueError(
                 f"min_timestep={self.min_timestep} must be below max_timestep={self.max_timestep}"
             )
-        check_int("seed", self.seed, 0, 2**63 - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,16 +173,3 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
     return cls(**data)
 
-
-@dataclass(frozen=True)
-class RunInfo:
-    """Facts about a run that end up in the exported file's metadata (kohya ``ss_*`` keys)."""
-
-    base_model_version: str = "sd_v1"
-    base_model_name: str = ""
-    resolution: tuple[int, int] = (512, 512)
-    num_train_images: int = 0
-    num_reg_images: int = 0
-    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
-    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
-    v_parameterization: bool = False

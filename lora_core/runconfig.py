@@ -2,38 +2,26 @@
 
 ``RunConfig.from_mapping`` validates every key on load: an unknown key or a bad value is a ``ValueError``
 naming the key and the allowed values (with a did-you-mean for typos). Common kohya spellings
-(``network_dim``, ``max_train_steps`` ...) are accepted as aliases.
+(``network_dim``, ``max_train_steps`` ...) are accepted as aliases. What each key becomes (node input,
+engine field) is the table in :mod:`.settings`; :func:`training_graph` and :func:`config_from_graph` use it to
+turn a config into the graph a user would wire and back.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from ._validate import check_choice, check_int, check_range
 from .config import ALGORITHMS, TARGET_PRESETS, AdapterConfig, TrainConfig
+from .settings import ALIASES
 
-ALIASES = {
-    "pretrained_model_name_or_path": "base_model",
-    "network_dim": "lora_rank",
-    "network_alpha": "lora_alpha",
-    "train_batch_size": "batch_size",
-    "max_train_steps": "max_steps",
-    "max_train_epochs": "epochs",
-    "save_every_n_steps": "save_steps",
-    "lr_warmup": "lr_warmup_steps",
-    "optimizer_type": "optimizer",
-    "caption_extension": "caption_extension",
-}
-# engine field -> config key, so engine errors speak the config's language
-_ENGINE_NAMES = {
-    "rank": "lora_rank", "alpha": "lora_alpha", "unet_targets": "targets", "steps": "max_steps",
-    "scheduler": "lr_scheduler", "warmup_steps": "lr_warmup_steps", "precision": "mixed_precision",
-    "grad_accum": "gradient_accumulation_steps",
-}
+__all__ = ["ALIASES", "RunConfig", "config_from_graph", "training_graph"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +30,6 @@ class RunConfig:
     train_data_dir: str
     output_name: str = "my_lora"
     output_dir: str = "output"
-    metadata: str = ""  # a metadata.csv / metadata.jsonl inside train_data_dir (found automatically anyway)
     caption_extension: str = ".txt"
     trigger_word: str = ""
     repeats: int = 1
@@ -90,11 +77,6 @@ class RunConfig:
             raise ValueError(
                 f"output_name={self.output_name!r} may only use letters, digits, '-', '_', '.' and spaces"
             )
-        if self.metadata and Path(self.metadata).name not in ("metadata.csv", "metadata.jsonl"):
-            raise ValueError(
-                f"metadata={self.metadata!r}: name the file metadata.csv or metadata.jsonl and put it in "
-                "train_data_dir (it is then found automatically)"
-            )
         check_choice("caption_extension", self.caption_extension, (".txt", ".caption"))
         check_int("repeats", self.repeats, 1, 1000)
         check_int("resolution", self.resolution, 64, 4096)
@@ -125,19 +107,11 @@ class RunConfig:
             raise ValueError(_rename(str(exc))) from None
 
     def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(rank=self.lora_rank, alpha=float(self.lora_alpha), unet_targets=self.targets,
-                             algorithm=self.algorithm, conv_rank=self.conv_rank or None, dropout=self.dropout,
-                             text_targets="text" if self.train_text_encoder else ())
+        return AdapterConfig(**settings.engine_kwargs(AdapterConfig, self.to_dict()))
 
     def train_config(self, steps: int) -> TrainConfig:
-        return TrainConfig(
-            steps=steps, learning_rate=float(self.learning_rate), text_encoder_lr=float(self.text_encoder_lr),
-            optimizer=self.optimizer,
-            scheduler=self.lr_scheduler, warmup_steps=self.lr_warmup_steps, batch_size=self.batch_size,
-            grad_accum=self.gradient_accumulation_steps, precision=self.mixed_precision,
-            gradient_checkpointing=self.gradient_checkpointing, min_snr_gamma=float(self.min_snr_gamma),
-            noise_offset=float(self.noise_offset), seed=self.seed, max_grad_norm=float(self.max_grad_norm),
-        )
+        """The TrainConfig of one run of ``steps`` steps (``max_steps`` is the whole run's)."""
+        return TrainConfig(**{**settings.engine_kwargs(TrainConfig, self.to_dict()), "steps": steps})
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -213,7 +187,54 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
 
 
 def _rename(message: str) -> str:
-    for engine, key in _ENGINE_NAMES.items():
+    for engine, key in settings.ENGINE_NAMES.items():
         if message.startswith(f"{engine}="):
             return key + message[len(engine):]
     return message
+
+
+# ---- config <-> graph (no ComfyUI needed: node types and inputs are plain names) ---------------------------
+
+# node id -> (type, links); the same graph a user wires (example_workflows/train_sd15_lora.json)
+_GRAPH: dict[str, tuple[str, dict[str, list[Any]]]] = {
+    "1": (settings.CHECKPOINT_LOADER, {}),
+    "2": (settings.DATASET_NODE, {"vae": ["1", 2], "clip": ["1", 1]}),
+    "3": (settings.INJECT_NODE, {"model": ["1", 0], "clip": ["1", 1]}),
+    "4": (settings.TRAIN_NODE, {"state": ["3", 0], "dataset": ["2", 0]}),
+    "5": (settings.SAVE_NODE, {"state": ["4", 0]}),
+}
+RESUME_NODE = "KilnLoadCheckpoint"
+
+
+def training_graph(cfg: RunConfig, steps: int, resume: str | None, ckpt_name: str) -> dict[str, Any]:
+    """The API graph that trains ``cfg`` for ``steps`` steps.
+
+    ``ckpt_name``: ``base_model`` as CheckpointLoaderSimple names it; ``resume``: a checkpoint name for Load
+    Checkpoint (Kiln), which then replaces Inject LoRA.
+    """
+    inputs = settings.node_inputs(cfg.to_dict(), {"max_steps": steps, "base_model": ckpt_name})
+    graph: dict[str, Any] = {}
+    for node_id, (node, links) in _GRAPH.items():
+        if node == settings.INJECT_NODE and resume:
+            graph[node_id] = {"class_type": RESUME_NODE, "inputs": {**links, "checkpoint": resume}}
+        else:
+            graph[node_id] = {"class_type": node, "inputs": {**inputs[node], **links}}
+    return graph
+
+
+def config_from_graph(api: Mapping[str, Any]) -> RunConfig:
+    """The settings of a Kiln training graph (API format) as a config: the inverse of :func:`training_graph`.
+
+    Steps of chained Train Steps nodes add up; settings of other nodes are read from the first node of their type.
+    """
+    nodes: dict[str, list[Mapping[str, Any]]] = {}
+    for node in api.values():
+        nodes.setdefault(node["class_type"], []).append(node["inputs"])
+    need = {settings.DATASET_NODE, settings.TRAIN_NODE}
+    if not need <= set(nodes):
+        raise ValueError(f"the workflow has no {' / '.join(sorted(need - set(nodes)))} node to export")
+    values = settings.config_values(nodes)
+    values.setdefault("base_model", "")  # no Load Checkpoint: from_mapping names the missing value
+    if not values.get("sample_prompts"):
+        values["sample_every"] = 0  # previews without a prompt use the captions; a config needs a prompt
+    return RunConfig.from_mapping(values)

@@ -108,8 +108,8 @@ class KilnSaveLoRA(io.ComfyNode):
                                   embed_workflow)
         metadata = build_metadata(
             run.state, title=target.stem, base_model_version=run.base_model_version,
-            base_model_name=run.base_model_name, prediction_type=run.prediction_type, train=run.train_settings,
-            extra=extra,
+            base_model_name=run.base_model_name, prediction_type=run.prediction_type,
+            zero_terminal_snr=run.detected.objective.zero_terminal_snr, train=run.train_settings, extra=extra,
         )
         redactor = Redactor()
         metadata = redactor.metadata(metadata, keep=("prompt", "workflow") if embed_workflow == "full" else ())

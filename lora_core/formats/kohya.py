@@ -139,6 +139,7 @@ def build_metadata(
     base_model_version: str = "sd_v1",
     base_model_name: str = "",
     prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
     train: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
@@ -202,6 +203,9 @@ def build_metadata(
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        # kohya's keys for v-prediction models (its --v_parameterization and --zero_terminal_snr flags)
+        "ss_v_parameterization": prediction_type == "v_prediction",
+        "ss_zero_terminal_snr": zero_terminal_snr,
     }
     if info.get("trigger_word"):
         meta["modelspec.trigger_phrase"] = info["trigger_word"]

@@ -137,8 +137,8 @@ def objective(patcher: Any) -> Objective:
     """The parametrisation and noise schedule ComfyUI samples this model with, or a refusal naming it.
 
     Only ComfyUI's discrete 1000-step schedule with an exactly epsilon or v parametrisation is accepted; ComfyUI's
-    X0 / LCM / IMG_TO_IMG / EDM / flow / cascade samplings (a ModelSamplingDiscrete node patched onto the model
-    included) would be trained with the wrong target.
+    X0 / LCM / IMG_TO_IMG / EDM / flow / cascade samplings (also when a ModelSamplingDiscrete node patches them
+    onto the model) would be trained with the wrong target; its eps / v_prediction (+ zsnr) settings are honoured.
     """
     sampling = patcher.get_model_object("model_sampling")
     bases = type(sampling).__bases__
@@ -151,8 +151,9 @@ def objective(patcher: Any) -> Objective:
         steps = f", {sigmas.shape[0]} sigmas" if sigmas is not None else ""
         raise KilnUserError(
             f"this model samples with {schedule.__name__} + {getattr(parametrisation, '__name__', '?')}{steps}; "
-            "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL. Remove "
-            "ModelSamplingDiscrete/LCM/EDM patches from the MODEL you connect to Inject LoRA."
+            "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL (a "
+            "ModelSamplingDiscrete node set to eps or v_prediction is fine). Remove LCM/x0/EDM sampling patches from "
+            "the MODEL you connect to Inject LoRA, or load a checkpoint Kiln supports."
         )
     sigmas = sigmas.detach().float().cpu()
     return Objective(kinds[parametrisation], 1.0 / (sigmas**2 + 1.0), bool(getattr(sampling, "zsnr", False)))
