@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,3 +83,86 @@ class TrainCallback:
 
     def on_end(self, state: TrainState, stopped_early: bool) -> None:
         pass
+
+
+# ---- loops over items (Load Dataset, Auto Caption, caption encoding): n/N, items/s, ETA ------------------------
+
+TEXT_INTERVAL = 0.25  # at most 4 progress texts a second (the first and the last always go)
+_PHASE_TEXT = re.compile(
+    r"^(?:(?P<label>.+?) )?(?P<done>\d+)/(?P<total>\d+) (?P<unit>\S+) · (?P<rate>\S+) (?P=unit)/s · ETA (?P<eta>\S+)$"
+)
+STATUS_END = "…"
+
+
+class ItemRate:
+    """Counts items against a total, gives items/s and ETA, and says when a progress text is due (throttled).
+
+    ``text(done)`` is ``"<label> 120/1000 images · 8.1 images/s · ETA 1:48"`` (no label: it starts at the count).
+    """
+
+    def __init__(self, unit: str = "images", label: str = "", interval: float = TEXT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.unit = unit
+        self.label = label
+        self.interval = interval
+        self.clock = clock
+        self.total = 0
+        self.started = clock()
+        self._last_text: float | None = None
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.started = self.clock()
+        self._last_text = None
+
+    def rate(self, done: int) -> float:
+        elapsed = self.clock() - self.started
+        return done / elapsed if done > 0 and elapsed > 0 else math.nan
+
+    def eta(self, done: int) -> float:
+        rate = self.rate(done)
+        return max(self.total - done, 0) / rate if rate > 0 else math.nan
+
+    def due(self, done: int) -> bool:
+        """True for the first and the last count and then at most once per ``interval``; marks the text sent."""
+        now = self.clock()
+        if self._last_text is None or done >= self.total or now - self._last_text >= self.interval:
+            self._last_text = now
+            return True
+        return False
+
+    def text(self, done: int) -> str:
+        head = f"{self.label} " if self.label else ""
+        return (f"{head}{done}/{self.total} {self.unit} · {format_rate(self.rate(done))} {self.unit}/s · "
+                f"ETA {format_eta(self.eta(done))}")
+
+
+def format_rate(rate: float) -> str:
+    if not math.isfinite(rate):
+        return "?"
+    return f"{rate:.2f}" if rate < 1 else f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
+
+
+def status_text(label: str) -> str:
+    """A phase without a count yet, e.g. ``"Train Steps: loading the model…"``."""
+    return label if label.endswith(STATUS_END) else label + STATUS_END
+
+
+@dataclass(frozen=True)
+class PhaseText:
+    """A progress text of :class:`ItemRate` (``done``/``total`` set) or :func:`status_text` (both ``None``)."""
+
+    text: str
+    label: str
+    done: int | None = None
+    total: int | None = None
+
+
+def parse_phase_text(text: str) -> PhaseText | None:
+    """The phase in a progress text Kiln's item loops send; ``None`` for any other text (Train Steps' step line)."""
+    m = _PHASE_TEXT.match(text)
+    if m:
+        return PhaseText(text, m["label"] or "", int(m["done"]), int(m["total"]))
+    if text.endswith(STATUS_END) and "\n" not in text:
+        return PhaseText(text, text[: -len(STATUS_END)])
+    return None

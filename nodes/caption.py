@@ -91,7 +91,9 @@ class KilnAutoCaption(io.ComfyNode):
                     "a folder instead (see 'folder').")),
                 io.String.Input("folder", default="", optional=True, tooltip=(
                     "Only used when no dataset is connected: caption the images of this folder (absolute, or "
-                    "relative to ComfyUI's input folder). Load Dataset then reads the caption files.")),
+                    "relative to ComfyUI's input folder). Load Dataset then reads the caption files. When ComfyUI "
+                    "listens beyond this computer (--listen), folders outside its input/output/models folders must "
+                    "be listed in the environment variable KILN_ALLOWED_FOLDERS.")),
                 io.Combo.Input("model", options=folders.captioner_names(), tooltip=(
                     "A model folder in ComfyUI/models/captioners/ (Hugging Face layout: config.json, "
                     "model.safetensors, processor and tokenizer files; a WD14 tagger: model.onnx + "
@@ -161,7 +163,7 @@ class KilnAutoCaption(io.ComfyNode):
     ) -> io.NodeOutput:
         info = model_info(model)
         if dataset is not None:
-            root = dataset.folder
+            root = folders.check_data_folder(dataset.folder)  # Load Dataset checked it; Auto Caption writes there
             paths = [r.path for r in dataset.records]
             extension, max_pixels = dataset.config.caption_extension, dataset.config.max_image_pixels
         else:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from comfy_api.latest import io
 
 from ..lora_core.caption.ledger import WRITTEN
@@ -13,6 +15,8 @@ from ..lora_core.data import (
     CAPTION_EXTENSIONS,
     DatasetConfig,
     DatasetError,
+    ImageRecord,
+    bucket_range,
     dataset_fingerprint,
     file_digest,
     fit_to_bucket,
@@ -20,7 +24,7 @@ from ..lora_core.data import (
     open_image,
     scan_dataset,
 )
-from .corridor import caches, folders
+from .corridor import caches, folders, reporting
 from .corridor.errors import KilnUserError
 from .objects import KilnDataset
 from .sockets import CATEGORY, KilnDatasetType
@@ -35,7 +39,45 @@ def resolve_folder(folder: str) -> Path:
             "folder is empty: give the path of your image folder (absolute, or relative to ComfyUI's input folder)"
         )
     path = Path(text).expanduser()
-    return path if path.is_absolute() else folders.input_directory() / path
+    path = path if path.is_absolute() else folders.input_directory() / path
+    # a server others can reach reads and writes only ComfyUI's folders and those allowed by KILN_ALLOWED_FOLDERS
+    return folders.check_data_folder(path)
+
+
+Size = tuple[int, int, int, int, int, int]  # SDXL's size conditioning: original h, w, crop top, left, target h, w
+
+
+def encode_records(
+    records: Sequence[ImageRecord], config: DatasetConfig, vae: object, progress: reporting.ItemProgress | None = None,
+) -> tuple[list[torch.Tensor], list[Size], int]:
+    """Resize each image into its bucket and VAE-encode it (cached); returns (latents, sizes, newly encoded).
+
+    ``progress`` shows n/N, images/s and ETA and stops the graph when the user presses Cancel (between images:
+    nothing is written anywhere, the latents encoded so far stay in the cache for the next run).
+    """
+    latents: list[torch.Tensor] = []
+    sizes: list[Size] = []  # as kohya computes it: original size, crop top-left, bucket size
+    encoded = 0
+    if progress is not None:
+        progress.start(len(records))
+    for i, record in enumerate(records, 1):
+        key = (file_digest(record.path), record.bucket)
+        try:
+            image, (left, top, _, _) = fit_to_bucket(open_image(record.path, config.max_image_pixels), record.bucket)
+        except DatasetError as exc:  # changed on disk since the scan
+            raise KilnUserError(str(exc)) from None
+        latent, new = caches.encode_image(vae, key, image_to_tensor(image))
+        if not bool(latent.isfinite().all()):
+            raise KilnUserError(
+                f"{record.path.name}: the VAE produced NaN/inf latents for this image. Use a VAE that runs in "
+                "fp32 (start ComfyUI with --fp32-vae, or load an fp32 VAE), or check the VAE file."
+            )
+        encoded += int(new)
+        latents.append(latent)
+        sizes.append((record.height, record.width, top, left, record.bucket[1], record.bucket[0]))
+        if progress is not None:
+            progress.advance(i)
+    return latents, sizes, encoded
 
 
 class KilnLoadDataset(io.ComfyNode):
@@ -52,7 +94,9 @@ class KilnLoadDataset(io.ComfyNode):
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
                     "Image folder: absolute, or relative to ComfyUI's input folder. Subfolders named like "
-                    "'10_mycat' repeat their images 10 times (kohya layout).")),
+                    "'10_mycat' repeat their images 10 times (kohya layout). When ComfyUI listens beyond this "
+                    "computer (--listen), folders outside its input/output/models folders must be listed in the "
+                    "environment variable KILN_ALLOWED_FOLDERS.")),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train (from Load Checkpoint)."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you will train (from Load Checkpoint)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip=(
@@ -71,6 +115,7 @@ class KilnLoadDataset(io.ComfyNode):
                     "a warning.")),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset", tooltip="Validated, encoded training data.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -87,33 +132,19 @@ class KilnLoadDataset(io.ComfyNode):
         repeats: int, caption_extension: str, on_error: str,
     ) -> io.NodeOutput:
         path = resolve_folder(folder)
+        node_id = cls.hidden.unique_id
+        reporting.status(node_id, f"Load Dataset: checking the images in {path.name}")
         try:
             config = DatasetConfig(
                 folder=str(path), resolution=resolution, bucketing=bucketing, trigger_word=trigger_word.strip(),
                 default_repeats=repeats, caption_extension=caption_extension, on_error=on_error,
-                min_bucket=min(256, resolution), max_bucket=max(1024, resolution),
+                min_bucket=bucket_range(resolution)[0], max_bucket=bucket_range(resolution)[1],
             )
             scan = scan_dataset(config)
         except DatasetError as exc:
             raise KilnUserError(str(exc)) from None
-        latents = []
-        sizes = []  # SDXL's size conditioning, as kohya computes it: original size, crop top-left, bucket size
-        encoded = 0
-        for record in scan.records:
-            key = (file_digest(record.path), record.bucket)
-            try:
-                image, (left, top, _, _) = fit_to_bucket(open_image(record.path, config.max_image_pixels), record.bucket)
-            except DatasetError as exc:  # changed on disk since the scan
-                raise KilnUserError(str(exc)) from None
-            latent, new = caches.encode_image(vae, key, image_to_tensor(image))
-            if not bool(latent.isfinite().all()):
-                raise KilnUserError(
-                    f"{record.path.name}: the VAE produced NaN/inf latents for this image. Use a VAE that runs in "
-                    "fp32 (start ComfyUI with --fp32-vae, or load an fp32 VAE), or check the VAE file."
-                )
-            encoded += int(new)
-            latents.append(latent)
-            sizes.append((record.height, record.width, top, left, record.bucket[1], record.bucket[0]))
+        progress = reporting.ItemProgress(node_id, unit="images", phase="Load Dataset: encoding latents")
+        latents, sizes, encoded = encode_records(scan.records, config, vae, progress)
         dataset = KilnDataset(config=config, folder=path, records=scan.records, latents=tuple(latents), clip=clip,
                               vae=vae, warnings=scan.warnings, sizes=tuple(sizes))
         buckets = Counter(r.bucket for r in scan.records)

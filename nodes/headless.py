@@ -28,15 +28,15 @@ import yaml
 
 import nodes as comfy_nodes
 
-from ..lora_core.data import DatasetConfig, scan_dataset
-from ..lora_core.progress import format_eta
+from ..lora_core import runconfig, settings
+from ..lora_core.data import DatasetConfig, bucket_range, scan_dataset
+from ..lora_core.progress import PhaseText, format_eta, parse_phase_text
 from ..lora_core.runconfig import RunConfig
 from . import workflow_format
 from .corridor import folders, reporting
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-SAVE_NODE = "5"
 
 
 class KilnError(Exception):
@@ -60,6 +60,8 @@ class TerminalServer:
         self.events: list[tuple[str, Any]] = []
         self._last_line = 0.0
         self._open_line = False
+        self._phase: tuple[str, str] | None = None  # (node, label) of the phase line being printed
+        self._phase_line = 0.0
 
     def send_sync(self, event: Any, data: Any, sid: Any = None) -> None:
         if not isinstance(event, str):
@@ -74,7 +76,17 @@ class TerminalServer:
             self._print(f"error in {data.get('node_type')}: {str(data.get('exception_message', '')).strip()}")
 
     def send_progress_text(self, text: Any, node_id: str, sid: Any = None) -> None:
-        pass  # the progress event carries the same facts
+        """Phase texts (``Load Dataset: encoding latents 12/40 images · …``) become a progress line.
+
+        Train Steps' own step text is not one: its progress event carries the same facts (:meth:`_progress`).
+        """
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8", "replace")
+        phase = parse_phase_text(str(text))
+        if phase is None:
+            return
+        self.events.append(("progress_text", {"node": node_id, "text": phase.text}))
+        self._phase_progress(phase, str(node_id))
 
     def queue_updated(self) -> None:
         pass
@@ -95,6 +107,28 @@ class TerminalServer:
             self._open_line = not last
         elif last or now - self._last_line >= 5.0 or d["run_step"] == 1:
             self._last_line = now
+            self.stream.write(f"{bar} {line}\n")
+            self.stream.flush()
+
+    def _phase_progress(self, phase: PhaseText, node_id: str) -> None:
+        key = (node_id, phase.label)
+        new = key != self._phase
+        self._phase = key
+        if phase.total is None:  # a status without a count ("Train Steps: loading the model…")
+            self._print(phase.text)
+            return
+        line = phase.text if phase.label else f"[{node_id}] {phase.text}"
+        last = phase.done is not None and phase.done >= phase.total
+        bar = _bar((phase.done or 0) / max(phase.total, 1))
+        now = time.monotonic()
+        if self.tty:
+            if new and self._open_line:
+                self.stream.write("\n")
+            self.stream.write(f"\r{bar} {line}\033[K" + ("\n" if last else ""))
+            self.stream.flush()
+            self._open_line = not last
+        elif new or last or now - self._phase_line >= 5.0:
+            self._phase_line = now
             self.stream.write(f"{bar} {line}\n")
             self.stream.flush()
 
@@ -182,10 +216,8 @@ def checkpoint_name(base_model: str) -> str:
 
 def steps_per_epoch(cfg: RunConfig) -> int:
     try:
-        scan = scan_dataset(DatasetConfig(folder=cfg.train_data_dir, resolution=cfg.resolution,
-                                          bucketing=cfg.enable_bucket, default_repeats=cfg.repeats,
-                                          caption_extension=cfg.caption_extension,
-                                          min_bucket=min(256, cfg.resolution), max_bucket=max(1024, cfg.resolution)))
+        scan = scan_dataset(DatasetConfig(**settings.engine_kwargs(DatasetConfig, cfg.to_dict()),
+                                          min_bucket=bucket_range(cfg.resolution)[0], max_bucket=bucket_range(cfg.resolution)[1]))
     except ValueError as exc:
         raise KilnError(str(exc)) from None
     per_bucket = Counter()
@@ -197,71 +229,12 @@ def steps_per_epoch(cfg: RunConfig) -> int:
 
 def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[str, Any]:
     """The same graph a user wires in ComfyUI (see example_workflows/train_sd15_lora.json)."""
-    graph: dict[str, Any] = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name(cfg.base_model)}},
-        "2": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": str(Path(cfg.train_data_dir).expanduser().resolve()), "vae": ["1", 2], "clip": ["1", 1],
-            "resolution": cfg.resolution, "bucketing": cfg.enable_bucket, "trigger_word": cfg.trigger_word,
-            "repeats": cfg.repeats, "caption_extension": cfg.caption_extension, "on_error": "error"}},
-        "4": {"class_type": "KilnTrainSteps", "inputs": {
-            "state": ["3", 0], "dataset": ["2", 0], "steps": steps, "learning_rate": float(cfg.learning_rate),
-            "optimizer": cfg.optimizer, "scheduler": cfg.lr_scheduler, "warmup_steps": cfg.lr_warmup_steps,
-            "schedule_steps": 0, "batch_size": cfg.batch_size, "grad_accum": cfg.gradient_accumulation_steps,
-            "precision": cfg.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
-            "min_snr_gamma": float(cfg.min_snr_gamma), "noise_offset": float(cfg.noise_offset),
-            "save_every": cfg.save_steps, "preview_every": cfg.sample_every,
-            "preview_prompt": cfg.sample_prompts[0] if cfg.sample_prompts else "", "preview_seed": cfg.seed,
-            "preview_size": cfg.sample_size, "preview_steps": cfg.sample_steps,
-            "text_encoder_lr": float(cfg.text_encoder_lr), "max_grad_norm": float(cfg.max_grad_norm)}},
-        SAVE_NODE: {"class_type": "KilnSaveLoRA", "inputs": {
-            "state": ["4", 0], "filename": cfg.output_name, "dtype": cfg.save_precision, "save_checkpoint": True}},
-    }
-    if resume:
-        graph["3"] = {"class_type": "KilnLoadCheckpoint", "inputs": {"model": ["1", 0], "checkpoint": resume,
-                                                                     "clip": ["1", 1]}}
-    else:
-        graph["3"] = {"class_type": "KilnInjectLoRA", "inputs": {
-            "model": ["1", 0], "name": cfg.output_name, "rank": cfg.lora_rank, "alpha": float(cfg.lora_alpha),
-            "targets": cfg.targets, "algorithm": cfg.algorithm, "conv_rank": cfg.conv_rank,
-            "dropout": float(cfg.dropout), "init_lora": "none", "seed": cfg.seed,
-            "train_text_encoder": cfg.train_text_encoder, "clip": ["1", 1]}}
-    return {k: graph[k] for k in sorted(graph, key=int)}
+    return runconfig.training_graph(cfg, steps, resume, checkpoint_name(cfg.base_model))
 
 
 def config_from_graph(api: dict[str, Any]) -> RunConfig:
     """The settings of a Kiln training graph as a config (inverse of :func:`graph_from_config`)."""
-    by_type: dict[str, dict[str, Any]] = {}
-    for node in api.values():
-        by_type.setdefault(node["class_type"], node["inputs"])
-    need = {"KilnLoadDataset", "KilnTrainSteps"}
-    if not need <= set(by_type):
-        raise KilnError(f"the workflow has no {' / '.join(sorted(need - set(by_type)))} node to export")
-    data, train = by_type["KilnLoadDataset"], by_type["KilnTrainSteps"]
-    inject = by_type.get("KilnInjectLoRA", {})
-    ckpt = by_type.get("CheckpointLoaderSimple", {}).get("ckpt_name", "")
-    total = sum(n["inputs"]["steps"] for n in api.values() if n["class_type"] == "KilnTrainSteps")
-    values = {
-        "base_model": ckpt, "train_data_dir": data["folder"], "output_name": inject.get("name", "my_lora"),
-        "caption_extension": data["caption_extension"], "trigger_word": data["trigger_word"],
-        "repeats": data["repeats"], "resolution": data["resolution"], "enable_bucket": data["bucketing"],
-        "max_steps": total, "learning_rate": train["learning_rate"], "lr_scheduler": train["scheduler"],
-        "lr_warmup_steps": train["warmup_steps"], "optimizer": train["optimizer"], "batch_size": train["batch_size"],
-        "gradient_accumulation_steps": train["grad_accum"], "mixed_precision": train["precision"],
-        "gradient_checkpointing": train["gradient_checkpointing"], "min_snr_gamma": train["min_snr_gamma"],
-        "noise_offset": train["noise_offset"], "save_steps": train["save_every"],
-        "sample_every": train["preview_every"], "sample_size": train["preview_size"],
-        "sample_steps": train["preview_steps"],
-        "sample_prompts": [train["preview_prompt"]] if train["preview_prompt"] else [],
-    }
-    if not values["sample_prompts"]:
-        values["sample_every"] = 0
-    if inject:
-        values.update(lora_rank=inject["rank"], lora_alpha=inject["alpha"], targets=inject["targets"],
-                      algorithm=inject["algorithm"], conv_rank=inject["conv_rank"], dropout=inject["dropout"],
-                      seed=inject["seed"], train_text_encoder=bool(inject.get("train_text_encoder", False)))
-    values["text_encoder_lr"] = train.get("text_encoder_lr", 0.0)
-    values["max_grad_norm"] = train.get("max_grad_norm", 1.0)
-    return RunConfig.from_mapping(values)
+    return runconfig.config_from_graph(api)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -335,13 +308,7 @@ def load_workflow(path: Path) -> dict[str, Any]:
     return data
 
 
-SET_ALIASES = {
-    "dataset": ("KilnLoadDataset", "folder"), "folder": ("KilnLoadDataset", "folder"),
-    "steps": ("KilnTrainSteps", "steps"), "lr": ("KilnTrainSteps", "learning_rate"),
-    "learning_rate": ("KilnTrainSteps", "learning_rate"), "base_model": ("CheckpointLoaderSimple", "ckpt_name"),
-    "checkpoint": ("CheckpointLoaderSimple", "ckpt_name"), "name": ("KilnInjectLoRA", "name"),
-    "rank": ("KilnInjectLoRA", "rank"), "resolution": ("KilnLoadDataset", "resolution"),
-}
+SET_ALIASES = settings.SET_NAMES  # dataset, steps, lr, base_model, name, rank, resolution ... -> (node, input)
 
 
 def apply_sets(api: dict[str, Any], sets: list[str]) -> None:
@@ -359,7 +326,7 @@ def apply_sets(api: dict[str, Any], sets: list[str]) -> None:
             targets = [api[head]] if head in api else [n for n in api.values() if n["class_type"] == head]
         else:
             raise KilnError(f"--set {key}: unknown key; use one of {', '.join(SET_ALIASES)} or NodeType.input")
-        if key == "base_model" and isinstance(value, str):
+        if SET_ALIASES.get(key) == (settings.CHECKPOINT_LOADER, "ckpt_name") and isinstance(value, str):
             value = checkpoint_name(value)
         if not targets:
             raise KilnError(f"--set {key}: the workflow has no matching node")

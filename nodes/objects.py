@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,13 @@ class KilnDataset:
     def replace(self, **changes: Any) -> KilnDataset:
         return dataclasses.replace(self, **changes)
 
-    def encoded(self, text_encoder: text_encoders.TextEncoder | None = None,
-                size_conditioning: bool = False) -> tuple[LatentDataset, int]:
+    def encoded(self, text_encoder: text_encoders.TextEncoder | None = None, size_conditioning: bool = False,
+                on_progress: Callable[[int], None] | None = None) -> tuple[LatentDataset, int]:
         """The engine's dataset; captions go through CLIP once per distinct text (cached). Returns (dataset, new encodes).
 
         With ``text_encoder`` (text-encoder training) the items carry token ids instead: the text is encoded in
         every step, through the adapters. ``size_conditioning`` (SDXL) adds each image's original size, crop and
-        bucket size.
+        bucket size. ``on_progress(n)`` is called after each record (the caption-encoding phase's progress).
         """
         items = []
         fresh = 0
@@ -62,6 +63,8 @@ class KilnDataset:
                 cond[SIZE] = torch.tensor(self.sizes[i] if self.sizes else self.default_size(record), dtype=torch.long)
             items.append(LatentItem(latent=latent, cond=cond, repeats=record.repeats, caption=text,
                                     key=str(record.path)))
+            if on_progress is not None:
+                on_progress(i + 1)
         return LatentDataset(tuple(items)), fresh
 
     @staticmethod

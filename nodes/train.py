@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainState
+from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainState, settings
 from ..lora_core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from ..lora_core.plot import loss_chart
 from ..lora_core.tb import TensorBoardCallback
@@ -118,13 +118,8 @@ class KilnTrainSteps(io.ComfyNode):
                 preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0) -> io.NodeOutput:
         run = state
         node_id = cls.hidden.unique_id
-        config = TrainConfig(
-            steps=steps, learning_rate=learning_rate, optimizer=optimizer, scheduler=scheduler,
-            warmup_steps=warmup_steps, schedule_steps=schedule_steps, batch_size=batch_size, grad_accum=grad_accum,
-            precision=precision, gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma,
-            noise_offset=noise_offset, seed=run.state.seed, text_encoder_lr=text_encoder_lr,
-            max_grad_norm=max_grad_norm,
-        )
+        # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
+        config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, locals()))
         if run.trains_text_encoder and run.clip is None:
             raise KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
         clip = run.clip if run.clip is not None else dataset.clip
@@ -132,6 +127,7 @@ class KilnTrainSteps(io.ComfyNode):
         prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")
 
         with torch.inference_mode(False), torch.enable_grad():
+            reporting.status(node_id, "Train Steps: loading the model for training")
             device = patching.load_for_training(run.model)
             roots = patching.unet_roots(run.model)
             family = run.detected.family
@@ -139,7 +135,10 @@ class KilnTrainSteps(io.ComfyNode):
             if run.trains_text_encoder:
                 text_encoder = text_encoders.load_text_encoder_for_training(run.clip, family)
                 roots.update(text_encoder.roots)
-            latent_data, _ = dataset.encoded(text_encoder, size_conditioning=family.size_conditioning)
+            encoding = reporting.ItemProgress(node_id, unit="captions", phase="Train Steps: encoding captions")
+            encoding.start(len(dataset.records))
+            latent_data, _ = dataset.encoded(text_encoder, size_conditioning=family.size_conditioning,
+                                             on_progress=encoding.advance)
             trainer = Trainer(denoiser.ComfyDiffusion(run.model, text_encoder, run.detected), roots, device,
                               checkpoint_modules=patching.checkpoint_blocks(run.model))
 

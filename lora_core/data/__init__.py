@@ -3,7 +3,7 @@
 Nothing here imports ComfyUI; only the standard library, numpy, PIL and torch.
 """
 
-from .buckets import assign_bucket, buckets_for_config, fit_to_bucket, make_buckets
+from .buckets import assign_bucket, bucket_range, buckets_for_config, fit_to_bucket, make_buckets
 from .captions import (
     apply_trigger,
     decode_text,
@@ -20,6 +20,7 @@ from .images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, image_to_tensor, open_imag
 from .scan import ImageRecord, ScanResult, dataset_fingerprint, file_digest, scan_dataset
 
 __all__ = [
+    "bucket_range",
     "CAPTION_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "MIN_IMAGE_SIDE",

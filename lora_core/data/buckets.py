@@ -17,9 +17,17 @@ from .._validate import check_int
 if TYPE_CHECKING:
     from .config import DatasetConfig
 
-__all__ = ["assign_bucket", "buckets_for_config", "fit_to_bucket", "make_buckets"]
+__all__ = ["assign_bucket", "bucket_range", "buckets_for_config", "fit_to_bucket", "make_buckets"]
 
 Bucket = tuple[int, int]
+
+
+def bucket_range(resolution: int) -> tuple[int, int]:
+    """The shortest and longest bucket side the nodes use for a training resolution (kohya's usual range).
+
+    256 .. 1024 at SD1.5's 512 px; up to 2048 at SDXL's 1024 px (a 512 x 2048 panorama keeps its shape).
+    """
+    return min(256, resolution), max(1024, 2 * resolution)
 
 
 def make_buckets(resolution: int, min_side: int, max_side: int, step: int) -> list[Bucket]:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import folder_paths
 
+from ...lora_core.folder_access import (
+    ALLOWED_FOLDERS_VAR,
+    FolderAccess,
+    listens_on_loopback_only,
+    merge_roots,
+    parse_allowed_folders,
+)
 from .errors import KilnUserError
 
 
@@ -152,3 +160,51 @@ def captioner_path(name: str) -> Path:
             return candidate
     return roots[0] / (name or "<name>")
 
+
+
+# ---- which folders a prompt may read and write (decision: lora_core/folder_access.py) ----------------
+
+_NOT_DATA_FOLDERS = {"custom_nodes"}  # registered with folder_paths, but code, not models or data
+
+
+def comfy_roots() -> tuple[Path, ...]:
+    """ComfyUI's input, output and models folders and every registered model folder (extra_model_paths too)."""
+    roots = [input_directory(), output_directory(), Path(folder_paths.models_dir)]
+    for name, (paths, _) in list(folder_paths.folder_names_and_paths.items()):
+        if name not in _NOT_DATA_FOLDERS:
+            roots.extend(Path(p) for p in paths)
+    return merge_roots(roots)
+
+
+def listen_address() -> str | None:
+    """ComfyUI's ``--listen`` (``127.0.0.1`` by default; ``0.0.0.0,::`` for a bare ``--listen``)."""
+    import comfy.cli_args
+
+    return getattr(comfy.cli_args.args, "listen", None)
+
+
+def web_server_running() -> bool:
+    """Whether this process serves ComfyUI's web server (``kiln.py`` runs headless: no one else can queue)."""
+    module = sys.modules.get("server")
+    cls = getattr(module, "PromptServer", None)
+    return isinstance(cls, type) and isinstance(getattr(cls, "instance", None), cls)
+
+
+def folder_access() -> FolderAccess:
+    listen = listen_address()
+    if not web_server_running() or listens_on_loopback_only(listen):
+        return FolderAccess(comfy_roots=(), local=True, listen=str(listen))
+    try:
+        allowed = parse_allowed_folders(os.environ.get(ALLOWED_FOLDERS_VAR))
+    except ValueError as exc:
+        raise KilnUserError(str(exc)) from None
+    return FolderAccess(comfy_roots=comfy_roots(), allowed_roots=allowed, local=False, listen=str(listen),
+                        input_dir=input_directory())
+
+
+def check_data_folder(path: Path, what: str = "folder") -> Path:
+    """``path`` if prompts may read and write it here, else a :class:`KilnUserError` saying how to allow it."""
+    message = folder_access().refusal(path, what)
+    if message is not None:
+        raise KilnUserError(message)
+    return path

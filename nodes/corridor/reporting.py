@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -13,6 +14,9 @@ import comfy.utils
 import torch
 
 from ...lora_core import AdapterSet, StepInfo, TrainCallback
+from ...lora_core.progress import ItemRate, status_text
+
+logger = logging.getLogger(__name__)
 
 PROGRESS_EVENT = "kiln.train.progress"
 PREVIEW_EVENT = "kiln.train.preview"
@@ -158,21 +162,32 @@ def blocked(message: str) -> Any:
 
 
 class ItemProgress:
-    """Progress bar + ``done/total · items/s · ETA`` text on a node, for loops over items; records Cancel."""
+    """Progress bar + ``[phase] done/total · items/s · ETA`` text on a node, for loops over items; records Cancel.
 
-    def __init__(self, node_id: str | None, unit: str = "images") -> None:
+    The bar moves for every item; the text goes at most 4 times a second (and for the first and the last item).
+    ``phase`` names what the node is doing (``"Load Dataset: encoding latents"``); ``kiln.py``'s terminal prints
+    these texts as a progress line. :meth:`update` records Cancel (Auto Caption keeps what is done, then re-raises);
+    :meth:`advance` raises ComfyUI's interrupt at once, for loops that have nothing to keep.
+    """
+
+    def __init__(self, node_id: str | None, unit: str = "images", phase: str = "") -> None:
         self.node_id = node_id
         self.unit = unit
+        self.phase = phase
         self.cancelled = False
         self.bar: Any = None
         self.total = 0
-        self.started = time.monotonic()
+        self.counter = ItemRate(unit=unit, label=phase)
+        self.started = self.counter.started
 
     def start(self, total: int) -> None:
         self.total = total
-        self.started = time.monotonic()
+        self.counter.start(total)
+        self.started = self.counter.started
         if total > 0:
             self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+            if self.phase:
+                send_text(self.node_id, self.counter.text(0))
 
     def update(self, done: int) -> None:
         if self.bar is None or self.cancelled:
@@ -183,20 +198,42 @@ class ItemProgress:
             self.cancelled = True
             mm.interrupt_current_processing(True)  # the node re-raises after keeping what is done
             return
-        elapsed = time.monotonic() - self.started
-        rate = done / elapsed if elapsed > 0 else float("nan")
-        eta = (self.total - done) / rate if rate and rate == rate else float("nan")
-        text = f"{done}/{self.total} {self.unit} · {rate:.2f} {self.unit}/s · ETA {_eta(eta)}"
-        try:
-            from server import PromptServer
+        if self.counter.due(done):
+            send_text(self.node_id, self.counter.text(done))
 
-            server = PromptServer.instance
-            if server is not None and self.node_id is not None:
-                server.send_progress_text(text, self.node_id, server.client_id)
-        except Exception:  # noqa: BLE001 - headless runner has no server
-            pass
+    def advance(self, done: int) -> None:
+        """:meth:`update`, then ComfyUI's interrupt if the user pressed Cancel (the graph stops cleanly)."""
+        self.update(done)
+        if self.should_stop():
+            stop()
 
     def should_stop(self) -> bool:
         if interrupted():
             self.cancelled = True
         return self.cancelled
+
+
+def stop() -> None:
+    """Raise ComfyUI's interrupt (the executor reports the prompt as interrupted, not failed)."""
+    mm.throw_exception_if_processing_interrupted()  # clears the flag as ComfyUI does
+    raise mm.InterruptProcessingException()
+
+
+def send_text(node_id: str | None, text: str) -> None:
+    """Progress text under the node (the terminal's progress line headless); nothing without a server."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+        if server is not None:
+            server.send_progress_text(text, node_id, server.client_id)
+    except Exception:  # noqa: BLE001 - headless runner has no server
+        pass
+
+
+def status(node_id: str | None, label: str) -> None:
+    """A phase without a count, e.g. ``status(node, "Train Steps: loading the model")`` shows ``…loading the model…``."""
+    logger.debug("%s", status_text(label))
+    send_text(node_id, status_text(label))

@@ -200,11 +200,12 @@ class PromptRejected(Exception):
         self.body = body
 
 
-def build_tiny_checkpoint(comfy: Path, out: Path, size: str = "tiny") -> Path:
+def build_tiny_checkpoint(comfy: Path, out: Path, size: str = "tiny", flags: tuple[str, ...] = ()) -> Path:
+    """nodes/tiny_checkpoint.py in a subprocess (``flags``: e.g. ``("--ztsnr",)`` for a v-prediction SDXL)."""
     if out.exists():
         return out
     env = {**os.environ, "COMFYUI_PATH": str(comfy), "PYTHONPATH": str(comfy)}
-    subprocess.run([sys.executable, str(REPO / "nodes" / "tiny_checkpoint.py"), str(out), "--size", size],
+    subprocess.run([sys.executable, str(REPO / "nodes" / "tiny_checkpoint.py"), str(out), "--size", size, *flags],
                    check=True, env=env, cwd=comfy)
     return out
 
