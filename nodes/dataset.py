@@ -149,7 +149,8 @@ class KilnLoadDataset(io.ComfyNode):
                               vae=vae, warnings=scan.warnings, sizes=tuple(sizes))
         buckets = Counter(r.bucket for r in scan.records)
         lines = [
-            f"{scan.num_images} images ({scan.num_samples} samples per epoch with repeats) from {path}",
+            f"{scan.num_images} images ({scan.num_samples} samples per epoch with repeats) from "
+            f"{folders.display_path(path)}",
             "buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
             f"latents: {encoded} encoded, {scan.num_images - encoded} from cache",
         ]

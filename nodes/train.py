@@ -169,14 +169,16 @@ class KilnTrainSteps(io.ComfyNode):
             except TrainingError as exc:
                 tb.close()
                 path = save_checkpoint(run, exc.last_good_state, "_lastgood")
-                raise KilnUserError(f"{exc}\nCheckpoint of the last good state: {path}") from None
+                raise KilnUserError(
+                    f"{exc}\nCheckpoint of the last good state: {folders.display_path(path)}") from None
 
         new_run = run.replace(state=result.state, train_settings=config.to_dict())
         if result.stopped_early:
             path = save_checkpoint(run, result.state, "_cancelled")
             logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
             reporting.raise_if_interrupted()
-            raise KilnUserError(f"training was cancelled at step {result.state.step}; checkpoint: {path}")
+            raise KilnUserError(
+                f"training was cancelled at step {result.state.step}; checkpoint: {folders.display_path(path)}")
 
         chart = image_from_pil(loss_chart(result.state.history))
         preview_images = torch.cat([img for _, img in progress.previews], dim=0) if progress.previews else chart

@@ -53,12 +53,18 @@ def run_directory(name: str) -> Path:
 
 
 def display_path(path: Path) -> str:
-    """``models/loras/x.safetensors`` inside ComfyUI's folders, else the full path."""
+    """A path as the user may see it: relative to ComfyUI's base folder (``models/loras/x.safetensors``).
+
+    Outside it, the full path only in a local headless run; a web client never sees the server's absolute paths
+    (it gets the base name), the same rule as the LoRA's metadata.
+    """
     base = Path(folder_paths.base_path)
-    try:
-        return path.resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    for candidate, root in ((path, base), (path.resolve(), base.resolve())):
+        try:
+            return candidate.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return path.name if web_server_running() else str(path)
 
 
 def lora_names() -> list[str]:
@@ -93,7 +99,8 @@ def safe_child(root: Path, relative: str, suffix: str) -> Path:
     root_real = root.resolve()
     parent_real = target.parent.resolve() if target.parent.exists() else None
     if parent_real is not None and root_real != parent_real and root_real not in parent_real.parents:
-        raise KilnUserError(f"name {relative!r} resolves outside {root} (through a symlink?); choose another name")
+        raise KilnUserError(
+            f"name {relative!r} resolves outside {display_path(root)} (through a symlink?); choose another name")
     if target.is_symlink():
         raise KilnUserError(f"{target.name} is a symlink; refusing to write through it")
     return target
@@ -108,7 +115,7 @@ def unused_path(path: Path) -> Path:
         candidate = path.with_name(f"{stem}_{i:05d}{suffix}")
         if not candidate.exists():
             return candidate
-    raise KilnUserError(f"too many files named {stem}* in {path.parent}")
+    raise KilnUserError(f"too many files named {stem}* in {display_path(path.parent)}")
 
 
 def checkpoint_directory(name: str) -> Path:

@@ -153,6 +153,23 @@ def test_v_prediction_sdxl_with_zero_terminal_snr_trains_on_its_own_schedule(sdx
     assert meta["modelspec.prediction_type"] == "v"
 
 
+def test_the_shipped_sdxl_example_workflow_trains_on_an_sdxl_checkpoint(sdxl):
+    from comfy_harness import load_api
+
+    wf = load_api("train_sdxl_lora")
+    assert wf["2"]["inputs"]["resolution"] == 1024 and wf["4"]["inputs"]["gradient_checkpointing"] is True
+    wf["1"]["inputs"]["ckpt_name"] = XL
+    wf["2"]["inputs"].update(folder="shapes", resolution=64)
+    wf["3"]["inputs"].update(name="xl_example", rank=4, alpha=4.0)
+    wf["4"]["inputs"].update(steps=2, warmup_steps=0, save_every=0, preview_every=2, preview_size=64,
+                             preview_steps=2)
+    result = sdxl.run(wf, timeout=1200)
+    assert result.status == "success", result.error
+    _, meta = keys_and_metadata(sdxl, "xl_example")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_steps"] == "2"
+    assert meta["ss_gradient_checkpointing"] == "True"
+
+
 def test_lcm_sampling_is_refused_at_inject_lora_by_name(server):
     graph = train_graph("tiny_sd15.safetensors", "lcm_refused", steps=1)
     graph["6"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm",
