@@ -5,6 +5,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))  # comfy_harness: importable without ComfyUI
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

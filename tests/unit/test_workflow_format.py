@@ -6,7 +6,6 @@ with it; ``tests/browser/test_frontend_export.py`` checks the same conversion ag
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load():
-    """nodes/workflow_format.py has no ComfyUI import; load it by path (the ``nodes`` package needs ComfyUI)."""
-    spec = importlib.util.spec_from_file_location("kiln_workflow_format_unit", ROOT / "nodes" / "workflow_format.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from comfy_harness import load_workflow_format  # the module has no ComfyUI import; loaded by path
+
+    return load_workflow_format()
 
 
 wf = _load()
