@@ -37,6 +37,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_checkpoint(tmp_path_factory) -> Path:
+    """A 152 M-parameter SDXL UNet with the full CLIP-L and CLIP-G: the stock loader detects it as SDXL."""
+    return build_tiny_checkpoint(COMFY, tmp_path_factory.mktemp("xl") / "tiny_sdxl.safetensors", size="sdxl")
+
+
+@pytest.fixture(scope="session")
 def server(comfy_base, tiny_checkpoint):
     srv = ComfyServer(COMFY, comfy_base, tiny_checkpoint)
     make_images(comfy_base / "input" / "shapes", n=4)

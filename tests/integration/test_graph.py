@@ -339,3 +339,31 @@ def test_changed_files_rerun_load_dataset_but_only_changed_images_are_encoded(se
     assert "2" not in {n for d in second.of_type("execution_cached") for n in d["nodes"]}
     assert "latents: 1 encoded, 3 from cache" in second.history["outputs"]["2"]["text"][0]
 
+
+
+def test_train_steps_model_and_clip_render_like_the_stock_lora_loader_with_the_saved_file(server):
+    """Train Steps' MODEL (Kiln's adapters, unmerged) and CLIP outputs render what CheckpointLoaderSimple ->
+    LoraLoader(saved file) renders, with the same sampler settings.
+
+    The file is saved in fp32, so both sides apply the same numbers: what differs is only ComfyUI merging
+    ``W + alpha / rank * up @ down`` into the weights versus Kiln adding ``x @ down @ up`` beside them (fp32 rounding,
+    about 1e-6 relative). After two Euler steps, TAESD and 8-bit quantisation that flips at most a few pixel values
+    by one level, so the mean absolute difference must stay below 0.25 of 255 and no pixel may differ by more than
+    2 levels; the LoRA itself moves the image far more than that (checked below, so the test can fail).
+    """
+    wf = tiny_train_workflow("render_match", steps=6, learning_rate=5e-3)
+    wf["3"]["inputs"].update(train_text_encoder=True, clip=["1", 1])
+    wf["4"]["inputs"].update(text_encoder_lr=5e-3)
+    wf["5"]["inputs"].update(dtype="fp32")
+    wf.update(render_graph("kiln_outputs", ["4", 1], ["4", 4], base_id=800))
+    trained = server.run(wf)
+    assert trained.status == "success", trained.error
+    assert lora_file(server, "render_match").is_file()  # after the prompt: the file exists now
+    stock, new_log = render_with_stock_lora(server, "render_match.safetensors", base_id=900, without_id=1000)
+    assert "lora key not loaded" not in new_log
+    kiln, loaded, base = (saved_image(server, trained, "805"), saved_image(server, stock, "905"),
+                          saved_image(server, stock, "1005"))
+    diff, effect = np.abs(kiln - loaded), np.abs(loaded - base).mean()
+    print(f"render match: mean {diff.mean():.4f} max {diff.max()} / LoRA effect {effect:.3f}")
+    assert diff.mean() < 0.25 and diff.max() <= 2, (diff.mean(), diff.max())
+    assert effect > 10 * 0.25, effect  # a render without the LoRA (or with half of it) would fail the check above

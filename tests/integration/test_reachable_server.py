@@ -1,7 +1,7 @@
 """A server others can reach (``--listen 0.0.0.0``) reads and writes only ComfyUI's folders and allowed ones.
 
 The server binds every interface, but every request of these tests goes to 127.0.0.1. The loopback server of the
-other tests (ComfyUI's default) accepts any absolute folder (test_privacy.py trains from one).
+other tests (ComfyUI's default) accepts any absolute folder (test_privacy_server.py trains from one).
 """
 
 from __future__ import annotations

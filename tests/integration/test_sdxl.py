@@ -32,9 +32,8 @@ def _install(server, built, name):
 
 
 @pytest.fixture(scope="session")
-def sdxl(server, tmp_path_factory):
-    built = build_tiny_checkpoint(find_comfyui(), tmp_path_factory.mktemp("xl") / XL, size="sdxl")
-    _install(server, built, XL)
+def sdxl(server, sdxl_checkpoint):
+    _install(server, sdxl_checkpoint, XL)
     return server
 
 

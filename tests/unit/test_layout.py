@@ -88,3 +88,12 @@ def test_only_the_corridor_touches_comfyui_internals():
     assert not offenders, f"only nodes/corridor/ (and {sorted(COMFY_IMPORTERS)}) may import ComfyUI: {offenders}"
     for rel in COMFY_IMPORTERS:  # the exceptions must still exist, so the list cannot rot silently
         assert (ROOT / rel).is_file(), rel
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test modules by base name (no __init__.py): two test_x.py in different folders break the
+    whole collection, which running one file at a time never shows."""
+    import collections
+
+    names = collections.Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], names

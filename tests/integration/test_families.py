@@ -1,0 +1,84 @@
+"""The family registry on ComfyUI's real classes, in a separate process (ComfyUI imported as a library).
+
+SDXL's size conditioning must reach the UNet as each sample's own sizes (ComfyUI's ``SDXL.encode_adm`` silently
+uses 768 x 768 and crop 0 without them), and what Kiln cannot train is refused by name before a step runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from comfy_harness import REPO
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, importlib, types
+    sys.path.insert(0, {repo!r})
+    import kiln
+    headless = kiln.boot_comfyui(kiln.find_comfyui(), extras=False)
+    pkg = headless.__name__.rsplit(".nodes.", 1)[0]
+    families = importlib.import_module(pkg + ".nodes.corridor.families")
+    denoiser = importlib.import_module(pkg + ".nodes.corridor.denoiser")
+    errors = importlib.import_module(pkg + ".nodes.corridor.errors")
+    import torch, comfy.sd, comfy.model_sampling as ms
+    out = {{}}
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config({ckpt!r}, output_vae=True, output_clip=True)
+        d = denoiser.ComfyDiffusion(model)
+        g = torch.Generator().manual_seed(0)
+        pooled = torch.randn(2, 1280, generator=g)
+        sizes = torch.tensor([[48, 80, 8, 0, 64, 64], [1024, 768, 0, 32, 896, 1152]])
+        _, extra = d.conditioning({{"context": torch.zeros(2, 77, 2048), "pooled": pooled, "size": sizes}}, "cpu")
+        y = extra["y"]
+        base = model.model
+        ref = torch.cat([base.encode_adm(pooled_output=pooled[i:i + 1], height=h, width=w, crop_h=ct, crop_w=cl,
+                                         target_height=th, target_width=tw, device="cpu")
+                         for i, (h, w, ct, cl, th, tw) in enumerate(sizes.tolist())])
+        default = base.encode_adm(pooled_output=pooled[:1], device="cpu")
+        out["y_shape"] = list(y.shape)
+        out["y_equals_comfyui_with_sizes"] = bool(torch.equal(y, ref))
+        out["y_differs_from_768_default"] = bool(not torch.equal(y[:1], default))
+        out["family"] = d.family.name
+
+    def refusal(patcher):
+        try:
+            families.detect(patcher)
+        except errors.KilnUserError as exc:
+            return str(exc)
+        return None
+
+    def fake(config_name, in_channels=4, concat_keys=(), sampling=None):
+        cfg = type(config_name, (), {{"unet_config": {{"in_channels": in_channels}}}})()
+        inner = types.SimpleNamespace(model_config=cfg, concat_keys=concat_keys)
+        return types.SimpleNamespace(model=inner, get_model_object=lambda name: sampling)
+
+    eps = type("MS", (ms.ModelSamplingDiscrete, ms.EPS), {{}})()
+    x0 = type("MS", (ms.ModelSamplingDiscrete, ms.X0), {{}})()
+    flow = type("MS", (ms.ModelSamplingDiscreteFlow, ms.CONST), {{}})()
+    out["sd3"] = refusal(fake("SD3", 16, sampling=flow))
+    out["flux"] = refusal(fake("Flux", 16, sampling=flow))
+    out["inpaint"] = refusal(fake("SD15", 9, ("mask", "masked_image"), sampling=eps))
+    out["x0"] = refusal(fake("SDXL", sampling=x0))
+    out["sd15_eps"] = refusal(fake("SD15", sampling=eps))
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_sdxl_size_conditioning_is_explicit_and_unsupported_models_are_refused_by_name(sdxl_checkpoint, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT.format(repo=str(REPO), ckpt=str(sdxl_checkpoint)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["family"] == "SDXL" and out["y_shape"] == [2, 2816]
+    assert out["y_equals_comfyui_with_sizes"] and out["y_differs_from_768_default"]
+    for key, name in (("sd3", "SD3"), ("flux", "Flux")):
+        assert name in out[key] and "SD1.x, SD2.x, SDXL" in out[key], out[key]
+    assert "inpainting" in out["inpaint"] and "9 input channels" in out["inpaint"], out["inpaint"]
+    assert "X0" in out["x0"] and "Inject LoRA" in out["x0"], out["x0"]
+    assert out["sd15_eps"] is None  # the plain model passes
