@@ -19,7 +19,18 @@ from .config import TrainConfig
 
 @runtime_checkable
 class DiffusionModel(Protocol):
-    """What the trainer needs from a denoising network."""
+    """What the trainer needs from a denoising network.
+
+    Optional attributes (read with ``getattr``; a host without them is trained as before, its dtype read from
+    the weights), through which the host tells the trainer how its network stores and computes, and the
+    trainer (:func:`lora_core.trainer.plan_precision`) decides the compute dtype:
+
+    - ``weight_dtype: torch.dtype`` - the dtype the frozen weights are stored in (ComfyUI: fp16 on most GPUs);
+    - ``manual_cast_dtype: torch.dtype | None`` - set when the host's layers cast their stored weights (fp8, ...)
+      per layer to their input's dtype; the trainer then never copies them and computes in this dtype or autocast;
+    - ``compute_dtype: torch.dtype | None`` - set by the trainer for the duration of a run (restored afterwards):
+      the dtype the network's inputs must have when autocast is off.
+    """
 
     prediction_type: str  # "epsilon" | "v_prediction"
     alphas_cumprod: torch.Tensor  # [T], float32

@@ -51,17 +51,78 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, else fp32 (CPU autocast is slower than fp32)."""
-    if precision == "fp32":
+_REQUESTED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def resolve_precision(
+    precision: str, device_type: str, stored_dtype: torch.dtype | None, bf16_supported: bool
+) -> torch.dtype:
+    """The dtype the network computes in, from the requested precision and the dtype its frozen weights are stored in.
+
+    ``fp32``/``bf16``/``fp16`` are taken as asked. ``auto``: fp32 on the CPU (its bf16 GEMMs are slower than fp32);
+    on a GPU bf16 where CUDA supports it, else fp16 when the weights are stored in fp16 (with loss scaling: every
+    fp16 run has it), else fp32. ``bf16_supported`` only counts on ``device_type == "cuda"``.
+    """
+    if precision in _REQUESTED:
+        return _REQUESTED[precision]
+    if precision != "auto":
+        raise ValueError(f"precision={precision!r} is not supported; allowed: auto, {', '.join(_REQUESTED)}")
+    if device_type == "cpu":
         return torch.float32
-    if precision == "bf16":
+    if device_type == "cuda" and bf16_supported:
         return torch.bfloat16
-    if precision == "fp16":
+    if stored_dtype == torch.float16:
         return torch.float16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
     return torch.float32
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How one run computes: ``compute`` dtype, under autocast or not, and which frozen weights get copies.
+
+    ``cast_from``: frozen parameters stored in these dtypes get ``compute`` copies once per run (``FrozenWeightCast``);
+    ``matmul_only``: only Linear/Conv2d weight and bias (autocast handles the rest), else every frozen parameter
+    (fp32 runs without autocast, where a norm's fp16 weight next to an fp32 input fails).
+    """
+
+    compute: torch.dtype
+    autocast: bool
+    cast_from: frozenset[torch.dtype] = frozenset()
+    matmul_only: bool = True
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 compute always trains with a GradScaler, whatever precision was requested."""
+        return self.compute == torch.float16
+
+
+def plan_precision(
+    precision: str,
+    device_type: str,
+    stored_dtype: torch.dtype | None,
+    bf16_supported: bool,
+    manual_cast_dtype: torch.dtype | None = None,
+) -> PrecisionPlan:
+    """The :class:`PrecisionPlan` of a run (a pure function: the table is tested case by case).
+
+    With ``manual_cast_dtype`` the host's layers cast their stored weights (fp8, say) to their input's dtype per layer;
+    those weights are never copied, ``fp32`` computes in the manual-cast dtype as the host itself does, and ``auto``
+    resolves as if the weights were stored in it. Otherwise ``fp32`` is really fp32 (copies of fp16/bf16 weights, any
+    device); bf16/fp16 run under autocast, with copies of Linear/Conv2d weights stored in the other half type, and on
+    the CPU of fp32 ones too (there the per-step re-cast is memory-bound; on a GPU it is ~1 % of a step and fp32 ->
+    half copies would cost VRAM).
+    """
+    if manual_cast_dtype is not None:
+        if precision == "fp32":
+            return PrecisionPlan(manual_cast_dtype, autocast=False)
+        compute = resolve_precision(precision, device_type, manual_cast_dtype, bf16_supported)
+        return PrecisionPlan(compute, autocast=compute != torch.float32)
+    compute = resolve_precision(precision, device_type, stored_dtype, bf16_supported)
+    if compute == torch.float32:
+        return PrecisionPlan(compute, autocast=False, cast_from=_FLOATS - {compute}, matmul_only=False)
+    sources = _FLOATS if device_type == "cpu" else _FLOATS - {torch.float32}
+    return PrecisionPlan(compute, autocast=True, cast_from=sources - {compute}, matmul_only=True)
 
 
 @contextlib.contextmanager
@@ -102,42 +163,71 @@ def frozen(roots: Mapping[str, nn.Module]) -> Iterator[None]:
 
 
 class FrozenWeightCast:
-    """Low-precision copies of the frozen Linear/Conv2d weights, swapped in while an autocast run trains.
+    """Copies of the frozen weights in the compute dtype, made once per run and swapped in while it trains.
 
-    Under autocast every matmul and convolution casts its fp32 weight to bf16/fp16 again on each forward (torch
+    Under autocast every matmul and convolution casts its stored weight to bf16/fp16 again on each forward (torch
     caches casts only for weights that require grad). On a CPU that re-cast is memory-bound: making the copies
     once per run saved 4-6 % of a bf16 step (BENCHMARKS.md, *Profile*). They round exactly as autocast would, so
-    the run is bit-identical; the fp32 originals go back on exit and around previews (a sampler runs the model
-    outside autocast). Only fp32 weights that need no gradient are touched; with no roots it does nothing.
+    the run is bit-identical. An fp32 run over weights stored in fp16/bf16 gets fp32 copies of every frozen parameter
+    (without them it would compute in half precision). The originals go back on exit and around previews (a sampler
+    runs the model outside autocast, on its own weights). Only parameters that need no gradient and are stored in one
+    of ``sources`` (a dtype other than ``dtype``) are touched; ``matmul_only``: those of Linear/Conv2d layers only;
+    with no roots it does nothing. ``copies`` counts the casts made.
     """
 
-    def __init__(self, roots: Mapping[str, nn.Module], dtype: torch.dtype) -> None:
-        self._swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
-        with torch.no_grad():
-            for root in roots.values():
-                for module in root.modules():
-                    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-                        continue
-                    for name in ("weight", "bias"):
-                        p = module._parameters.get(name)
-                        if p is not None and p.dtype == torch.float32 and not p.requires_grad:
-                            low = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                            self._swaps.append((module, name, p, low))
+    def __init__(
+        self,
+        roots: Mapping[str, nn.Module],
+        dtype: torch.dtype,
+        sources: frozenset[torch.dtype] = frozenset({torch.float32}),
+        matmul_only: bool = True,
+    ) -> None:
+        self.dtype = dtype
+        self.sources = frozenset(sources) - {dtype}
+        self.copies = 0
+        self._swaps: list[list] = []  # [module, name, original, copy]
+        made: dict[int, nn.Parameter] = {}  # a parameter shared by two modules gets one copy
+        for root in roots.values():
+            for module in root.modules():
+                if matmul_only and not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    continue
+                for name in ("weight", "bias") if matmul_only else list(module._parameters):
+                    p = module._parameters.get(name)
+                    if self._wanted(p):
+                        if id(p) not in made:
+                            made[id(p)] = self._copy(p)
+                        self._swaps.append([module, name, p, made[id(p)]])
         self.applied = False
 
+    def _wanted(self, p: torch.Tensor | None) -> bool:
+        return p is not None and not p.requires_grad and p.dtype in self.sources
+
+    def _copy(self, p: nn.Parameter) -> nn.Parameter:
+        self.copies += 1
+        with torch.no_grad():
+            return nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+
     def apply(self) -> None:
-        for module, name, _, low in self._swaps:
-            module._parameters[name] = low
+        for swap in self._swaps:
+            module, name, original, low = swap
+            current = module._parameters.get(name)
+            if current is not original and current is not low:
+                # the host put another tensor there meanwhile (ComfyUI re-patches a model it reloads during a preview)
+                if not self._wanted(current):
+                    continue
+                swap[2], swap[3] = current, self._copy(current)
+            module._parameters[name] = swap[3]
         self.applied = True
 
     def restore(self) -> None:
-        for module, name, original, _ in self._swaps:
-            module._parameters[name] = original
+        for module, name, original, low in self._swaps:
+            if module._parameters.get(name) is low:
+                module._parameters[name] = original
         self.applied = False
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
-        """The fp32 originals for the duration of the block (previews), then the copies again."""
+        """The stored originals for the duration of the block (previews), then the copies again."""
         was = self.applied
         if was:
             self.restore()
@@ -183,7 +273,7 @@ class Trainer:
         preview_every: int = 0,
     ) -> TrainResult:
         device = self.device
-        dtype = resolve_precision(config.precision, device)
+        plan = self.precision_plan(config.precision)
         adapters = state.build_adapters().to(device)
         adapters.train()
         params = list(adapters.parameters())
@@ -204,12 +294,12 @@ class Trainer:
                     config.optimizer,
                     state.step,
                 )
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        scaler = torch.amp.GradScaler(device.type, enabled=plan.loss_scaling)
         if scaler.is_enabled() and state.scaler_state is not None:
             scaler.load_state_dict(dict(state.scaler_state))  # fp16 resumes with the loss scale it had reached
         cuda_devices = [device] if device.type == "cuda" else []
 
-        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config, dtype) as cast:
+        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config, plan) as cast:
             noise_gen = torch.Generator()
             if state.rng is not None:
                 noise_gen.set_state(state.rng["noise"])
@@ -219,7 +309,7 @@ class Trainer:
             else:
                 noise_gen.manual_seed(state.seed)
                 torch.manual_seed(state.seed)
-            run = _Run(self, state, dataset, config, adapters, optimizer, scaler, noise_gen, dtype, cast)
+            run = _Run(self, state, dataset, config, adapters, optimizer, scaler, noise_gen, plan, cast)
             for cb in callbacks:
                 cb.on_start(state, config.steps)
             stopped = run.loop(callbacks, save_every, preview_every)
@@ -228,19 +318,45 @@ class Trainer:
             cb.on_end(final, stopped)
         return TrainResult(final, stopped)
 
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the frozen network's weights are stored in: the model's ``weight_dtype``, else its first weight's."""
+        declared = getattr(self.model, "weight_dtype", None)
+        if declared is not None:
+            return declared
+        root = self.roots["unet"] if "unet" in self.roots else next(iter(self.roots.values()), None)
+        first = next((p for p in root.parameters() if p.is_floating_point()), None) if root is not None else None
+        return first.dtype if first is not None else torch.float32
+
+    def precision_plan(self, precision: str) -> PrecisionPlan:
+        device = self.device
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        manual = getattr(self.model, "manual_cast_dtype", None)
+        stored = self.stored_dtype()
+        plan = plan_precision(precision, device.type, stored, bf16, manual)
+        scaled = " with loss scaling" if plan.loss_scaling else ""
+        if manual is not None and precision == "fp32" and plan.compute != torch.float32:
+            msg = "precision fp32: the host casts this model's %s weights to %s per layer; training computes in it%s"
+            logger.warning(msg, stored, manual, scaled)
+        else:
+            logger.info("precision %s: computing in %s over %s weights%s", precision, plan.compute, stored, scaled)
+        return plan
+
     @contextlib.contextmanager
-    def _attached(self, adapters: AdapterSet, config: TrainConfig, dtype: torch.dtype) -> Iterator[FrozenWeightCast]:
+    def _attached(self, adapters: AdapterSet, config: TrainConfig, plan: PrecisionPlan) -> Iterator[FrozenWeightCast]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.roots))
             stack.enter_context(adapters.attach(self.roots))
             if config.gradient_checkpointing and self.checkpoint_modules:
                 stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
-            # CPU only: there the per-step re-cast is memory-bound and costly; on a GPU it is ~1 % of a step and
-            # the copies would cost VRAM (half the UNet's fp32 size).
-            low = dtype != torch.float32 and self.device.type == "cpu" and "unet" in self.roots
-            cast = FrozenWeightCast({"unet": self.roots["unet"]} if low else {}, dtype)
+            # the denoising network only: a text encoder casts its own inputs (ComfyUI's CLIP manual-casts per layer)
+            roots = {"unet": self.roots["unet"]} if plan.cast_from and "unet" in self.roots else {}
+            cast = FrozenWeightCast(roots, plan.compute, plan.cast_from, plan.matmul_only)
             cast.apply()
             stack.callback(cast.restore)
+            if hasattr(self.model, "compute_dtype"):  # the host feeds its network inputs of this dtype (no autocast)
+                previous = self.model.compute_dtype
+                self.model.compute_dtype = plan.compute
+                stack.callback(setattr, self.model, "compute_dtype", previous)
             yield cast
 
 
@@ -257,7 +373,7 @@ class _Run:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
         noise_gen: torch.Generator,
-        dtype: torch.dtype,
+        plan: PrecisionPlan,
         cast: FrozenWeightCast,
     ) -> None:
         self.t = trainer
@@ -269,7 +385,8 @@ class _Run:
         self.optimizer = optimizer
         self.scaler = scaler
         self.noise_gen = noise_gen
-        self.dtype = dtype
+        self.plan = plan
+        self.dtype = plan.compute
         self.cast = cast
         self.step = state.step
         self.epoch = state.epoch
@@ -320,8 +437,7 @@ class _Run:
         latents, cond = self.dataset.collate(indices)
         latents = model.scale_latents(latents.to(device))
         cond = {k: v.to(device) for k, v in cond.items()}
-        autocast = self.dtype != torch.float32
-        with torch.autocast(device.type, dtype=self.dtype, enabled=autocast):
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.plan.autocast):
             loss = diffusion_loss(model, latents, cond, self.config, self.noise_gen)
         value = float(loss.detach())
         if not math.isfinite(value):

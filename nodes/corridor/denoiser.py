@@ -33,7 +33,10 @@ class ComfyDiffusion:
         self.text_encoder = text_encoder
         self.prediction_type = self.detected.objective.prediction_type
         self.alphas_cumprod = self.detected.objective.alphas_cumprod
-        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        self.weight_dtype: torch.dtype = self.base.get_dtype()  # as stored: fp16 on most GPUs, maybe fp8
+        self.manual_cast_dtype: torch.dtype | None = self.base.manual_cast_dtype  # ComfyUI's ops cast per layer to it
+        self.dtype = self.manual_cast_dtype or self.weight_dtype  # what ComfyUI's own sampler feeds the network
+        self.compute_dtype: torch.dtype | None = None  # set by the trainer for a run (its frozen-weight copies' dtype)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_in(latents)
@@ -61,7 +64,10 @@ class ComfyDiffusion:
         return context, {"y": torch.cat(rows).to(device)}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        dtype = self.dtype if not torch.is_autocast_enabled(x.device.type) else x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = x.dtype  # autocast picks each op's dtype
+        else:
+            dtype = self.compute_dtype or self.dtype  # fp32 when the trainer swapped fp32 copies in
         context, extra = self.conditioning(cond, x.device)
         extra = {k: v.to(x.device, dtype) for k, v in extra.items()}
         return self.unet(x.to(dtype), t.float(), context=context.to(x.device, dtype), **extra).float()
