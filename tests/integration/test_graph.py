@@ -179,7 +179,8 @@ def test_cancel_stops_within_a_step_and_keeps_a_checkpoint(server):
     seen = []
 
     def on_message(kind, data):
-        if kind == "progress" and data.get("node") == "4":
+        # training steps only: Train Steps also reports its caption-encoding phase on the same node
+        if kind == "progress" and data.get("node") == "4" and data.get("max") == 100000:
             seen.append((time.monotonic(), data["value"]))
             if len(seen) == 5:
                 server.interrupt()
@@ -351,7 +352,7 @@ def test_train_steps_model_and_clip_render_like_the_stock_lora_loader_with_the_s
     by one level, so the mean absolute difference must stay below 0.25 of 255 and no pixel may differ by more than
     2 levels; the LoRA itself moves the image far more than that (checked below, so the test can fail).
     """
-    wf = tiny_train_workflow("render_match", steps=6, learning_rate=5e-3)
+    wf = tiny_train_workflow("render_match", steps=3, learning_rate=5e-3)
     wf["3"]["inputs"].update(train_text_encoder=True, clip=["1", 1])
     wf["4"]["inputs"].update(text_encoder_lr=5e-3)
     wf["5"]["inputs"].update(dtype="fp32")
