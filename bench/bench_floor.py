@@ -5,12 +5,19 @@
     python bench/bench_floor.py --profile             # also print torch.profiler's top ops for one Kiln step
     python bench/bench_floor.py --size sd15 --latent 64 --batch 8 --rank 16 --dtype bf16 --native --peak-tflops 989
                                                       # the GPU row: full SD1.5 UNet at 512 px, with MFU
+    python bench/bench_floor.py --size sdxl --latent 8 --targets attn+ff all --native
+                                                      # SDXL: context 2048, pooled + sizes -> y via extra_conds
+    bash bench/gpu_sdxl.sh                            # the SDXL GPU rows: full SDXL UNet at 1024 px, bf16, MFU
 
 Rows: forward only (no grad), plain peft loop (peft LoRA layers injected into a copy of the UNet, AdamW),
 Kiln (lora_core.Trainer with hook adapters on the shared UNet), for attention-only and all-layer targets, and
 with ``--native`` ComfyUI's own TrainLoraNode (called in-process, like the server does). The device is
 ComfyUI's (the GPU when there is one). ``--peak-tflops`` adds MFU: the FLOPs torch's FlopCounterMode counts for
-one Kiln step (forward + backward, as executed) per second, over that peak.
+one Kiln step (forward + backward, as executed) per second, over that peak (and, with ``--native``, the FLOPs of one
+TrainLoraNode step, for its own MFU). On a GPU the table adds each row's peak ``torch.cuda.max_memory_allocated``.
+SDXL sizes (``sdxl``, ``sdxl_full``) condition every row like Kiln's trainer does: a [77, 2048] context, the pooled
+[1280] vector and the [6] size row per sample, turned into ``y`` by ComfyUI's ``extra_conds`` through Kiln's
+denoiser (TrainLoraNode gets the pooled output in its conditioning and does the same through ComfyUI's sampler).
 Each s/step is (long run - short run) / step difference, interleaved so machine noise hits all alike.
 """
 
@@ -30,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def boot(size: str, tmp: Path):
+def boot(size: str, tmp: Path, checkpoint: Path | None = None):
     import kiln
 
     comfy_dir = kiln.find_comfyui()
@@ -44,19 +51,23 @@ def boot(size: str, tmp: Path):
     patching = import_module(pkg.__name__ + ".nodes.corridor.patching")
     denoiser = import_module(pkg.__name__ + ".nodes.corridor.denoiser")
     core = import_module(pkg.__name__ + ".lora_core")
-    path = tmp / f"{size}.safetensors"
-    tiny.write_checkpoint(str(path), size)
+    path = checkpoint or tmp / f"{size}.safetensors"
+    if not path.exists():  # --checkpoint: built once, reused by later runs (the full SDXL one takes a minute)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tiny.write_checkpoint(str(path), size)
     import comfy.sd
     import torch
 
     with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+        # SDXL: CLIP-L + CLIP-G are not needed here (random conditioning), and loading them costs a GPU run time
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=size not in tiny.SDXL_SIZES)
     return model, patching, denoiser, core
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15"])
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15", "sdxl", "sdxl_full"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
@@ -68,20 +79,33 @@ def main() -> int:
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on (Kiln and TrainLoraNode)")
     parser.add_argument("--native", action="store_true", help="also time ComfyUI's TrainLoraNode (all layers)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="dense peak of the device, for MFU")
+    parser.add_argument("--targets", nargs="+", default=["attn", "all"], choices=["attn", "attn+ff", "all"],
+                        help="peft/Kiln rows (all = every Linear/Conv, LoCon on k x k convs)")
+    parser.add_argument("--no-peft", action="store_true", help="skip the plain peft rows (a UNet copy each)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint file to reuse (built there when missing)")
     args = parser.parse_args()
 
     import torch
 
     tmp = Path(tempfile.mkdtemp())
-    model, patching, denoiser, core = boot(args.size, tmp)
+    model, patching, denoiser, core = boot(args.size, tmp, args.checkpoint)
     device = patching.load_for_training(model)
+    loaded = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     diffusion = denoiser.ComfyDiffusion(model)
     unet = diffusion.unet
     b, s = args.batch, args.latent
+    xl = model.model.adm_channels > 0  # SDXL: y = pooled text output + size embeddings
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, 4, s, s, generator=g).to(device)
-    ctx = torch.randn(b, 77, 768, generator=g).to(device)
+    ctx = torch.randn(b, 77, 2048 if xl else 768, generator=g).to(device)
     t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    conds = [{"context": ctx[i].cpu()} for i in range(b)]
+    if xl:  # per sample, as Load Dataset stores them: pooled [1280] and [orig h, w, crop top, left, target h, w]
+        pooled = torch.randn(b, 1280, generator=g)
+        for i, c in enumerate(conds):
+            c.update(pooled=pooled[i], size=torch.tensor([s * 8, s * 8, 0, 0, s * 8, s * 8], dtype=torch.long))
+    with torch.no_grad():  # the same y every row gets: ComfyUI's extra_conds, through Kiln's denoiser
+        extra = diffusion.conditioning({k: torch.stack([c[k] for c in conds]) for k in conds[0]}, device)[1]
     amp = torch.bfloat16 if args.dtype == "bf16" else None
 
     def autocast():
@@ -90,16 +114,17 @@ def main() -> int:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-    items = tuple(core.LatentItem(latent=torch.randn(4, s, s, generator=g), cond={"context": ctx[0]}) for _ in range(max(b, 4)))
+    items = tuple(core.LatentItem(latent=torch.randn(4, s, s, generator=g), cond=conds[i % b])
+                  for i in range(max(b, 4)))
     data = core.LatentDataset(items)
-    ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+    presets = sys.modules[core.__name__ + ".config"].TARGET_PRESETS  # the patterns Kiln's own presets use
 
     def forward_run(n: int) -> float:
         sync()
         start = time.perf_counter()
         with torch.no_grad(), autocast():
             for _ in range(n):
-                unet(x, t.float(), context=ctx)
+                unet(x, t.float(), context=ctx, **extra)
         sync()
         return time.perf_counter() - start
 
@@ -108,8 +133,8 @@ def main() -> int:
 
         copy_unet = copy.deepcopy(unet)
         names = None
-        if targets == "attn":
-            names = [n for n, m in copy_unet.named_modules() if n.endswith(ATTN)]
+        if presets[targets] is not None:
+            names = [n for n, m in copy_unet.named_modules() if n.endswith(presets[targets])]
         else:
             names = [n for n, m in copy_unet.named_modules()
                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n]
@@ -131,7 +156,7 @@ def main() -> int:
                 a = ac[tt].view(-1, 1, 1, 1)
                 noisy = a.sqrt() * x + (1 - a).sqrt() * noise
                 with autocast():
-                    pred = copy_unet(noisy, tt.float(), context=ctx)
+                    pred = copy_unet(noisy, tt.float(), context=ctx, **extra)
                 loss = torch.nn.functional.mse_loss(pred.float(), noise)
                 loss.backward()
                 opt.step()
@@ -143,7 +168,7 @@ def main() -> int:
 
     def kiln_run(targets: str):
         cfg = core.AdapterConfig(rank=args.rank, alpha=args.rank, unet_targets=targets,
-                                 algorithm="lora" if targets == "attn" else "locon")
+                                 algorithm="locon" if targets == "all" else "lora")
         state = core.TrainState.from_adapters(core.AdapterSet.create({"unet": unet}, cfg))
         trainer = core.Trainer(diffusion, {"unet": unet}, device, patching.checkpoint_blocks(model))
 
@@ -162,7 +187,7 @@ def main() -> int:
         import comfy.sd  # noqa: F401
         from comfy_extras.nodes_train import TrainLoraNode
         latents = {"samples": torch.randn(b, 4, s, s, generator=g)}
-        positive = [[ctx[:1].cpu(), {}]]
+        positive = [[ctx[:1].cpu(), {"pooled_output": pooled[:1]} if xl else {}]]
         dtype = "bf16" if args.dtype == "bf16" else "fp32"
 
         def run(n: int) -> float:
@@ -184,23 +209,36 @@ def main() -> int:
         return run
 
     runs = {"forward": forward_run}
-    for targets in ("attn", "all"):
-        runs[f"peft {targets}"] = peft_run(targets)
+    for targets in args.targets:
+        if not args.no_peft:
+            runs[f"peft {targets}"] = peft_run(targets)
         runs[f"kiln {targets}"] = kiln_run(targets)
     if args.native:
         runs["native all"] = native_run()
     samples: dict[str, list[float]] = {k: [] for k in runs}
+    cuda = device.type == "cuda"
+    vram: dict[str, int] = dict.fromkeys(runs, 0)
+
+    def measured(name: str, n: int) -> float:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        elapsed = runs[name](n)
+        if cuda:
+            vram[name] = max(vram[name], torch.cuda.max_memory_allocated(device))
+        return elapsed
+
     with torch.inference_mode(False), torch.enable_grad():
-        for run in runs.values():
-            run(1)  # warm-up
+        for name in runs:
+            measured(name, 1)  # warm-up
         for _ in range(args.repeats):  # interleaved: noise from a shared machine hits every row alike
-            for name, run in runs.items():
-                samples[name].append((run(args.long) - run(args.short)) / (args.long - args.short))
+            for name in runs:
+                samples[name].append((measured(name, args.long) - measured(name, args.short))
+                                     / (args.long - args.short))
                 gc.collect()
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            run = runs["kiln attn"]
+            run = runs[f"kiln {args.targets[0]}"]
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run(3)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
@@ -208,7 +246,7 @@ def main() -> int:
         if args.peak_tflops:
             from torch.utils.flop_counter import FlopCounterMode
 
-            for name in ("kiln attn", "kiln all"):
+            for name in [n for n in runs if n.startswith(("kiln", "native"))]:
                 counter = FlopCounterMode(display=False)
                 with counter:
                     runs[name](1)
@@ -218,17 +256,25 @@ def main() -> int:
     print(f"\nUNet {args.size}, batch {b}, latents {s}x{s}, rank {args.rank}, {args.dtype}, {device}, "
           f"gradient checkpointing {'on (Kiln, TrainLoraNode)' if args.grad_ckpt else 'off'}, "
           f"median of {args.repeats}")
-    print("| run | s/step | it/s | x forward | Kiln / peft | Kiln / native | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    unet_params = sum(p.numel() for p in unet.parameters()) / 1e6
+    gib = 1024 ** 3
+    print(f"UNet {unet_params:.1f} M parameters" + (f"; weights on the GPU before training "
+          f"{loaded / gib:.1f} GiB" if cuda else ""))
+    print("| run | s/step | it/s | x forward | Kiln / peft | Kiln / native | GFLOP/step | MFU |"
+          + (" peak VRAM GiB |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for name, v in med.items():
-        rel = native = mfu = ""
+        rel = native = mfu = gflop = ""
         if name.startswith("kiln"):
-            rel = f"**{v / med['peft ' + name.split()[1]]:.2f}**"
+            peft_name = "peft " + name.split()[1]
+            rel = f"**{v / med[peft_name]:.2f}**" if peft_name in med else ""
             if "native all" in med:
                 native = f"{v / med['native all']:.2f}"
-            if name in flops:
-                mfu = f"{flops[name] / v / (args.peak_tflops * 1e12):.1%}"
-        print(f"| {name} | {v:.4f} | {1 / v:.2f} | {v / fwd:.2f} | {rel} | {native} | {mfu} |")
+        if name in flops:
+            gflop = f"{flops[name] / 1e9:.4g}"
+            mfu = f"{flops[name] / v / (args.peak_tflops * 1e12):.1%}"
+        print(f"| {name} | {v:.4f} | {1 / v:.2f} | {v / fwd:.2f} | {rel} | {native} | {gflop} | {mfu} |"
+              + (f" {vram[name] / gib:.1f} |" if cuda else ""))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 

@@ -1,6 +1,7 @@
 """Peak memory (RSS) of one process each: Kiln training, ComfyUI's TrainLoraNode, plain inference.
 
     python bench/bench_memory.py [--size small] [--steps 5]
+    python bench/bench_memory.py --size sdxl     # the 152 M SDXL UNet with the full CLIP-L + CLIP-G
 
 Each graph runs in its own fresh process (``kiln.py run``, ComfyUI as a library, no web server), so the peak
 RSS belongs to that job alone. Same checkpoint, 64x64, batch 1, rank 8.
@@ -56,7 +57,7 @@ def inference_graph(model: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "sdxl"])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     comfy = find_comfyui()

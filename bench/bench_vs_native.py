@@ -8,6 +8,9 @@ per-pair ratios (the machine this was written on is shared, and its speed drifts
     python bench/bench_vs_native.py                 # quick matrix (tiny + small UNet)
     python bench/bench_vs_native.py --full          # every combination of the issue's matrix
     python bench/bench_vs_native.py --models tiny   # just the 18.7 M-parameter UNet
+    python bench/bench_vs_native.py --models sdxl --short 2 --long 12   # the 152 M SDXL UNet (CLIP-L + CLIP-G):
+                                                    # batch 1 and 2, fp32, checkpointing off/on, 64 px
+    python bench/bench_vs_native.py --models sdxl --res 128 --batches 1 # the same at 128 px (16x16 latents)
 
 Needs ComfyUI (found like the tests: $COMFYUI_PATH, custom_nodes/.., ~/comfy/ComfyUI).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -30,17 +34,18 @@ from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui, make
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # tiny | small
+    model: str  # tiny | small | sdxl
     batch: int
     dtype: str  # fp32 | bf16
     ckpt: bool  # gradient checkpointing
     layers: str  # like  (every Linear/Conv on both sides) | defaults (each trainer's own defaults)
+    res: int = 64  # image side in pixels (both trainers: latents of res / 8)
 
 
 def native_graph(case: Case, steps: int, tag: str) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}},
-        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ["1", 1]}},
         "4": {"class_type": "TrainLoraNode", "inputs": {
             "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0], "batch_size": case.batch,
@@ -51,12 +56,18 @@ def native_graph(case: Case, steps: int, tag: str) -> dict:
     }
 
 
+def image_folder(res: int) -> str:
+    """Input folder of 4 captioned images of res x res (the 64 px one is the original ``bench``)."""
+    return "bench" if res == 64 else f"bench{res}"
+
+
 def kiln_graph(case: Case, steps: int, tag: str) -> dict:
     like = case.layers == "like"
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}},
         "2": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": "bench", "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "bucketing": True,
+            "folder": image_folder(case.res), "vae": ["1", 2], "clip": ["1", 1], "resolution": case.res,
+            "bucketing": True,
             "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
         "3": {"class_type": "KilnInjectLoRA", "inputs": {
             "model": ["1", 0], "name": f"bench_{tag}", "rank": 8, "alpha": 8.0,
@@ -73,43 +84,80 @@ def kiln_graph(case: Case, steps: int, tag: str) -> dict:
     }
 
 
-def timed(server: ComfyServer, graph: dict) -> float:
+def server_cpu_seconds(server: ComfyServer) -> float:
+    """User + system CPU time of the server process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CLOCKS: dict[str, float] = {}  # the last timed() call's wall and CPU seconds, for the log
+
+
+def timed(server: ComfyServer, graph: dict, clock: str = "wall") -> float:
+    cpu = server_cpu_seconds(server)
     result = server.run(graph, timeout=3600)
     if result.status != "success":
         raise RuntimeError(json.dumps(result.error)[:2000])
     stamps = {k: d["timestamp"] for k, d in result.history["status"]["messages"]}
-    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
+    CLOCKS.update(wall=(stamps["execution_success"] - stamps["execution_start"]) / 1000.0,
+                  cpu=server_cpu_seconds(server) - cpu)  # the CPU time the prompt cost: robust on a loaded machine
+    return CLOCKS[clock]
 
 
-def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, tag: str) -> float:
-    t_short = timed(server, build(case, short, f"{tag}_s"))
-    t_long = timed(server, build(case, long, f"{tag}_l"))
+def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, tag: str, clock: str = "wall",
+                 settle: bool = False) -> float:
+    if settle:  # one discarded 1-step run first: whatever switching trainers costs is not in the short run alone
+        timed(server, build(case, 1, f"{tag}_w"), clock)
+    t_short = timed(server, build(case, short, f"{tag}_s"), clock)
+    short_clocks = dict(CLOCKS)
+    t_long = timed(server, build(case, long, f"{tag}_l"), clock)
+    if clock != "wall" or settle:
+        print(f"    {tag}: short {short_clocks['wall']:.2f} s wall {short_clocks['cpu']:.2f} CPU-s, "
+              f"long {CLOCKS['wall']:.2f} s wall {CLOCKS['cpu']:.2f} CPU-s", flush=True)
     return (t_long - t_short) / (long - short)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sdxl"])
+    parser.add_argument("--res", type=int, default=64, help="image side in px (SD1.5 rows were all measured at 64)")
+    parser.add_argument("--batches", type=int, nargs="+", help="SDXL only: the batch sizes (default 1 2)")
+    parser.add_argument("--no-defaults", action="store_true", help="skip the each-trainer's-defaults case")
     parser.add_argument("--full", action="store_true", help="every batch x dtype x checkpointing combination")
     parser.add_argument("--short", type=int, default=3)
     parser.add_argument("--long", type=int, default=23)
     parser.add_argument("--repeats", type=int, default=3, help="paired repetitions per case (median reported)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vs_native.json")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: the server's execution stamps; cpu: CPU-seconds the server process used per step "
+                             "(all threads), for a machine other jobs load")
+    parser.add_argument("--settle", action="store_true",
+                        help="a discarded 1-step run of each trainer before its short run (for small step counts)")
     args = parser.parse_args()
+    if args.short < 2 or args.long <= args.short:
+        # TrainLoraNode's inputs do not change with the tag: a 1-step run after the 1-step warm-up (or settle run)
+        # would be ComfyUI's cached result, not a run
+        parser.error("need 2 <= --short < --long")
     comfy = find_comfyui()
     if comfy is None:
         print("ComfyUI not found (set COMFYUI_PATH)", file=sys.stderr)
         return 2
     cases: list[Case] = []
     for model in args.models:
-        if args.full:
+        if model == "sdxl":  # fp32 (the fast path on a CPU for both), checkpointing off and on
+            for batch, ckpt in itertools.product(args.batches or (1, 2), (False, True)):
+                cases.append(Case(model, batch, "fp32", ckpt, "like", args.res))
+        elif args.full:
             for batch, dtype, ckpt in itertools.product((1, 4), ("fp32", "bf16"), (False, True)):
-                cases.append(Case(model, batch, dtype, ckpt, "like"))
+                cases.append(Case(model, batch, dtype, ckpt, "like", args.res))
         else:
-            cases += [Case(model, 1, "fp32", False, "like"), Case(model, 4, "fp32", False, "like"),
-                      Case(model, 1, "bf16", False, "like"), Case(model, 1, "fp32", True, "like")]
-        cases.append(Case(model, 1, "bf16", True, "defaults"))  # TrainLoraNode's defaults vs Kiln's
+            cases += [Case(model, batch, dtype, ckpt, "like", args.res)
+                      for batch, dtype, ckpt in ((1, "fp32", False), (4, "fp32", False), (1, "bf16", False),
+                                                 (1, "fp32", True))]
+        if not args.no_defaults:
+            cases.append(Case(model, 1, "bf16", True, "defaults", args.res))  # TrainLoraNode's defaults vs Kiln's
     rows = []
+    unit = "s/step" if args.clock == "wall" else "CPU-s/step"
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base.mkdir()
@@ -117,7 +165,7 @@ def main() -> int:
         server = ComfyServer(comfy, base, ckpts[args.models[0]])
         for m, path in ckpts.items():
             (base / "models" / "checkpoints" / f"{m}.safetensors").symlink_to(path)
-        make_images(base / "input" / "bench", n=4)
+        make_images(base / "input" / image_folder(args.res), n=4, size=(args.res, args.res))
         server.start()
         try:
             for i, case in enumerate(cases):
@@ -125,24 +173,26 @@ def main() -> int:
                 timed(server, kiln_graph(case, 1, f"k{i}_warm"))
                 natives, kilns = [], []
                 for r in range(args.repeats):  # back to back, so machine noise hits both trainers alike
-                    natives.append(sec_per_step(server, native_graph, case, args.short, args.long, f"n{i}_{r}"))
-                    kilns.append(sec_per_step(server, kiln_graph, case, args.short, args.long, f"k{i}_{r}"))
+                    natives.append(sec_per_step(server, native_graph, case, args.short, args.long, f"n{i}_{r}",
+                                                args.clock, args.settle))
+                    kilns.append(sec_per_step(server, kiln_graph, case, args.short, args.long, f"k{i}_{r}",
+                                              args.clock, args.settle))
                 native, kiln = statistics.median(natives), statistics.median(kilns)
                 ratio = statistics.median(k / n for k, n in zip(kilns, natives))
-                row = {**case.__dict__, "native_s_per_step": native, "kiln_s_per_step": kiln, "ratio": ratio,
-                       "native_samples": natives, "kiln_samples": kilns}
+                row = {**case.__dict__, "clock": args.clock, "settle": args.settle, "native_s_per_step": native,
+                       "kiln_s_per_step": kiln, "ratio": ratio, "native_samples": natives, "kiln_samples": kilns}
                 rows.append(row)
-                print(f"{case.model:5} b{case.batch} {case.dtype} ckpt={str(case.ckpt):5} {case.layers:8} "
-                      f"native {native:.3f} s/step  kiln {kiln:.3f} s/step  kiln/native {ratio:.2f} "
+                print(f"{case.model:5} {case.res}px b{case.batch} {case.dtype} ckpt={str(case.ckpt):5} {case.layers:8} "
+                      f"native {native:.3f} {unit}  kiln {kiln:.3f} {unit}  kiln/native {ratio:.2f} "
                       f"(pairs: {', '.join(f'{k / n:.2f}' for k, n in zip(kilns, natives))})", flush=True)
         finally:
             server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print("\n| UNet | batch | dtype | grad ckpt | layers | TrainLoraNode s/step | Kiln s/step | Kiln / native |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| UNet | px | batch | dtype | grad ckpt | layers | TrainLoraNode {unit} | Kiln {unit} | Kiln / native |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {'on' if r['ckpt'] else 'off'} | {r['layers']} | "
+        print(f"| {r['model']} | {r['res']} | {r['batch']} | {r['dtype']} | {'on' if r['ckpt'] else 'off'} | {r['layers']} | "
               f"{r['native_s_per_step']:.3f} | {r['kiln_s_per_step']:.3f} | **{r['ratio']:.2f}** |")
     return 0
 

@@ -344,7 +344,8 @@ def test_changed_files_rerun_load_dataset_but_only_changed_images_are_encoded(se
 
 def test_train_steps_model_and_clip_render_like_the_stock_lora_loader_with_the_saved_file(server):
     """Train Steps' MODEL (Kiln's adapters, unmerged) and CLIP outputs render what CheckpointLoaderSimple ->
-    LoraLoader(saved file) renders, with the same sampler settings.
+    LoraLoader(saved file) renders, with the same sampler settings (UNet only here, the CLIP output passes the
+    CLIP through; test_sdxl.py compares trained text encoders too).
 
     The file is saved in fp32, so both sides apply the same numbers: what differs is only ComfyUI merging
     ``W + alpha / rank * up @ down`` into the weights versus Kiln adding ``x @ down @ up`` beside them (fp32 rounding,
@@ -353,8 +354,6 @@ def test_train_steps_model_and_clip_render_like_the_stock_lora_loader_with_the_s
     2 levels; the LoRA itself moves the image far more than that (checked below, so the test can fail).
     """
     wf = tiny_train_workflow("render_match", steps=3, learning_rate=5e-3)
-    wf["3"]["inputs"].update(train_text_encoder=True, clip=["1", 1])
-    wf["4"]["inputs"].update(text_encoder_lr=5e-3)
     wf["5"]["inputs"].update(dtype="fp32")
     wf.update(render_graph("kiln_outputs", ["4", 1], ["4", 4], base_id=800))
     trained = server.run(wf)
@@ -365,6 +364,5 @@ def test_train_steps_model_and_clip_render_like_the_stock_lora_loader_with_the_s
     kiln, loaded, base = (saved_image(server, trained, "805"), saved_image(server, stock, "905"),
                           saved_image(server, stock, "1005"))
     diff, effect = np.abs(kiln - loaded), np.abs(loaded - base).mean()
-    print(f"render match: mean {diff.mean():.4f} max {diff.max()} / LoRA effect {effect:.3f}")
     assert diff.mean() < 0.25 and diff.max() <= 2, (diff.mean(), diff.max())
     assert effect > 10 * 0.25, effect  # a render without the LoRA (or with half of it) would fail the check above

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The SDXL GPU rows of BENCHMARKS.md, in one go (about 7 minutes on an H100/H200):
+#
+#     bash bench/gpu_sdxl.sh
+#
+# The full SDXL UNet layout (nodes/tiny_checkpoint.py "sdxl_full": 2.6 B parameters, random weights, detected by
+# ComfyUI as SDXL), 1024 px (128x128 latents), bf16 autocast, rank 16, Kiln with attn+ff targets vs ComfyUI's
+# TrainLoraNode (called in-process as the executor calls it; it always trains every weight), batch 1 and 4,
+# gradient checkpointing off and on. bench_floor.py prints s/step, Kiln / TrainLoraNode, GFLOP/step and MFU (the
+# FLOPs FlopCounterMode counts for one step of each trainer, over PEAK_TFLOPS: 989 = H100/H200 dense bf16) and
+# each row's peak torch.cuda.max_memory_allocated. One log per configuration under $OUT (or bench/results).
+#
+# The checkpoint is built once (about a minute) at $KILN_SDXL_CKPT and reused by every configuration. Each
+# configuration runs in its own process under RUN_TIMEOUT, all of them under BUDGET (560 s), in the order
+# batch 1 off/on, batch 4 off/on: what the budget cannot fit is skipped and said so.
+# ComfyUI: $COMFYUI_PATH, else a checkout copied into the repo's ignored .comfyui/ (carry it to the device
+# machine); ComfyUI's requirements missing there travel as wheels in .whl/ (see BENCHMARKS.md section 5).
+# Every setting can be overridden for a CPU smoke test, e.g.
+#     SIZE=sdxl LATENT=8 BATCHES=1 STEPS="1 2" REPEATS=1 PEAK_TFLOPS=1 bash bench/gpu_sdxl.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=${SIZE:-sdxl_full}
+LATENT=${LATENT:-128}
+BATCHES=${BATCHES:-"1 4"}
+CKPT_MODES=${CKPT_MODES:-"off on"}
+TARGETS=${TARGETS:-"attn+ff"}
+DTYPE=${DTYPE:-bf16}
+RANK=${RANK:-16}
+STEPS=${STEPS:-"2 6"}           # short and long run: s/step = (t_long - t_short) / (long - short)
+REPEATS=${REPEATS:-2}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+RUN_TIMEOUT=${RUN_TIMEOUT:-240}  # per configuration, so one slow case cannot eat the whole budget
+BUDGET=${BUDGET:-560}            # all configurations together (seconds); a configuration gets what is left
+KILN_SDXL_CKPT=${KILN_SDXL_CKPT:-/tmp/kiln-bench-${SIZE}.safetensors}
+LOGS=${OUT:-bench/results}
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+read -r SHORT LONG <<<"$STEPS"
+
+if [ -z "${COMFYUI_PATH:-}" ] && [ -f .comfyui/main.py ]; then export COMFYUI_PATH=$PWD/.comfyui; fi
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+export PYTHONUNBUFFERED=1
+mkdir -p "$LOGS"
+"$PY" - <<'EOF' || true
+import torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "(CPU only: a smoke test, not the GPU rows)")
+EOF
+
+status=0
+start=$SECONDS
+for batch in $BATCHES; do
+    for ckpt in $CKPT_MODES; do
+        flag=""; [ "$ckpt" = on ] && flag="--grad-ckpt"
+        log="$LOGS/sdxl_${SIZE}_b${batch}_ckpt-${ckpt}.txt"
+        # shellcheck disable=SC2086
+        cmd=("$PY" bench/bench_floor.py --size "$SIZE" --latent "$LATENT" --batch "$batch" --rank "$RANK"
+             --dtype "$DTYPE" --targets $TARGETS --no-peft --native --peak-tflops "$PEAK_TFLOPS"
+             --short "$SHORT" --long "$LONG" --repeats "$REPEATS" --checkpoint "$KILN_SDXL_CKPT" $flag)
+        left=$(( BUDGET - (SECONDS - start) ))
+        limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
+        if [ "$limit" -lt 30 ]; then echo "!! skipped (budget spent): ${cmd[*]}" | tee "$log"; status=1; continue; fi
+        echo "== $(( SECONDS - start )) s, limit ${limit} s: ${cmd[*]}" | tee "$log"
+        timeout "$limit" "${cmd[@]}" 2>&1 | tee -a "$log"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" -ne 0 ] && { echo "!! exit $rc (124: over its ${limit} s)" | tee -a "$log"; status=1; }
+    done
+done
+echo "== done in $(( SECONDS - start )) s; logs in $LOGS"
+exit $status
