@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .adapters import AdapterSet, AdapterSpec
 from .config import AdapterConfig
@@ -23,6 +24,9 @@ from .fileio import atomic_save_safetensors, dumps, load_safetensors
 from .formats.privacy import Redactor
 
 CHECKPOINT_FORMAT = "lora-kiln.checkpoint/1"
+# The fields training changes; the rest of a state (adapter config, specs, seed, info) is the start state's.
+TRAINED_FIELDS = ("weights", "step", "epoch", "batch_index", "optimizer_name", "optimizer_state", "rng",
+                  "scaler_state", "history")
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,11 @@ class TrainState:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], extra_metadata: Mapping[str, str] | None = None,
-             redact: bool = True) -> Path:
+             redact: bool = True, plain_metadata: Mapping[str, str] | None = None) -> Path:
         """Write the checkpoint. With ``redact`` (the default) the run facts in ``info`` and ``extra_metadata`` are
         redacted like a shared LoRA's metadata (no absolute path, home, user or host name: see
-        :mod:`.formats.privacy`); the resume data (weights, optimizer, RNG, step) is never touched.
+        :mod:`.formats.privacy`); the resume data (weights, optimizer, RNG, step) is never touched, nor is
+        ``plain_metadata`` (machine values such as a run digest, which a user or host name must not alter).
         """
         tensors: dict[str, torch.Tensor] = {f"weights/{k}": v for k, v in self.weights.items()}
         optim_json: dict[str, Any] | None = None
@@ -106,7 +111,14 @@ class TrainState:
             extra = redactor.metadata(extra)
         metadata = {"format": CHECKPOINT_FORMAT, "kiln_state": dumps(meta)}
         metadata.update(extra)
+        metadata.update(plain_metadata or {})
         return atomic_save_safetensors(tensors, path, metadata)
+
+    def with_training_of(self, other: TrainState) -> TrainState:
+        """This state with what training changed taken from ``other`` (weights, step, cursor, optimizer, RNG, loss
+        scaler, history): what :meth:`Trainer.run` returns for a start state, rebuilt from a finished state or a
+        checkpoint of the same run. Adapter config, specs, seed and ``info`` stay this state's."""
+        return self.replace(**{name: getattr(other, name) for name in TRAINED_FIELDS})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrainState:
@@ -149,3 +161,12 @@ class TrainState:
             history=tuple((int(s), float(lo), float(lr)) for s, lo, lr in meta["history"]),
             info=meta["info"],
         )
+
+
+def checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header metadata of a checkpoint file, without reading its tensors ({} for anything unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a truncated or foreign file is simply not a match
+        return {}

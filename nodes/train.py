@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainState, settings
+from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainResult, TrainState, settings
 from ..lora_core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS
 from ..lora_core.plot import loss_chart
 from ..lora_core.tb import TensorBoardCallback
+from . import requeue
 from .corridor import denoiser, folders, patching, previews, reporting, text_encoders
 from .corridor.errors import KilnUserError
 from .objects import KilnDataset, KilnRun
@@ -27,19 +29,24 @@ def checkpoint_path(run: KilnRun, state: TrainState, tag: str) -> Path:
     return folder / f"{folder.parent.name}_step{state.step:06d}{tag}.kiln.safetensors"
 
 
-def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "") -> Path:
-    path = state.save(checkpoint_path(run, state, tag), extra_metadata={"kiln_name": run.name})
+def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "", digest: str | None = None,
+                    target: int = 0) -> Path:
+    """A resumable checkpoint; with the run's ``digest`` (and ``target`` step) a re-queue of it resumes from here."""
+    path = state.save(checkpoint_path(run, state, tag), extra_metadata={"kiln_name": run.name},
+                      plain_metadata=requeue.checkpoint_metadata_for(digest, target, state.step))
     logger.info("LoRA Kiln: checkpoint written to %s", path)
     return path
 
 
 class _Checkpoints(TrainCallback):
-    def __init__(self, run: KilnRun) -> None:
+    def __init__(self, run: KilnRun, digest: str | None = None, target: int = 0) -> None:
         self.run = run
+        self.digest = digest
+        self.target = target
         self.paths: list[Path] = []
 
     def on_checkpoint(self, state: TrainState) -> None:
-        self.paths.append(save_checkpoint(self.run, state))
+        self.paths.append(save_checkpoint(self.run, state, digest=self.digest, target=self.target))
 
 
 def image_from_pil(img: object) -> torch.Tensor:
@@ -98,6 +105,10 @@ class KilnTrainSteps(io.ComfyNode):
                     "kohya's usual choice is half the UNet's, e.g. 5e-5.")),
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True, tooltip=(
                     "Clip the gradient norm to this value before each step (0 = no clipping).")),
+                io.Boolean.Input("retrain", default=False, optional=True, tooltip=(
+                    "Train again from the start state. Off: a run identical to one already finished (same start "
+                    "state, data, settings and base model) is reused with 0 steps, and an interrupted one resumes "
+                    "from its last checkpoint; preview and save_every changes never retrain.")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
@@ -115,7 +126,8 @@ class KilnTrainSteps(io.ComfyNode):
                 scheduler: str, warmup_steps: int, schedule_steps: int, batch_size: int, grad_accum: int,
                 precision: str, gradient_checkpointing: bool, min_snr_gamma: float, noise_offset: float,
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
-                preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0) -> io.NodeOutput:
+                preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0,
+                retrain: bool = False) -> io.NodeOutput:
         run = state
         node_id = cls.hidden.unique_id
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
@@ -141,11 +153,23 @@ class KilnTrainSteps(io.ComfyNode):
                                              on_progress=encoding.advance)
             trainer = Trainer(denoiser.ComfyDiffusion(run.model, text_encoder, run.detected), roots, device,
                               checkpoint_modules=patching.checkpoint_blocks(run.model))
+            # the same training done before? reuse it, or resume it from its last checkpoint (nodes/requeue.py)
+            target = start.step + steps
+            digest = requeue.run_digest(run, latent_data, config, device, text_encoder)
+            plan = requeue.plan(run.name, digest, start, steps, retrain)
+            did = plan.describe(start.step, target)
 
             preview_files: list[dict] = []  # temp PNGs of the previews, for the node's live view (web/js)
 
-            def preview(step: int) -> torch.Tensor:
-                image = previews.sample_preview(run.model, clip, dataset.vae, prompt, preview_seed,
+            def preview(step: int, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                """The model as training left it (adapters attached), or with a snapshot's adapter ``weights``."""
+                model, text_clip = run.model, clip
+                if weights is not None:
+                    snapshot = start.replace(weights=weights)
+                    model = patching.with_adapters(run.model, snapshot)
+                    if text_encoder is not None:
+                        text_clip = text_encoders.clip_with_lora(run.clip, snapshot, run.naming)
+                image = previews.sample_preview(model, text_clip, dataset.vae, prompt, preview_seed,
                                                 preview_size, preview_size, preview_steps, 7.0, family,
                                                 text_adapters=text_encoder is not None)
                 patching.load_for_training(run.model)  # the VAE may have displaced the UNet
@@ -158,32 +182,56 @@ class KilnTrainSteps(io.ComfyNode):
                     reporting.send_event(reporting.PREVIEW_EVENT, {"node": node_id, **ref})
                 return image
 
-            progress = reporting.NodeProgress(node_id, steps, preview if preview_every else None,
+            begin = start.with_training_of(plan.found) if plan.found is not None else start
+            progress = reporting.NodeProgress(node_id, max(1, target - begin.step), preview if preview_every else None,
                                               samples_dir=folders.samples_directory(run.name))
-            checkpoints = _Checkpoints(run)
-            tb = TensorBoardCallback(folders.logs_directory(run.name))
-            try:
-                with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
-                    result = trainer.run(start, latent_data, config, [progress, checkpoints, tb],
-                                         save_every=save_every, preview_every=preview_every)
-            except TrainingError as exc:
-                tb.close()
-                path = save_checkpoint(run, exc.last_good_state, "_lastgood")
-                raise KilnUserError(
-                    f"{exc}\nCheckpoint of the last good state: {folders.display_path(path)}") from None
+            if plan.action == "reuse":
+                result = TrainResult(begin)
+            else:
+                if plan.action == "resume":
+                    reporting.status(node_id, f"Train Steps: resuming from step {begin.step} "
+                                              f"({folders.display_path(plan.source)})")
+                requeue.clear_snapshots(run.name, digest, after_step=begin.step if plan.found is not None else -1)
+                checkpoints = _Checkpoints(run, digest, target)
+                tb = TensorBoardCallback(folders.logs_directory(run.name))
+                callbacks = [requeue.SnapshotWriter(run.name, digest), progress, checkpoints, tb]
+                try:
+                    with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
+                        result = trainer.run(begin, latent_data, dataclasses.replace(config, steps=target - begin.step),
+                                             callbacks, save_every=save_every, preview_every=preview_every)
+                except TrainingError as exc:
+                    tb.close()
+                    path = save_checkpoint(run, exc.last_good_state, "_lastgood", digest, target)
+                    raise KilnUserError(
+                        f"{exc}\nCheckpoint of the last good state: {folders.display_path(path)}") from None
+                if not result.stopped_early and digest is not None:
+                    requeue.store_finished(run.name, digest, result.state)
+            # previews of the steps not trained now (a reused run; a resumed run's first part), rendered from the
+            # adapter snapshots kept at those steps, with the current preview settings
+            replay = [] if plan.action == "train" or result.stopped_early else requeue.previewed_steps(
+                start.step, target if plan.action == "reuse" else begin.step, preview_every)
+            known = {begin.step: begin.weights, result.state.step: result.state.weights}
+            missing = requeue.replay_previews(progress, run.name, digest, start, known, replay, preview)
+            if replay and progress.cancelled:
+                reporting.raise_if_interrupted()
 
         new_run = run.replace(state=result.state, train_settings=config.to_dict())
         if result.stopped_early:
-            path = save_checkpoint(run, result.state, "_cancelled")
+            path = save_checkpoint(run, result.state, "_cancelled", digest, target)
             logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
             reporting.raise_if_interrupted()
             raise KilnUserError(
                 f"training was cancelled at step {result.state.step}; checkpoint: {folders.display_path(path)}")
 
         chart = image_from_pil(loss_chart(result.state.history))
+        progress.previews.sort(key=lambda p: p[0])
+        preview_files.sort(key=lambda ref: ref["step"])
         preview_images = torch.cat([img for _, img in progress.previews], dim=0) if progress.previews else chart
         last = result.state.history[-1] if result.state.history else (0, float("nan"), 0.0)
-        text = f"step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
+        text = f"{did} · step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
+        if missing:
+            text += f" · no snapshot kept for the previews of step {', '.join(map(str, missing))} (retrain renders them)"
+        reporting.send_text(node_id, did)
         # For the live view (web/js/kiln_train_view.js), which redraws them after a page reload from the history.
         # Lists only (ComfyUI concatenates ui lists); nothing of this is stored in the workflow.
         history = [list(h) for h in result.state.history[-2000:]]
