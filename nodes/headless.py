@@ -240,7 +240,14 @@ def config_from_graph(api: dict[str, Any]) -> RunConfig:
 # ---- commands ----------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, resume: str | None = None, out: Any = None) -> int:
+def force_retrain(graph: dict[str, Any]) -> None:
+    """``--retrain``: every Train Steps node trains from its start state, ignoring finished runs and checkpoints."""
+    for node in graph.values():
+        if isinstance(node, dict) and node.get("class_type") == "KilnTrainSteps":
+            node.setdefault("inputs", {})["retrain"] = True
+
+
+def train(cfg: RunConfig, resume: str | None = None, out: Any = None, retrain: bool = False) -> int:
     out = out or sys.stdout
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     run_dir = output_dir / cfg.output_name
@@ -268,6 +275,8 @@ def train(cfg: RunConfig, resume: str | None = None, out: Any = None) -> int:
     (run_dir / "config.yaml").write_text(
         "# the effective configuration of this run (written by kiln.py)\n" + cfg.to_yaml(), encoding="utf-8")
     graph = graph_from_config(cfg, steps, resume_name)
+    if retrain:
+        force_retrain(graph)
     server = TerminalServer(total_steps=total, epochs=cfg.epochs)
     print(f"LoRA Kiln: training {cfg.output_name} for {steps} steps "
           f"({per_epoch} steps per epoch{', resuming at step ' + str(start_step) if start_step else ''})", file=out)
@@ -275,8 +284,8 @@ def train(cfg: RunConfig, resume: str | None = None, out: Any = None) -> int:
     checkpoints = sorted((run_dir / "checkpoints").glob("*.kiln.safetensors"), key=lambda p: p.stat().st_mtime)
     if status == "interrupted":
         last = checkpoints[-1] if checkpoints else None
-        print(f"\nStopped. Resumable checkpoint: {last}\nContinue with: python kiln.py {cfg.output_name}.yaml "
-              f"--resume {last}", file=out)
+        print(f"\nStopped. Resumable checkpoint: {last}\nRun the same command again to continue from it (a run with "
+              "the same settings resumes from its newest checkpoint by itself; --retrain starts over).", file=out)
         return 130
     if status == "error":
         return 1
@@ -288,10 +297,12 @@ def train(cfg: RunConfig, resume: str | None = None, out: Any = None) -> int:
     return 0
 
 
-def run_workflow(path: Path, sets: list[str], out: Any = None) -> int:
+def run_workflow(path: Path, sets: list[str], out: Any = None, retrain: bool = False) -> int:
     out = out or sys.stdout
     api = load_workflow(path)
     apply_sets(api, sets)
+    if retrain:
+        force_retrain(api)
     server = TerminalServer()
     status, _ = execute(api, server)
     print(f"workflow {path.name}: {status}", file=out)
@@ -370,9 +381,13 @@ def main(argv: list[str]) -> int:
     p_train.add_argument("config")
     p_train.add_argument("--resume", "--resume_from_checkpoint", dest="resume", default=None)
     p_train.add_argument("--set", action="append", default=[], help="override a config key: key=value")
+    retrain_help = ("train from scratch even if a finished run with the same settings is on disk (by default it is "
+                    "reused, and an interrupted one resumes from its newest checkpoint)")
+    p_train.add_argument("--retrain", action="store_true", help=retrain_help)
     p_run = sub.add_parser("run", help="run a workflow .json (UI or API format) headless")
     p_run.add_argument("workflow")
     p_run.add_argument("--set", action="append", default=[], help="dataset=..., steps=..., Type.input=...")
+    p_run.add_argument("--retrain", action="store_true", help=retrain_help)
     p_export = sub.add_parser("export", help="print a workflow's training settings as a config.yaml")
     p_export.add_argument("workflow")
     p_demo = sub.add_parser("demo", help="the one-minute demo on a tiny model (the default with no arguments)")
@@ -386,9 +401,9 @@ def main(argv: list[str]) -> int:
             cfg = RunConfig.from_yaml(args.config)
             if args.set:
                 cfg = cfg.replace(**{k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)})
-            return train(cfg, args.resume)
+            return train(cfg, args.resume, retrain=args.retrain)
         if args.command == "run":
-            return run_workflow(Path(args.workflow), args.set)
+            return run_workflow(Path(args.workflow), args.set, retrain=args.retrain)
         if args.command == "export":
             return export_config(Path(args.workflow))
         return demo(Path(args.output_dir).expanduser().resolve(), args.steps)

@@ -218,9 +218,9 @@ def test_kiln_py_reuses_a_finished_run_too(tmp_path, tiny_checkpoint):
            "learning_rate": 1e-3}
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(cfg))
 
-    def kiln() -> str:
-        done = subprocess.run([sys.executable, str(REPO / "kiln.py"), str(tmp_path / "again.yaml")], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+    def kiln(*flags: str) -> str:
+        done = subprocess.run([sys.executable, str(REPO / "kiln.py"), str(tmp_path / "again.yaml"), *flags],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 
@@ -229,6 +229,8 @@ def test_kiln_py_reuses_a_finished_run_too(tmp_path, tiny_checkpoint):
     run_dir = tmp_path / "out" / "again"
     assert same_tensors(load_file(str(run_dir / "again.safetensors")), load_file(str(run_dir / "again_00001.safetensors")))
     assert len(list((run_dir / "finished").glob("*.kiln.safetensors"))) == 1
+    assert "trained 2 steps" in kiln("--retrain")  # forced: trains again, to the same bytes (CPU)
+    assert same_tensors(load_file(str(run_dir / "again.safetensors")), load_file(str(run_dir / "again_00002.safetensors")))
 
 
 # ---- the store's rules, file by file (nodes/requeue.py with ComfyUI imported as a library) ---------------------
