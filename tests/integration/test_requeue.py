@@ -21,8 +21,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from comfy_harness import REPO, ComfyServer, make_images, tiny_train_workflow
-from conftest import COMFY
+from comfy_harness import REPO, ComfyServer, find_comfyui, make_images, tiny_train_workflow
 
 NAME = "requeue"
 REUSED = "reused a finished run (step 4): 0 steps"
@@ -151,7 +150,7 @@ def servers(server, tiny_checkpoint):
     started: list[ComfyServer] = []
 
     def start() -> ComfyServer:
-        srv = ComfyServer(COMFY, server.base, tiny_checkpoint)
+        srv = ComfyServer(find_comfyui(), server.base, tiny_checkpoint)
         started.append(srv)
         srv.start()
         return srv
