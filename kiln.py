@@ -34,7 +34,7 @@ log = logging.getLogger("kiln")
 
 # kiln.py's own options (nodes/headless.py's parser) -> how many values each takes; every other option must be
 # one of ComfyUI's flags (comfy/cli_args.py), which go to ComfyUI.
-KILN_OPTIONS = {"--comfyui": 1, "--resume": 1, "--resume_from_checkpoint": 1, "--set": 1, "--output-dir": 1,
+KILN_OPTIONS = {"--comfyui": 1, "--resume": 1, "--resume_from_checkpoint": 1, "--set": 1, "--output-dir": 1, "--retrain": 0,
                 "--steps": 1, "-h": 0, "--help": 0}
 # ComfyUI flags that choose the device: with one of them kiln.py never adds --cpu.
 DEVICE_CHOICES = ("cpu", "directml", "cuda_device", "default_device", "oneapi_device_selector")

@@ -29,7 +29,8 @@ REUSED = "reused a finished run (step 4): 0 steps"
 
 def workflow(tag: str, name: str = NAME, **train) -> dict:
     """4 steps with previews at 2 and 4; Save LoRA writes models/loras/<name>_<tag>.safetensors."""
-    wf = tiny_train_workflow(name, **{"steps": 4, "preview_every": 2, **train})
+    # a learning rate no other test trains with: the shared server's store must not hold this run already
+    wf = tiny_train_workflow(name, **{"steps": 4, "preview_every": 2, "learning_rate": 1.5e-3, **train})
     wf["5"]["inputs"].update(filename=f"{name}_{tag}", save_checkpoint=False)
     return wf
 
