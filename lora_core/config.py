@@ -13,8 +13,10 @@ from ._validate import check_choice, check_int, check_range
 
 # Module-name suffixes per preset. A pattern matches a module whose dotted name equals it or ends with
 # "." + pattern. "re:<regex>" entries match by regular expression (re.fullmatch on the dotted name).
-ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# The UNet families' names (to_q ... proj_out) and the MMDiT's (SD3: attn.qkv, attn.proj, mlp.fc1 ...): a model has
+# only one of the two, so one preset serves both.
+ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
+FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "mlp.fc1", "mlp.fc2")
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
     "attn": ATTN_TARGETS,
@@ -27,6 +29,7 @@ SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("mse", "l1", "huber")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")  # flow-matching models (diffusers' SD3/Flux trainers)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class TrainConfig:
     logit_std: float = 1.0
     min_timestep: int = 0
     max_timestep: int = 1000
+    flow_shift: float = 0.0  # flow models: the time shift of the sigma sampling; 0 = the model's own (SD3: 3.0)
+    loss_weighting: str = "none"  # flow models: none | sigma_sqrt | cosmap
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -153,6 +158,8 @@ class TrainConfig:
         check_range("logit_std", self.logit_std, 0.0, 10.0, lo_inclusive=False)
         check_int("min_timestep", self.min_timestep, 0, 100_000)
         check_int("max_timestep", self.max_timestep, 1, 100_000)
+        check_range("flow_shift", self.flow_shift, 0.0, 100.0)
+        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         if self.min_timestep >= self.max_timestep:
             raise ValueError(
                 f"min_timestep={self.min_timestep} must be below max_timestep={self.max_timestep}"

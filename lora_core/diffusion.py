@@ -1,13 +1,25 @@
 """The math of one diffusion training step, behind a small interface the host implements.
 
-The host (ComfyUI, or a test) supplies a :class:`DiffusionModel`: the noise schedule as
-``alphas_cumprod``, the prediction type, and a call ``model(noisy_latents, timesteps, cond)`` that returns
-the raw network output. Everything else lives here: timestep sampling, noise (with offset), the
-epsilon / v-prediction target, the loss and min-SNR-gamma weighting.
+The host (ComfyUI, or a test) supplies a :class:`DiffusionModel`: the prediction type, the noise schedule
+(``alphas_cumprod`` for the discrete DDPM schedules, ``flow_shift`` for rectified flow), and a call
+``model(noisy_latents, timesteps, cond)`` that returns the raw network output. Everything else lives here:
+timestep sampling, noise (with offset), the target, the loss and its weighting.
+
+Two kinds of objective:
+
+- **DDPM** (``epsilon``, ``v_prediction``): integer timesteps ``t`` into ``alphas_cumprod``,
+  ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``; min-SNR-gamma weighting.
+- **Rectified flow** (``flow``: SD3, Flux, ...): a sigma in (0, 1] per sample,
+  ``x_t = (1 - sigma) x_0 + sigma eps``, target ``eps - x_0`` (the velocity the model predicts). The sigma is
+  drawn uniformly or logit-normally on (0, 1) and then shifted as the model samples, ``shift * s / (1 + (shift - 1)
+  * s)``; the model is called with the sigmas themselves (the host maps them to its own timestep scale). Loss
+  weightings as in diffusers' SD3/Flux trainers: none, ``sigma_sqrt`` (1 / sigma^2), ``cosmap``.
+  min-SNR-gamma is a DDPM weighting and is refused on a flow model (:func:`check_objective`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+FLOW = "flow"
 
 
 @runtime_checkable
@@ -29,11 +44,13 @@ class DiffusionModel(Protocol):
     - ``manual_cast_dtype: torch.dtype | None`` - set when the host's layers cast their stored weights (fp8, ...)
       per layer to their input's dtype; the trainer then never copies them and computes in this dtype or autocast;
     - ``compute_dtype: torch.dtype | None`` - set by the trainer for the duration of a run (restored afterwards):
-      the dtype the network's inputs must have when autocast is off.
+      the dtype the network's inputs must have when autocast is off;
+    - ``flow_shift: float`` - flow models: the shift the model samples with (SD3: 3.0); ``config.flow_shift``
+      overrides it when set.
     """
 
-    prediction_type: str  # "epsilon" | "v_prediction"
-    alphas_cumprod: torch.Tensor  # [T], float32
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow"
+    alphas_cumprod: torch.Tensor  # [T], float32 (DDPM objectives; empty for flow)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Map latents as the VAE produced them into the space the network was trained in."""
@@ -115,6 +132,86 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, config: TrainConf
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
 
+def check_objective(config: TrainConfig, prediction_type: str) -> None:
+    """Refuse settings that belong to the other kind of objective, naming them and what to use instead."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}")
+    if prediction_type == FLOW:
+        if config.min_snr_gamma > 0:
+            raise ValueError(
+                f"min_snr_gamma={config.min_snr_gamma:g} is a weighting for DDPM (epsilon / v) models and has no "
+                "meaning on this flow-matching model: set min_snr_gamma to 0 (use loss_weighting, e.g. cosmap, and "
+                "timestep_sampling logit_normal instead)"
+            )
+    else:
+        if config.loss_weighting != "none":
+            raise ValueError(
+                f"loss_weighting={config.loss_weighting!r} is for flow-matching models (SD3, Flux); this model is "
+                f"{prediction_type}: set loss_weighting to none (min_snr_gamma is its weighting)"
+            )
+        if config.flow_shift > 0:
+            raise ValueError(
+                f"flow_shift={config.flow_shift:g} is for flow-matching models (SD3, Flux); this model is "
+                f"{prediction_type}: set flow_shift to 0"
+            )
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The time shift flow models sample with (SD3's, ComfyUI's ``time_snr_shift``): ``shift s / (1 + (shift-1) s)``."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_flow_sigmas(batch: int, config: TrainConfig, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Sigmas in (0, 1] (float32, on the CPU): ``u`` uniform or logit-normal, limited to
+    ``[min_timestep, max_timestep) / 1000`` of the range, then shifted by ``shift``."""
+    if config.timestep_sampling == "logit_normal":
+        u = torch.sigmoid(torch.normal(config.logit_mean, config.logit_std, (batch,), generator=generator))
+    else:
+        u = torch.rand(batch, generator=generator)
+    lo, hi = config.min_timestep / 1000.0, min(config.max_timestep / 1000.0, 1.0)
+    u = lo + (hi - lo) * u
+    return shift_sigmas(u.clamp(1e-5, 1.0), shift)
+
+
+def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - sigma) x_0 + sigma eps``."""
+    s = sigmas.to(latents.device, torch.float32).view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - s) * latents + s * noise
+
+
+def flow_loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample loss weights of diffusers' SD3/Flux trainers: none, sigma_sqrt (``sigma^-2``), cosmap."""
+    sigmas = sigmas.float()
+    if scheme == "sigma_sqrt":
+        return sigmas.pow(-2.0)
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    if scheme == "none":
+        return torch.ones_like(sigmas)
+    raise ValueError(f"loss_weighting={scheme!r}; allowed: none, sigma_sqrt, cosmap")
+
+
+def flow_loss(
+    model: DiffusionModel,
+    latents: torch.Tensor,
+    cond: Mapping[str, torch.Tensor],
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean rectified-flow loss of one micro-batch: the model predicts ``eps - x_0`` at ``x_t``."""
+    shift = config.flow_shift if config.flow_shift > 0 else float(getattr(model, "flow_shift", 1.0))
+    sigmas = sample_flow_sigmas(latents.shape[0], config, shift, generator)
+    noise = make_noise(latents, config.noise_offset, generator)
+    noisy = flow_noisy(latents.float(), noise, sigmas).to(latents.dtype)
+    target = noise - latents.float()
+    pred = model(noisy, sigmas.to(latents.device), cond)
+    per_sample = elementwise_loss(pred, target, config) * flow_loss_weights(sigmas, config.loss_weighting).to(
+        pred.device)
+    return per_sample.mean()
+
+
 def diffusion_loss(
     model: DiffusionModel,
     latents: torch.Tensor,
@@ -123,6 +220,8 @@ def diffusion_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Mean loss of one micro-batch (scalar, float32, differentiable w.r.t. the adapters)."""
+    if model.prediction_type == FLOW:
+        return flow_loss(model, latents, cond, config, generator)
     alphas_cumprod = model.alphas_cumprod
     t_cpu = sample_timesteps(latents.shape[0], alphas_cumprod.shape[0], config, generator)
     noise = make_noise(latents, config.noise_offset, generator)

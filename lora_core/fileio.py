@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,13 +23,51 @@ class SaveError(OSError):
     """A write failed; the previous file at the destination (if any) is untouched."""
 
 
+class NotEnoughSpace(SaveError):
+    """Refused before writing: the folder's disk has less free space than the file needs (plus a reserve)."""
+
+    def __init__(self, folder: Path, needed: int, free: int) -> None:
+        self.folder, self.needed, self.free = folder, needed, free
+        super().__init__(errno.ENOSPC, self.describe(str(folder)))
+
+    def describe(self, folder: str) -> str:
+        return (f"not enough free space in {folder}: writing needs {_size(self.needed)} ({self.needed} bytes, with a "
+                f"{_size(FREE_SPACE_RESERVE)} reserve) and {_size(self.free)} are free; free some space (or lower "
+                "keep_checkpoints / save_every) and try again. Nothing already written was touched")
+
+
+FREE_SPACE_RESERVE = 64 << 20  # left free after any write: a full disk breaks more than this write
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_free_space(folder: str | os.PathLike[str], nbytes: int) -> None:
+    """Raise :class:`NotEnoughSpace` unless ``folder``'s disk can take ``nbytes`` and still keep the reserve."""
+    folder = Path(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # cannot tell (a special file system): let the write itself report a problem
+        return
+    needed = nbytes + FREE_SPACE_RESERVE
+    if free < needed:
+        raise NotEnoughSpace(folder, needed, free)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``.
 
-    A crash or a full disk at any point leaves either the old file or the new one, never a mix.
+    The free space is checked first (:func:`check_free_space`): too little raises :class:`NotEnoughSpace`
+    before anything is written. A crash or a full disk at any point leaves either the old file or the new one,
+    never a mix.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, len(data))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -56,7 +56,11 @@ class RunConfig:
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
+    timestep_sampling: str = "uniform"  # uniform | logit_normal
+    discrete_flow_shift: float = 0.0  # flow models (SD3, Flux): 0 = the model's own shift
+    weighting_scheme: str = "none"  # flow models: none | sigma_sqrt | cosmap
     save_steps: int = 0
+    keep_checkpoints: int = 0  # keep the newest N save_steps checkpoints (0 = all)
     save_precision: str = "fp16"
     seed: int = 0
     resume_from_checkpoint: str = ""
@@ -93,6 +97,7 @@ class RunConfig:
                 "how long to train"
             )
         check_int("save_steps", self.save_steps, 0, 10_000_000)
+        check_int("keep_checkpoints", self.keep_checkpoints, 0, 10_000)
         check_choice("save_precision", self.save_precision, ("fp16", "bf16", "fp32"))
         check_int("sample_every", self.sample_every, 0, 10_000_000)
         check_int("sample_size", self.sample_size, 64, 2048)

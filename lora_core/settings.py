@@ -175,8 +175,12 @@ SETTINGS: tuple[Setting, ...] = (
     S("min_snr_gamma", (f"{_T}.min_snr_gamma",), "TrainConfig.min_snr_gamma"),
     S("noise_offset", (f"{_T}.noise_offset",), "TrainConfig.noise_offset"),
     S("max_grad_norm", (f"{_T}.max_grad_norm",), "TrainConfig.max_grad_norm"),
+    S("timestep_sampling", (f"{_T}.timestep_sampling",), "TrainConfig.timestep_sampling"),
+    S("discrete_flow_shift", (f"{_T}.flow_shift",), "TrainConfig.flow_shift"),
+    S("weighting_scheme", (f"{_T}.loss_weighting",), "TrainConfig.loss_weighting"),
     # checkpoints, previews, output
     S("save_steps", (f"{_T}.save_every",), aliases=("save_every_n_steps",)),
+    S("keep_checkpoints", (f"{_T}.keep_checkpoints",)),  # the newest N save_every checkpoints stay (0: all)
     S("resume_from_checkpoint"),  # kiln.py puts it on a Load Checkpoint node in place of Inject LoRA
     S("sample_prompts", (f"{_T}.preview_prompt",), to_node=_first_prompt, from_node=_prompt_list),
     S("sample_every", (f"{_T}.preview_every",)),

@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import AdapterSet
 from .config import TrainConfig
 from .data.latents import LatentDataset
-from .diffusion import DiffusionModel, diffusion_loss
+from .diffusion import DiffusionModel, check_objective, diffusion_loss
 from .optim import build_optimizer, lr_multiplier, param_groups, place_fused_state, set_lr
 from .progress import Smoother, StepInfo, TrainCallback
 from .state import TrainState
@@ -272,6 +272,7 @@ class Trainer:
         save_every: int = 0,
         preview_every: int = 0,
     ) -> TrainResult:
+        check_objective(config, self.model.prediction_type)  # min-SNR on a flow model etc.: refused, named
         device = self.device
         plan = self.precision_plan(config.precision)
         adapters = state.build_adapters().to(device)

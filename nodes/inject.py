@@ -88,10 +88,20 @@ class KilnInjectLoRA(io.ComfyNode):
         base = patching.strip_adapters(model)
         detected = families.detect(base)  # refuses what Kiln cannot train, naming the model and what is supported
         family = detected.family
+        if train_text_encoder and not family.text_encoders:
+            raise KilnUserError(
+                f"train_text_encoder is not offered for {family.name}: turn it off (the UNet/transformer LoRA is what "
+                f"{family.name} LoRAs train; the text encoders encode the captions once)"
+            )
+        if init_lora != NO_LORA and family.export_format != "kohya":
+            raise KilnUserError(
+                f"init_lora is not supported for {family.name} yet: set it to none, or continue a Kiln run from its "
+                "checkpoint with Load Checkpoint (Kiln)"
+            )
         roots = patching.unet_roots(base)
         if clip is not None and (train_text_encoder or init_lora != NO_LORA):
             roots.update(text_encoders.text_roots(clip, family))
-        naming = families.kohya_naming(base, family)
+        naming = families.lora_naming(base, family)
         if init_lora != NO_LORA:
             try:
                 state = load_lora_as_state(folders.lora_path(init_lora), roots, naming, config, seed=seed)

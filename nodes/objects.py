@@ -13,6 +13,7 @@ import torch
 from ..lora_core import LatentDataset, LatentItem, TrainState
 from ..lora_core.data import DatasetConfig, ImageRecord, tag_frequency
 from ..lora_core.formats.kohya import KohyaNaming
+from ..lora_core.formats.peft import PeftNaming
 from .corridor import text_encoders
 from .corridor.denoiser import SIZE
 from .corridor.families import Detected
@@ -94,7 +95,7 @@ class KilnRun:
     state: TrainState
     model: Any  # the MODEL training runs on, without Kiln adapters
     name: str
-    naming: KohyaNaming
+    naming: KohyaNaming | PeftNaming
     detected: Detected  # the model family and its training objective (corridor/families.py)
     base_model_name: str = ""
     train_settings: dict[str, Any] = field(default_factory=dict)

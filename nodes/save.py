@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..lora_core import TrainState
 from ..lora_core.fileio import atomic_save_safetensors
-from ..lora_core.formats.kohya import build_metadata, export_tensors, with_addnet_hashes
+from ..lora_core.formats.kohya import build_metadata, with_addnet_hashes
 from ..lora_core.formats.privacy import Redactor
 from .corridor import families, folders, patching, text_encoders
 from .corridor.errors import KilnUserError
@@ -96,7 +96,7 @@ class KilnSaveLoRA(io.ComfyNode):
             target = folders.unused_path(folders.safe_child(root, name, ".safetensors"))
         except KilnUserError as exc:
             raise KilnUserError(scrub(str(exc), roots)) from None
-        tensors = export_tensors(run.state, run.naming, dtype)
+        tensors = run.naming.export(run.state, dtype)
         bases = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors})
         unmapped = patching.lora_keys_loadable(run.model, bases, run.clip)
         if unmapped:
@@ -202,7 +202,7 @@ class KilnLoadCheckpoint(io.ComfyNode):
                     f"{shape[0]}->{shape[1]} in this model: load it on the model it was trained on"
                 )
         name = path.parent.parent.name
-        run = KilnRun(state=state, model=base, name=name, naming=families.kohya_naming(base, detected.family),
+        run = KilnRun(state=state, model=base, name=name, naming=families.lora_naming(base, detected.family),
                       detected=detected, clip=clip,
                       base_model_name=model_file_name(cls.hidden.prompt, cls.hidden.unique_id))
         text = f"resumed {name} at step {state.step} (epoch {state.epoch + 1})"

@@ -1,4 +1,4 @@
-"""Write a small, randomly initialised checkpoint that ComfyUI's stock loader detects as SD1.5 or SDXL.
+"""Write a small, randomly initialised checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL or SD3.
 
 For tests, benchmarks and the first-run demo; never for real images. ComfyUI's SD1.5 detection checks
 only model_channels=320, context_dim=768 (from the first input block's cross-attention), a 1x1 conv
@@ -14,14 +14,25 @@ SDXL's detection checks model_channels 320, a linear proj_in, the input-side tra
 - ``sdxl``:      channel_mult [1, 1, 1], one transformer per output block, no middle block (UNet about 152 M)
 - ``sdxl_full``: the full SDXL UNet layout (2.6 B parameters), for GPU benchmarks
 
-The text encoders are full size (CLIP-L, and CLIP-G for SDXL: the loader always builds them) and the VAE is
-TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/``taesd_decoder`` weights), all random.
+SD3's detection reads the MMDiT's depth from the x_embedder width (hidden size = 64 x depth, one 64-wide head
+per depth step), in_channels 16, adm from ``y_embedder`` and the context width from ``context_embedder``;
+``SD3.unet_config`` matches in_channels 16 only, so depth can shrink:
+
+- ``sd3``: an MMDiT of depth 2 (hidden 128, 2 heads, 2 joint blocks; 1.9 M parameters plus a 0.5 M sin-cos
+  ``pos_embed`` buffer of 64x64 patches: latents up to 128x128, images up to 1024 px), pooled input 2048 (CLIP-L
+  768 + CLIP-G 1280), context 4096 (CLIP-L/G padded to T5's width: ComfyUI pads when there is no T5). Stored under
+  ``model.diffusion_model.``, with CLIP-L/CLIP-G under ``text_encoders.clip_l.transformer.`` /
+  ``text_encoders.clip_g.transformer.`` and no T5-XXL; ComfyUI samples it with ModelSamplingDiscreteFlow, shift 3.
+
+The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
+configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
+``taesd_decoder`` weights; 16 latent channels for SD3), all random.
 ``--vpred`` adds the ``v_pred`` key (ComfyUI then samples the model as v-prediction), ``--ztsnr`` also ``ztsnr``
-(zero-terminal SNR), as NoobAI-style v-prediction SDXL checkpoints ship them.
+(zero-terminal SNR), as NoobAI-style v-prediction SDXL checkpoints ship them (not for ``sd3``, a flow model).
 
 Usage (ComfyUI importable, e.g. ``PYTHONPATH=$COMFYUI_PATH``)::
 
-    python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full] [--vpred] [--ztsnr]
+    python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full|sd3] [--vpred] [--ztsnr]
 """
 
 from __future__ import annotations
@@ -49,6 +60,12 @@ UNET_CONFIGS = {
                   "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10},
 }
 SDXL_SIZES = ("sdxl", "sdxl_full")
+# SD3 MMDiTs: depth sets the hidden size (64 x depth) and the head count; pos_embed_max_size is the side, in
+# patches, of the stored sin-cos position grid (ComfyUI crops its centre to the latent's size)
+MMDIT_CONFIGS = {
+    "sd3": {"depth": 2, "pos_embed_max_size": 64, "adm_in_channels": 2048, "context_dim": 4096},
+}
+SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS)
 
 
 def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> dict:
@@ -58,6 +75,10 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
     from comfy.taesd.taesd import TAESD
 
     torch.manual_seed(seed)
+    if size in MMDIT_CONFIGS:
+        if vpred or ztsnr:
+            raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
+        return _sd3_state_dict(size)
     cfg = UNET_CONFIGS[size]
     xl = size in SDXL_SIZES
     family = {"context_dim": 2048, "use_linear_in_transformer": True, "adm_in_channels": 2816,
@@ -87,6 +108,43 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
         sd["v_pred"] = torch.tensor([])
     if ztsnr:
         sd["ztsnr"] = torch.tensor([])
+    return sd
+
+
+def build_mmdit(size: str = "sd3"):
+    """ComfyUI's own SD3 MMDiT class with the ``size`` layout, randomly initialised (fp32)."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
+
+    cfg = MMDIT_CONFIGS[size]
+    grid = cfg["pos_embed_max_size"]
+    mmdit = MMDiT(
+        input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=cfg["depth"],
+        adm_in_channels=cfg["adm_in_channels"],
+        context_embedder_config={"target": "torch.nn.Linear",
+                                 "params": {"in_features": cfg["context_dim"], "out_features": 64 * cfg["depth"]}},
+        pos_embed_max_size=grid, num_patches=grid * grid, pos_embed_scaling_factor=None,
+        operations=comfy.ops.manual_cast,
+    )
+    _init_(mmdit)
+    with torch.no_grad():  # the fixed sin-cos grid real SD3 checkpoints carry, not noise
+        mmdit.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(mmdit.hidden_size, grid)).unsqueeze(0))
+    return mmdit
+
+
+def _sd3_state_dict(size: str) -> dict:
+    from comfy.taesd.taesd import TAESD
+
+    mmdit = build_mmdit(size)
+    sd = {f"model.diffusion_model.{k}": v.half() for k, v in mmdit.state_dict().items()}
+    del mmdit
+    # CLIP-L and CLIP-G in HF layout where SD3.clip_target and SD3ClipModel.load_sd look for them; no T5-XXL
+    sd.update(_clip("text_encoders.clip_l.transformer.", 768, 3072, 12, 12, projection=False))
+    sd.update(_clip("text_encoders.clip_g.transformer.", 1280, 5120, 20, 32, projection=True))
+    taesd = TAESD(latent_channels=16)
+    _init_(taesd)
+    sd.update({f"first_stage_model.{k}": v.float() for k, v in taesd.state_dict().items()})
     return sd
 
 
@@ -141,11 +199,13 @@ def write_checkpoint(path: str, size: str = "tiny", seed: int = 0, vpred: bool =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("--size", choices=sorted(UNET_CONFIGS), default="tiny")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vpred", action="store_true", help="mark it v-prediction (the v_pred key)")
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
     args = parser.parse_args(argv)
+    if args.size in MMDIT_CONFIGS and (args.vpred or args.ztsnr):
+        parser.error(f"--size {args.size} is a flow-matching model: --vpred/--ztsnr do not apply")
     comfy_path = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/comfy/ComfyUI")
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)

@@ -12,7 +12,8 @@ import torch
 from comfy_api.latest import io
 
 from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainResult, TrainState, settings
-from ..lora_core.config import OPTIMIZERS, PRECISIONS, SCHEDULERS
+from ..lora_core.config import LOSS_WEIGHTINGS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TIMESTEP_SAMPLING
+from ..lora_core.fileio import NotEnoughSpace
 from ..lora_core.plot import loss_chart
 from ..lora_core.tb import TensorBoardCallback
 from . import requeue
@@ -39,14 +40,31 @@ def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "", digest: str 
 
 
 class _Checkpoints(TrainCallback):
-    def __init__(self, run: KilnRun, digest: str | None = None, target: int = 0) -> None:
+    """Writes the ``save_every`` checkpoints; with ``keep`` > 0 only the newest ``keep`` of those this run wrote stay
+    (kohya's save_last_n_*: older ones are removed after the new one is safely written; Cancel's and Save LoRA's
+    checkpoints are never removed, nor anything another run wrote)."""
+
+    def __init__(self, run: KilnRun, digest: str | None = None, target: int = 0, keep: int = 0) -> None:
         self.run = run
         self.digest = digest
         self.target = target
+        self.keep = keep
         self.paths: list[Path] = []
 
     def on_checkpoint(self, state: TrainState) -> None:
-        self.paths.append(save_checkpoint(self.run, state, digest=self.digest, target=self.target))
+        path = save_checkpoint(self.run, state, digest=self.digest, target=self.target)
+        self.paths = [p for p in self.paths if p != path] + [path]
+        if self.keep > 0:
+            for old in self.paths[: -self.keep]:
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError as exc:
+                    logger.warning("LoRA Kiln: could not remove the old checkpoint %s: %s", old, exc)
+            self.paths = self.paths[-self.keep :]
+
+
+def _no_space(exc: NotEnoughSpace) -> KilnUserError:
+    return KilnUserError(exc.describe(folders.display_path(exc.folder)))
 
 
 def image_from_pil(img: object) -> torch.Tensor:
@@ -109,6 +127,20 @@ class KilnTrainSteps(io.ComfyNode):
                     "Train again from the start state. Off: a run identical to one already finished (same start "
                     "state, data, settings and base model) is reused with 0 steps, and an interrupted one resumes "
                     "from its last checkpoint; preview and save_every changes never retrain.")),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="uniform", optional=True,
+                               tooltip=(
+                    "How training noise levels are drawn. uniform: evenly. logit_normal: more often in the middle "
+                    "(the SD3 paper's choice; recommended for SD3/Flux).")),
+                io.Float.Input("flow_shift", default=0.0, min=0.0, max=100.0, step=0.05, optional=True, tooltip=(
+                    "Flow-matching models (SD3, Flux) only: the time shift of the noise levels; higher trains at "
+                    "noisier levels. 0 = the model's own (SD3: 3.0, or a ModelSamplingSD3 node's). Keep 0 for SD1/SDXL.")),
+                io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="none", optional=True, tooltip=(
+                    "Flow-matching models (SD3, Flux) only: per-noise-level loss weights as in diffusers' SD3 "
+                    "trainer (none, sigma_sqrt, cosmap). SD1/SDXL use min_snr_gamma instead (set it to 0 for flow "
+                    "models).")),
+                io.Int.Input("keep_checkpoints", default=0, min=0, max=10_000, optional=True, tooltip=(
+                    "Keep only the newest N save_every checkpoints of this run (0 = keep all). The checkpoint "
+                    "written on Cancel is always kept; an old one is removed only after the new one is written.")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
@@ -127,7 +159,8 @@ class KilnTrainSteps(io.ComfyNode):
                 precision: str, gradient_checkpointing: bool, min_snr_gamma: float, noise_offset: float,
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
                 preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0,
-                retrain: bool = False) -> io.NodeOutput:
+                retrain: bool = False, timestep_sampling: str = "uniform", flow_shift: float = 0.0,
+                loss_weighting: str = "none", keep_checkpoints: int = 0) -> io.NodeOutput:
         run = state
         node_id = cls.hidden.unique_id
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
@@ -192,13 +225,16 @@ class KilnTrainSteps(io.ComfyNode):
                     reporting.status(node_id, f"Train Steps: resuming from step {begin.step} "
                                               f"({folders.display_path(plan.source)})")
                 requeue.clear_snapshots(run.name, digest, after_step=begin.step if plan.found is not None else -1)
-                checkpoints = _Checkpoints(run, digest, target)
+                checkpoints = _Checkpoints(run, digest, target, keep_checkpoints)
                 tb = TensorBoardCallback(folders.logs_directory(run.name))
                 callbacks = [requeue.SnapshotWriter(run.name, digest), progress, checkpoints, tb]
                 try:
                     with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
                         result = trainer.run(begin, latent_data, dataclasses.replace(config, steps=target - begin.step),
                                              callbacks, save_every=save_every, preview_every=preview_every)
+                except NotEnoughSpace as exc:
+                    tb.close()
+                    raise _no_space(exc) from None
                 except TrainingError as exc:
                     tb.close()
                     path = save_checkpoint(run, exc.last_good_state, "_lastgood", digest, target)
@@ -217,7 +253,10 @@ class KilnTrainSteps(io.ComfyNode):
 
         new_run = run.replace(state=result.state, train_settings=config.to_dict())
         if result.stopped_early:
-            path = save_checkpoint(run, result.state, "_cancelled", digest, target)
+            try:
+                path = save_checkpoint(run, result.state, "_cancelled", digest, target)
+            except NotEnoughSpace as exc:
+                raise _no_space(exc) from None
             logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
             reporting.raise_if_interrupted()
             raise KilnUserError(

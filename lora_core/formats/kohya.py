@@ -74,6 +74,9 @@ class KohyaNaming:
             seen[kohya] = adapter
         return out
 
+    def export(self, state: TrainState, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+        return export_tensors(state, self, dtype)
+
     def all_names(self, roots: Mapping[str, nn.Module]) -> dict[str, str]:
         """kohya name -> adapter name for every Linear/Conv2d in ``roots`` that has a kohya name."""
         out: dict[str, str] = {}
@@ -129,6 +132,11 @@ ARCHITECTURES = {
     "sd_v2": ("stable-diffusion-v2-512", KOHYA_IMPLEMENTATION),
     "sd_v2_768_v": ("stable-diffusion-v2-768-v", KOHYA_IMPLEMENTATION),
     "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
+    # SD3 as kohya's sd3 trainer names them (its ss_base_model_version is the MMDiT variant); the file is diffusers'
+    # SD3 LoRA layout (formats/peft.py), read by diffusers and ComfyUI
+    "medium": ("stable-diffusion-3-medium", "diffusers"),
+    "5-medium": ("stable-diffusion-3-5-medium", "diffusers"),
+    "5-large": ("stable-diffusion-3-5-large", "diffusers"),
 }
 
 

@@ -31,8 +31,11 @@ class ComfyDiffusion:
         self.base = patcher.model
         self.unet: nn.Module = self.base.diffusion_model
         self.text_encoder = text_encoder
-        self.prediction_type = self.detected.objective.prediction_type
-        self.alphas_cumprod = self.detected.objective.alphas_cumprod
+        objective = self.detected.objective
+        self.prediction_type = objective.prediction_type
+        self.alphas_cumprod = objective.alphas_cumprod
+        self.flow_shift = objective.flow_shift  # flow: the engine draws sigmas with it (unless the run overrides it)
+        self._timestep_scale = objective.timestep_multiplier if objective.prediction_type == "flow" else 1.0
         self.weight_dtype: torch.dtype = self.base.get_dtype()  # as stored: fp16 on most GPUs, maybe fp8
         self.manual_cast_dtype: torch.dtype | None = self.base.manual_cast_dtype  # ComfyUI's ops cast per layer to it
         self.dtype = self.manual_cast_dtype or self.weight_dtype  # what ComfyUI's own sampler feeds the network
@@ -70,4 +73,7 @@ class ComfyDiffusion:
             dtype = self.compute_dtype or self.dtype  # fp32 when the trainer swapped fp32 copies in
         context, extra = self.conditioning(cond, x.device)
         extra = {k: v.to(x.device, dtype) for k, v in extra.items()}
-        return self.unet(x.to(dtype), t.float(), context=context.to(x.device, dtype), **extra).float()
+        # DDPM: integer timesteps as ComfyUI passes them; flow: the engine's sigmas on the network's timestep scale
+        # (ComfyUI's model_sampling.timestep: sigma * multiplier, 1000 for SD3)
+        timesteps = t.float() * self._timestep_scale
+        return self.unet(x.to(dtype), timesteps, context=context.to(x.device, dtype), **extra).float()

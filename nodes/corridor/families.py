@@ -19,6 +19,7 @@ import torch
 
 from ...lora_core.config import TARGET_PRESETS
 from ...lora_core.formats.kohya import KohyaNaming
+from ...lora_core.formats.peft import PeftNaming, Piece
 from .errors import KilnUserError
 
 
@@ -42,6 +43,9 @@ class Family:
     size_conditioning: bool = False  # SDXL: original size, crop and target size per sample
     default_resolution: int = 512
     latent_channels: int = 4
+    objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # what its model_sampling may be (else refused)
+    export_format: str = "kohya"  # "kohya": lora_<prefix>_<path>.lora_down/up + alpha; "diffusers": peft keys
+    blocks: str = "unet"  # the layers gradient checkpointing recomputes: "unet" (Res/Transformer) | "joint_blocks"
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -55,7 +59,7 @@ class Family:
 
     @property
     def target_presets(self) -> dict[str, tuple[str, ...] | None]:
-        return dict(TARGET_PRESETS)  # the UNet families share module names (to_q ... proj_out)
+        return dict(TARGET_PRESETS)  # UNet (to_q ... proj_out) and MMDiT (attn.qkv ... mlp.fc2) names
 
 
 SD1 = Family(
@@ -75,7 +79,18 @@ SDXL = Family(
     modelspec_architectures=("stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base"),
     size_conditioning=True, default_resolution=1024,
 )
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
+# SD3 medium / SD3.5 medium and large (ComfyUI loads them all as ``SD3``): a rectified-flow MMDiT. The file is
+# diffusers' SD3 LoRA layout (``transformer.<diffusers path>.lora_A/B``, fused qkv written as to_q/to_k/to_v), the
+# one layout both ComfyUI's LoraLoader and diffusers' SD3 pipeline load. Text-encoder training is not offered
+# (kohya trains none for SD3 by default; the encoders are only used to encode the captions once).
+SD3 = Family(
+    name="SD3/SD3.5", model_configs=("SD3",), text_encoders=(), unet_naming="mmdit",
+    base_model_versions=("sd3", "sd3"),
+    modelspec_architectures=("stable-diffusion-3-medium", "stable-diffusion-3-medium"),
+    default_resolution=1024, latent_channels=16, objectives=("flow",), export_format="diffusers",
+    blocks="joint_blocks",
+)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3)
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
 
 
@@ -83,15 +98,18 @@ SUPPORTED = ", ".join(f.name for f in FAMILIES)
 class Objective:
     """The training target as plain data for the engine (no ComfyUI objects)."""
 
-    prediction_type: str  # "epsilon" | "v_prediction"
-    alphas_cumprod: torch.Tensor  # [T] float32, from ComfyUI's sigmas: 1 / (sigma^2 + 1)
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow"
+    alphas_cumprod: torch.Tensor  # [T] float32, from ComfyUI's sigmas: 1 / (sigma^2 + 1); empty for flow
     zero_terminal_snr: bool = False
+    flow_shift: float = 1.0  # flow: the time shift ComfyUI samples with (SD3: 3.0; a ModelSamplingSD3 node's)
+    timestep_multiplier: float = 1000.0  # flow: the network's timestep = sigma * this (ComfyUI's model_sampling)
 
 
 @dataclass(frozen=True)
 class Detected:
     family: Family
     objective: Objective
+    variant: str = ""  # SD3: kohya's model_type (medium, 5-medium, 5-large); it is the base model version then
 
     @property
     def v_prediction(self) -> bool:
@@ -99,11 +117,17 @@ class Detected:
 
     @property
     def base_model_version(self) -> str:
-        return self.family.base_model_versions[int(self.v_prediction)]
+        return self.variant or self.family.base_model_versions[int(self.v_prediction)]
 
     @property
     def modelspec_architecture(self) -> str:
+        if self.variant:
+            return ARCHITECTURE_OF_VARIANT[self.variant]
         return self.family.modelspec_architectures[int(self.v_prediction)]
+
+
+ARCHITECTURE_OF_VARIANT = {"medium": "stable-diffusion-3-medium", "5-medium": "stable-diffusion-3-5-medium",
+                           "5-large": "stable-diffusion-3-5-large"}
 
 
 def model_type_name(patcher: Any) -> str:
@@ -126,7 +150,15 @@ def detect(patcher: Any) -> Detected:
             f"channels, extra inputs {list(getattr(base, 'concat_keys', ()))}); LoRA Kiln trains the plain "
             f"text-to-image {family.name} model. Load the base checkpoint."
         )
-    return Detected(family, objective(patcher))
+    found = objective(patcher)
+    if found.prediction_type not in family.objectives:
+        raise KilnUserError(
+            f"this {family.name} model samples as {found.prediction_type}, but {family.name} trains as "
+            f"{' / '.join(family.objectives)}: remove the sampling patch (ModelSampling* node) between the loader and "
+            "Inject LoRA"
+        )
+    variant = sd3_variant(base.model_config.unet_config) if family.export_format == "diffusers" else ""
+    return Detected(family, found, variant)
 
 
 def _in_channels(base: Any) -> int:
@@ -136,32 +168,43 @@ def _in_channels(base: Any) -> int:
 def objective(patcher: Any) -> Objective:
     """The parametrisation and noise schedule ComfyUI samples this model with, or a refusal naming it.
 
-    Only ComfyUI's discrete 1000-step schedule with an exactly epsilon or v parametrisation is accepted; ComfyUI's
-    X0 / LCM / IMG_TO_IMG / EDM / flow / cascade samplings (also when a ModelSamplingDiscrete node patches them
-    onto the model) would be trained with the wrong target; its eps / v_prediction (+ zsnr) settings are honoured.
+    Accepted: ComfyUI's discrete 1000-step schedule with an exactly epsilon or v parametrisation (SD1/SD2/SDXL, its
+    eps / v_prediction (+ zsnr) settings honoured), and the rectified-flow schedule ``ModelSamplingDiscreteFlow``
+    with ``CONST`` (SD3, AuraFlow; its shift and timestep multiplier, as a ModelSamplingSD3 node may set them).
+    ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node patches them onto the model) would
+    be trained with the wrong target and are refused.
     """
     sampling = patcher.get_model_object("model_sampling")
     bases = type(sampling).__bases__
     schedule = next((b for b in bases if issubclass(b, torch.nn.Module)), type(sampling))
     parametrisation = next((b for b in bases if not issubclass(b, torch.nn.Module)), None)
-    kinds = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
+    ms = comfy.model_sampling
+    if schedule is ms.ModelSamplingDiscreteFlow and parametrisation is ms.CONST:
+        return Objective("flow", torch.empty(0), flow_shift=float(sampling.shift),
+                         timestep_multiplier=float(sampling.multiplier))
+    kinds = {ms.EPS: "epsilon", ms.V_PREDICTION: "v_prediction"}
     sigmas = getattr(sampling, "sigmas", None)
-    if (schedule is not comfy.model_sampling.ModelSamplingDiscrete or parametrisation not in kinds
+    if (schedule is not ms.ModelSamplingDiscrete or parametrisation not in kinds
             or sigmas is None or sigmas.shape[0] != 1000):
         steps = f", {sigmas.shape[0]} sigmas" if sigmas is not None else ""
         raise KilnUserError(
             f"this model samples with {schedule.__name__} + {getattr(parametrisation, '__name__', '?')}{steps}; "
             "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL (a "
-            "ModelSamplingDiscrete node set to eps or v_prediction is fine). Remove LCM/x0/EDM sampling patches from "
-            "the MODEL you connect to Inject LoRA, or load a checkpoint Kiln supports."
+            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3 "
+            "(ModelSamplingDiscreteFlow). Remove LCM/x0/EDM sampling patches from the MODEL you connect to Inject "
+            "LoRA, or load a checkpoint Kiln supports."
         )
     sigmas = sigmas.detach().float().cpu()
     return Objective(kinds[parametrisation], 1.0 / (sigmas**2 + 1.0), bool(getattr(sampling, "zsnr", False)))
 
 
-def kohya_naming(patcher: Any, family: Family | None = None) -> KohyaNaming:
-    """kohya names: diffusers paths for SD1/SD2 UNets (ComfyUI's own LDM -> diffusers map), LDM paths for SDXL."""
+def lora_naming(patcher: Any, family: Family | None = None) -> KohyaNaming | PeftNaming:
+    """The file names of a family's layers: kohya names with diffusers paths for SD1/SD2 UNets (ComfyUI's own LDM ->
+    diffusers map), kohya names with LDM paths for SDXL, diffusers' SD3 layout for the MMDiT (ComfyUI's own MMDiT ->
+    diffusers map: fused qkv -> to_q/to_k/to_v rows, adaLN outputs in diffusers' order)."""
     family = family or detect(patcher).family
+    if family.export_format == "diffusers":
+        return _mmdit_naming(patcher)
     prefixes = {"unet": "lora_unet", **{t.component: t.kohya_prefix for t in family.text_encoders}}
     if family.unet_naming == "ldm":
         return KohyaNaming(path_maps={}, prefixes=prefixes)
@@ -172,3 +215,38 @@ def kohya_naming(patcher: Any, family: Family | None = None) -> KohyaNaming:
         if ldm.endswith(".weight") and diff.endswith(".weight")
     }
     return KohyaNaming(path_maps={"unet": ldm_to_diffusers}, prefixes=prefixes)
+
+
+def _mmdit_naming(patcher: Any) -> PeftNaming:
+    inner = "diffusion_model."
+    mapping = comfy.utils.mmdit_to_diffusers(patcher.model.model_config.unet_config, output_prefix=inner)
+    present = set(patcher.model.diffusion_model.state_dict())
+    pieces: dict[str, list[Piece]] = {}
+    for diffusers_key, target in mapping.items():
+        if not diffusers_key.endswith(".weight"):
+            continue
+        rows, swap = None, False
+        if isinstance(target, tuple):
+            target, offset, *fn = target
+            if offset is not None:
+                dim, start, length = offset
+                if dim != 0:
+                    continue  # a column slice: not a layer of its own
+                rows = (int(start), int(length))
+            swap = bool(fn) and fn[0] is comfy.utils.swap_scale_shift
+            if fn and not swap:
+                continue  # another transformation of the weight: not expressible as rows of up
+        path = target[len(inner):]
+        if path not in present:
+            continue  # a layer this variant has not got (attn2, qk-norm, ...)
+        pieces.setdefault(f"unet.{path[: -len('.weight')]}", []).append(
+            Piece(diffusers_key[: -len(".weight")], rows, swap))
+    return PeftNaming({name: tuple(sorted(p, key=lambda x: x.rows or (0, 0))) for name, p in pieces.items()})
+
+
+def sd3_variant(unet_config: dict[str, Any]) -> str:
+    """kohya's SD3 ``model_type``: ``5-medium`` (MMDiT-X: attn2 layers and qk-norm), ``5-large`` (qk-norm), else
+    ``medium`` (SD3 medium)."""
+    if unet_config.get("qk_norm"):
+        return "5-medium" if unet_config.get("x_block_self_attn_layers") else "5-large"
+    return "medium"

@@ -46,6 +46,8 @@ def base_identity(patcher: Any, detected: Detected, device: torch.device | str,
             "prediction_type": objective.prediction_type,
             "zero_terminal_snr": objective.zero_terminal_snr,
             "alphas_cumprod": digest.tensor_bytes_digest(objective.alphas_cumprod.float().cpu()),
+            "flow_shift": objective.flow_shift,
+            "timestep_multiplier": objective.timestep_multiplier,
         },
         "latent_format": {
             "class": type(latent).__name__,

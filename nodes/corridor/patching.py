@@ -1,7 +1,7 @@
 """Per-clone adapters on a shared module tree, loading a model for training, and LoraLoader key checks.
 
 ``ModelPatcher.clone()`` shares the ``nn.Module`` tree; Kiln's adapters attach by forward hooks for the duration
-of one diffusion-model call (a ``DIFFUSION_MODEL`` wrapper registered on the clone), so other clones and the
+of one diffusion-model call (an ``APPLY_MODEL`` wrapper registered on the clone), so other clones and the
 cache never see them and module names never change (a stacked LoraLoader keeps applying).
 """
 
@@ -35,6 +35,8 @@ def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
     (``forward_timestep_embed``) and never calls the container's ``forward``.
     """
     unet = patcher.model.diffusion_model
+    if getattr(unet, "joint_blocks", None) is not None:  # MMDiT (SD3): one JointBlock at a time
+        return list(unet.joint_blocks)
     containers = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
     if getattr(unet, "middle_block", None) is not None:
         containers.append(unet.middle_block)
@@ -85,7 +87,9 @@ def with_adapters(patcher: Any, state: TrainState) -> Any:
     placed: dict[tuple[torch.device, torch.dtype], AdapterSet] = {}
 
     def wrapper(executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        unet = executor.class_obj
+        # APPLY_MODEL, not DIFFUSION_MODEL: every BaseModel calls its apply_model wrappers, while only some networks
+        # (the SD UNet, Flux, ...; not SD3's MMDiT in ComfyUI 0.3.64) call the diffusion-model ones
+        unet = executor.class_obj.diffusion_model
         x = args[0]
         key = (x.device, torch.float32)
         if key not in placed:
@@ -95,14 +99,14 @@ def with_adapters(patcher: Any, state: TrainState) -> Any:
             return executor(*args, **kwargs)
 
     clone = patcher.clone()
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
     return clone
 
 
 def strip_adapters(patcher: Any) -> Any:
     """The model without any Kiln adapters (what training runs on)."""
     clone = patcher.clone()
-    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     return clone
 
 

@@ -43,6 +43,12 @@ def sdxl_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd3_checkpoint(tmp_path_factory) -> Path:
+    """A depth-2 SD3 MMDiT with the full CLIP-L and CLIP-G, no T5 and a 16-channel TAESD: loaded as SD3."""
+    return build_tiny_checkpoint(COMFY, tmp_path_factory.mktemp("sd3") / "tiny_sd3.safetensors", size="sd3")
+
+
+@pytest.fixture(scope="session")
 def server(comfy_base, tiny_checkpoint):
     srv = ComfyServer(COMFY, comfy_base, tiny_checkpoint)
     make_images(comfy_base / "input" / "shapes", n=4)

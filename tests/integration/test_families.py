@@ -59,7 +59,9 @@ SCRIPT = textwrap.dedent(
     x0 = type("MS", (ms.ModelSamplingDiscrete, ms.X0), {{}})()
     flow = type("MS", (ms.ModelSamplingDiscreteFlow, ms.CONST), {{}})()
     out["sd3"] = refusal(fake("SD3", 16, sampling=flow))
-    out["flux"] = refusal(fake("Flux", 16, sampling=flow))
+    out["sd3_eps"] = refusal(fake("SD3", 16, sampling=eps))
+    out["sdxl_flow"] = refusal(fake("SDXL", sampling=flow))
+    out["others"] = {{name: refusal(fake(name, 16, sampling=flow)) for name in {others!r}}}
     out["inpaint"] = refusal(fake("SD15", 9, ("mask", "masked_image"), sampling=eps))
     out["x0"] = refusal(fake("SDXL", sampling=x0))
     out["sd15_eps"] = refusal(fake("SD15", sampling=eps))
@@ -68,17 +70,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# every other image family of ComfyUI v0.3.64's comfy/supported_models.py (video and audio ones are refused alike)
+OTHERS = ["Flux", "FluxSchnell", "FluxInpaint", "Chroma", "ChromaRadiance", "AuraFlow", "PixArtAlpha", "PixArtSigma",
+          "HunyuanDiT", "HunyuanDiT1", "HunyuanImage21", "HiDream", "Lumina2", "QwenImage", "Omnigen2",
+          "CosmosT2IPredict2", "Stable_Cascade_C", "SDXLRefiner", "SD21UnclipH", "SDXL_instructpix2pix", "LotusD"]
+
+
 def test_sdxl_size_conditioning_is_explicit_and_unsupported_models_are_refused_by_name(sdxl_checkpoint, tmp_path):
     script = tmp_path / "probe.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), ckpt=str(sdxl_checkpoint)))
+    script.write_text(SCRIPT.format(repo=str(REPO), ckpt=str(sdxl_checkpoint), others=OTHERS))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(line[len("RESULT "):])
     assert out["family"] == "SDXL" and out["y_shape"] == [2, 2816]
     assert out["y_equals_comfyui_with_sizes"] and out["y_differs_from_768_default"]
-    for key, name in (("sd3", "SD3"), ("flux", "Flux")):
-        assert name in out[key] and "SD1.x, SD2.x, SDXL" in out[key], out[key]
+    assert out["sd3"] is None  # rectified flow: trained since issue 13
+    assert "samples as epsilon, but SD3/SD3.5 trains as flow" in out["sd3_eps"], out["sd3_eps"]
+    assert "samples as flow, but SDXL trains as epsilon / v_prediction" in out["sdxl_flow"], out["sdxl_flow"]
+    assert set(out["others"]) == set(OTHERS)
+    for name, message in out["others"].items():
+        assert f"cannot train {name} models yet" in message and "SD1.x, SD2.x, SDXL, SD3/SD3.5" in message, message
     assert "inpainting" in out["inpaint"] and "9 input channels" in out["inpaint"], out["inpaint"]
     assert "X0" in out["x0"] and "Inject LoRA" in out["x0"], out["x0"]
     assert out["sd15_eps"] is None  # the plain model passes
