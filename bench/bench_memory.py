@@ -2,6 +2,7 @@
 
     python bench/bench_memory.py [--size small] [--steps 5]
     python bench/bench_memory.py --size sdxl     # the 152 M SDXL UNet with the full CLIP-L + CLIP-G
+    python bench/bench_memory.py --size sd3      # the depth-2 SD3 MMDiT with the full CLIP-L + CLIP-G
 
 Each graph runs in its own fresh process (``kiln.py run``, ComfyUI as a library, no web server), so the peak
 RSS belongs to that job alone. Same checkpoint, 64x64, batch 1, rank 8.
@@ -46,7 +47,8 @@ def inference_graph(model: str) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{model}.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ["1", 1]}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "EmptySD3LatentImage" if model == "sd3" else "EmptyLatentImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "4": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 5, "cfg": 7.0, "sampler_name": "euler",
                                                    "scheduler": "normal", "denoise": 1.0, "model": ["1", 0],
                                                    "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0]}},
@@ -57,7 +59,7 @@ def inference_graph(model: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "sdxl"])
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "sdxl", "sd3"])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     comfy = find_comfyui()

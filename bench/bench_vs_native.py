@@ -11,6 +11,7 @@ per-pair ratios (the machine this was written on is shared, and its speed drifts
     python bench/bench_vs_native.py --models sdxl --short 2 --long 12   # the 152 M SDXL UNet (CLIP-L + CLIP-G):
                                                     # batch 1 and 2, fp32, checkpointing off/on, 64 px
     python bench/bench_vs_native.py --models sdxl --res 128 --batches 1 # the same at 128 px (16x16 latents)
+    python bench/bench_vs_native.py --models sd3 --short 2 --long 12    # the depth-2 SD3 MMDiT (flow matching)
 
 Needs ComfyUI (found like the tests: $COMFYUI_PATH, custom_nodes/.., ~/comfy/ComfyUI).
 """
@@ -34,7 +35,7 @@ from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui, make
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # tiny | small | sdxl
+    model: str  # tiny | small | sdxl | sd3
     batch: int
     dtype: str  # fp32 | bf16
     ckpt: bool  # gradient checkpointing
@@ -45,7 +46,8 @@ class Case:
 def native_graph(case: Case, steps: int, tag: str) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}},
-        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
+        "2": {"class_type": "EmptySD3LatentImage" if case.model == "sd3" else "EmptyLatentImage",
+              "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ["1", 1]}},
         "4": {"class_type": "TrainLoraNode", "inputs": {
             "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0], "batch_size": case.batch,
@@ -77,7 +79,8 @@ def kiln_graph(case: Case, steps: int, tag: str) -> dict:
             "state": ["3", 0], "dataset": ["2", 0], "steps": steps, "learning_rate": 1e-4, "optimizer": "adamw",
             "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": case.batch, "grad_accum": 1,
             "precision": case.dtype if like else "auto", "gradient_checkpointing": case.ckpt if like else False,
-            "min_snr_gamma": 5.0, "noise_offset": 0.0, "save_every": 0, "preview_every": 0, "preview_prompt": "",
+            "min_snr_gamma": 0.0 if case.model == "sd3" else 5.0, "noise_offset": 0.0, "save_every": 0,
+            "preview_every": 0, "preview_prompt": "",
             "preview_seed": 0, "preview_size": 64, "preview_steps": 2}},
         "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": f"bench_{tag}", "dtype": "fp16",
                                                        "save_checkpoint": False}},
@@ -119,9 +122,9 @@ def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sdxl"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sdxl", "sd3"])
     parser.add_argument("--res", type=int, default=64, help="image side in px (SD1.5 rows were all measured at 64)")
-    parser.add_argument("--batches", type=int, nargs="+", help="SDXL only: the batch sizes (default 1 2)")
+    parser.add_argument("--batches", type=int, nargs="+", help="SDXL/SD3 only: the batch sizes (default 1 2)")
     parser.add_argument("--no-defaults", action="store_true", help="skip the each-trainer's-defaults case")
     parser.add_argument("--full", action="store_true", help="every batch x dtype x checkpointing combination")
     parser.add_argument("--short", type=int, default=3)
@@ -144,7 +147,7 @@ def main() -> int:
         return 2
     cases: list[Case] = []
     for model in args.models:
-        if model == "sdxl":  # fp32 (the fast path on a CPU for both), checkpointing off and on
+        if model in ("sdxl", "sd3"):  # fp32 (the fast path on a CPU for both), checkpointing off and on
             for batch, ckpt in itertools.product(args.batches or (1, 2), (False, True)):
                 cases.append(Case(model, batch, "fp32", ckpt, "like", args.res))
         elif args.full:

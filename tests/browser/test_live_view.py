@@ -122,7 +122,7 @@ def open_comfyui(page, url: str, extensions: tuple[str, ...] = ("LoRAKiln.TrainV
 def open_stock_page(browser, url: str, extensions: tuple[str, ...] = ("LoRAKiln.TrainView",)):
     """A new page on ComfyUI's default graph (no Kiln node yet) and the console errors the stock page logs by
     itself: the baseline later errors are compared with. Returns (page, console, baseline)."""
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page = browser.new_page(viewport={"width": 1600, "height": 1400})  # Train Steps is a tall node
     console = Console(page)
     open_comfyui(page, url, extensions)
     page.wait_for_timeout(1500)
@@ -257,10 +257,16 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
     saved = page.evaluate("() => window.app.graph.serialize()")
     train = next(n for n in saved["nodes"] if n["id"] == TRAIN)
     original = next(n for n in workflow["nodes"] if n["id"] == TRAIN)
-    n = len(original["widgets_values"])
-    # After them: null in the live view's slot (it never serialises) and the stock progress-text widget's string;
-    # newer frontends (1.58) leave both slots out.
-    assert train["widgets_values"][:n] == original["widgets_values"] and train["widgets_values"][n:n + 1] in ([], [None])
+    # The file's values, then the defaults of the widgets it has no value for (optional inputs added later: the
+    # frontend fills them in), then null in the live view's slot (it never serialises) and the stock progress-text
+    # widget's string; newer frontends (1.58) leave both slots out.
+    info = comfy.get("/object_info")["KilnTrainSteps"]
+    slots = widget_slots(info)
+    filled = [(info["input"].get("optional", {}).get(name) or info["input"]["required"][name])[1]["default"]
+              for name in slots[len(original["widgets_values"]):]]
+    want = original["widgets_values"] + filled
+    n = len(want)
+    assert train["widgets_values"][:n] == want and train["widgets_values"][n:n + 1] in ([], [None])
     text = json.dumps(saved)
     assert "kiln_history" not in text and "kiln_previews" not in text and "lora_kiln/preview" not in text
     assert len(text) < len(json.dumps(before)) + 400, "the run made the saved workflow grow"
@@ -304,7 +310,7 @@ def test_live_chart_and_previews_update_while_training_and_come_back_after_reloa
 def test_live_view_of_a_train_steps_node_inside_a_subgraph(comfy, browser):
     """Events name the node by execution id ("<subgraph node>:<inner node>"); the inner node's view gets them."""
     workflow = tiny_ui_workflow(comfy.get("/object_info"))
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page = browser.new_page(viewport={"width": 1600, "height": 1400})  # Train Steps is a tall node
     console = Console(page)
     open_comfyui(page, comfy.url)
     page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)

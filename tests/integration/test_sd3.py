@@ -13,9 +13,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
+from test_sdxl import image, keys_and_metadata
+from test_sdxl import render as sdxl_render
+from test_sdxl import train_graph as sdxl_train_graph
 
 SD3 = "tiny_sd3.safetensors"
 KSAMPLER = {"seed": 7, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
@@ -34,49 +35,19 @@ def sd3(server, sd3_checkpoint):
 
 def render(prefix: str, base: int, model=None, lora: str | None = None) -> dict:
     """One 64x64 SD3 image: from the checkpoint, through LoraLoader(``lora``), or from the ``model`` link."""
-    i = [str(base + k) for k in range(8)]
-    graph = {i[0]: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD3}}}
-    clip = [i[0], 1]
-    model = model or [i[0], 0]
-    if lora:
-        graph[i[1]] = {"class_type": "LoraLoader", "inputs": {"model": [i[0], 0], "clip": clip, "lora_name": lora,
-                                                               "strength_model": 1.0, "strength_clip": 1.0}}
-        model, clip = [i[1], 0], [i[1], 1]
-    graph.update({
-        i[2]: {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": clip}},
-        i[3]: {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
-        i[4]: {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        i[5]: {"class_type": "KSampler", "inputs": {**KSAMPLER, "model": model, "positive": [i[2], 0],
-                                                    "negative": [i[3], 0], "latent_image": [i[4], 0]}},
-        i[6]: {"class_type": "VAEDecode", "inputs": {"samples": [i[5], 0], "vae": [i[0], 2]}},
-        i[7]: {"class_type": "SaveImage", "inputs": {"images": [i[6], 0], "filename_prefix": prefix}},
-    })
-    return graph
-
-
-def image(server, result, node_id: str) -> np.ndarray:
-    info = result.history["outputs"][node_id]["images"][0]
-    return np.asarray(Image.open(server.base / "output" / info["subfolder"] / info["filename"]), dtype=np.int16)
+    return sdxl_render(SD3, prefix, lora=lora, base=base, model=model, latent="EmptySD3LatentImage", ksampler=KSAMPLER)
 
 
 def train_graph(name: str, steps: int, **train) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD3}},
-        "2": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": "shapes", "vae": ["1", 2], "clip": ["1", 1], "resolution": 64, "bucketing": True,
-            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
-        "3": {"class_type": "KilnInjectLoRA", "inputs": {
-            "model": ["1", 0], "name": name, "rank": 4, "alpha": 8.0, "targets": "attn+ff", "algorithm": "lora",
-            "conv_rank": 0, "dropout": 0.0, "init_lora": "none", "seed": 0, "train_text_encoder": False}},
-        "4": {"class_type": "KilnTrainSteps", "inputs": {
-            "state": ["3", 0], "dataset": ["2", 0], "steps": steps, "learning_rate": 5e-3, "optimizer": "adamw",
-            "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": 2, "grad_accum": 1,
-            "precision": "fp32", "gradient_checkpointing": True, "min_snr_gamma": 0.0, "noise_offset": 0.0,
-            "save_every": 0, "preview_every": 0, "preview_prompt": "a kilnshape circle", "preview_seed": 0,
-            "preview_size": 64, "preview_steps": 2, "timestep_sampling": "logit_normal", **train}},
-        "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": name, "dtype": "fp32",
-                                                       "save_checkpoint": True}},
-    }
+    """test_sdxl.py's training graph on the SD3 checkpoint: flow settings (no min-SNR, logit-normal sigmas), rank 4
+    alpha 8, gradient checkpointing, the LoRA in fp32 with its checkpoint."""
+    graph = sdxl_train_graph(SD3, name, steps, **{"min_snr_gamma": 0.0, "timestep_sampling": "logit_normal",
+                                                  "learning_rate": 5e-3, "gradient_checkpointing": True, **train})
+    graph["3"]["inputs"].update(alpha=8.0)
+    del graph["3"]["inputs"]["clip"]
+    graph["4"]["inputs"].pop("text_encoder_lr")
+    graph["5"]["inputs"].update(dtype="fp32", save_checkpoint=True)
+    return graph
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +63,6 @@ def trained(sd3):
     return before, result
 
 
-def lora_keys(server, name):
-    with safe_open(str(server.base / "models" / "loras" / f"{name}.safetensors"), "pt") as f:
-        return list(f.keys()), f.metadata()
-
-
 def test_sd3_trains_a_flow_lora_with_progress_and_previews_in_diffusers_sd3_layout(sd3, trained):
     _, result = trained
     steps = [d["value"] for d in result.of_type("progress") if d.get("node") == "4" and d.get("max") == 4]
@@ -104,7 +70,7 @@ def test_sd3_trains_a_flow_lora_with_progress_and_previews_in_diffusers_sd3_layo
     assert len(result.history["outputs"]["4"]["kiln_previews"]) == 2  # steps 2 and 4, ComfyUI's flow sampler
     losses = [h[1] for h in result.history["outputs"]["4"]["kiln_history"]]
     assert len(losses) == 4 and all(np.isfinite(losses))
-    keys, meta = lora_keys(sd3, "sd3_lora")
+    keys, meta = keys_and_metadata(sd3, "sd3_lora")
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)  # no .alpha: diffusers refuses it
     modules = {k.rsplit(".", 2)[0] for k in keys}
@@ -186,3 +152,33 @@ def test_sd3_refuses_min_snr_text_encoder_training_and_init_lora_by_name(sd3):
     result = sd3.run(graph)
     assert result.status == "error" and result.error["node_type"] == "KilnInjectLoRA"
     assert "train_text_encoder is not offered for SD3/SD3.5" in result.error["exception_message"]
+
+
+def test_sd3_trains_on_fp8_stored_weights_from_the_stock_unet_loader(sd3, trained):
+    """UNETLoader with weight_dtype fp8_e4m3fn keeps the MMDiT's weights in fp8 (ComfyUI casts them per layer); the
+    adapters train beside them in fp32, the loss stays finite, and the LoRA has the fp32 run's layers and shapes."""
+    target = sd3.base / "models" / "diffusion_models" / SD3
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.link(sd3.base / "models" / "checkpoints" / SD3, target)  # UNETLoader takes the diffusion model's keys
+    graph = train_graph("sd3_fp8", steps=2)
+    graph["6"] = {"class_type": "UNETLoader", "inputs": {"unet_name": SD3, "weight_dtype": "fp8_e4m3fn"}}
+    graph["3"]["inputs"]["model"] = ["6", 0]
+    graph["5"]["inputs"]["save_checkpoint"] = False
+    result = sd3.run(graph, timeout=1200)
+    assert result.status == "success", result.error
+    losses = [h[1] for h in result.history["outputs"]["4"]["kiln_history"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    fp8 = load_file(str(sd3.base / "models" / "loras" / "sd3_fp8.safetensors"))
+    fp32 = load_file(str(sd3.base / "models" / "loras" / "sd3_lora.safetensors"))
+    assert {k: v.shape for k, v in fp8.items()} == {k: v.shape for k, v in fp32.items()}
+    untrained = sorted(k for k, v in fp8.items() if k.endswith("lora_B.weight") and v.abs().sum() == 0)
+    # everything trained but the last block's text queries: that block's text outputs are dropped (context_pre_only),
+    # so its text-side q gets no gradient (its adapter is carried, as in the fp32 run)
+    assert untrained == ["transformer.transformer_blocks.1.attn.add_q_proj.lora_B.weight"], untrained
+
+
+def test_sd3_cancel_keeps_a_checkpoint_and_the_requeue_resumes_from_it(sd3):
+    from test_sdxl import cancel_then_requeue
+
+    cancel_then_requeue(sd3, train_graph("sd3_cancel", steps=8), "sd3_cancel", 8)

@@ -45,11 +45,13 @@ def sdxl_vpred(server, tmp_path_factory):
     return server
 
 
-def render(ckpt: str, prefix: str, lora: str | None = None, base: int = 100) -> dict:
-    """Nodes rendering one 64x64 image from ``ckpt`` (through the stock LoraLoader when ``lora`` is given)."""
+def render(ckpt: str, prefix: str, lora: str | None = None, base: int = 100, model: list | None = None,
+           latent: str = "EmptyLatentImage", ksampler: dict | None = None) -> dict:
+    """Nodes rendering one 64x64 image from ``ckpt`` (through the stock LoraLoader when ``lora`` is given, from the
+    ``model`` link when one is given); test_sd3.py renders with an SD3 latent and sampler settings."""
     i = [str(base + k) for k in range(8)]
     graph = {i[0]: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
-    model, clip = [i[0], 0], [i[0], 1]
+    model, clip = model or [i[0], 0], [i[0], 1]
     if lora:
         graph[i[1]] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
                                                                "strength_model": 1.0, "strength_clip": 1.0}}
@@ -57,8 +59,8 @@ def render(ckpt: str, prefix: str, lora: str | None = None, base: int = 100) -> 
     graph.update({
         i[2]: {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": clip}},
         i[3]: {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
-        i[4]: {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        i[5]: {"class_type": "KSampler", "inputs": {**KSAMPLER, "model": model, "positive": [i[2], 0],
+        i[4]: {"class_type": latent, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        i[5]: {"class_type": "KSampler", "inputs": {**(ksampler or KSAMPLER), "model": model, "positive": [i[2], 0],
                                                     "negative": [i[3], 0], "latent_image": [i[4], 0]}},
         i[6]: {"class_type": "VAEDecode", "inputs": {"samples": [i[5], 0], "vae": [i[0], 2]}},
         i[7]: {"class_type": "SaveImage", "inputs": {"images": [i[6], 0], "filename_prefix": prefix}},
@@ -419,3 +421,32 @@ def test_diffusers_sdxl_pipeline_loads_every_key_of_the_saved_sdxl_lora(sdxl, xl
     merged = xl_forward(merged_by_hand(unet, {b: layers[b] for b in unet_bases}, {b: names[b][1] for b in unet_bases}))
     effect, error = (with_lora - base_out).abs().max(), (with_lora - merged).abs().max()
     assert effect > 1e-4 and error < 0.01 * effect, (effect, error)  # LoRA applied twice or not at all: fails
+
+
+def cancel_then_requeue(server, graph: dict, name: str, steps: int) -> None:
+    """Cancel after the second training step, then queue the same prompt again: the Cancel checkpoint is kept and
+    the re-queue resumes from it (issue 15) and ends at the target step."""
+    seen: list[int] = []
+
+    def on_message(kind, data):
+        if kind == "progress" and data.get("node") == "4" and data.get("max") == steps:
+            seen.append(data["value"])
+            if len(seen) == 2:
+                server.interrupt()
+
+    result = server.run(graph, on_message=on_message, timeout=1200)
+    assert result.status == "interrupted"
+    folder = server.base / "output" / "lora_kiln" / name / "checkpoints"
+    cancelled = sorted(p.name for p in folder.glob("*_cancelled.kiln.safetensors"))
+    assert len(cancelled) == 1, cancelled
+    stopped = int(cancelled[0].split("_step")[1][:6])
+    assert 2 <= stopped < steps
+    again = server.run(graph, timeout=1200)
+    assert again.status == "success", again.error
+    text = again.history["outputs"]["4"]["text"][0]
+    assert text.startswith(f"resumed from step {stopped}: {steps - stopped} steps"), text
+    assert [h[0] for h in again.history["outputs"]["4"]["kiln_history"]] == list(range(1, steps + 1))
+
+
+def test_sdxl_cancel_keeps_a_checkpoint_and_the_requeue_resumes_from_it(sdxl):
+    cancel_then_requeue(sdxl, train_graph(XL, "xl_cancel", steps=8), "xl_cancel", 8)
