@@ -36,7 +36,7 @@ def graph(folder: str, steps: int) -> dict:
             "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": 1, "grad_accum": 1,
             "precision": "auto", "gradient_checkpointing": False, "min_snr_gamma": 5.0, "noise_offset": 0.0,
             "save_every": 0, "preview_every": 0, "preview_prompt": "", "preview_seed": 0, "preview_size": 64,
-            "preview_steps": 2}},
+            "preview_steps": 2, "retrain": True}},  # measures the way to the first step: never a reused run
         "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": "datapath", "dtype": "fp16",
                                                        "save_checkpoint": False}},
     }

@@ -81,7 +81,8 @@ def kiln_graph(case: Case, steps: int, tag: str) -> dict:
             "precision": case.dtype if like else "auto", "gradient_checkpointing": case.ckpt if like else False,
             "min_snr_gamma": 0.0 if case.model == "sd3" else 5.0, "noise_offset": 0.0, "save_every": 0,
             "preview_every": 0, "preview_prompt": "",
-            "preview_seed": 0, "preview_size": 64, "preview_steps": 2}},
+            "preview_seed": 0, "preview_size": 64, "preview_steps": 2,
+            "retrain": True}},  # every run trains: a repeat must not reuse the identical earlier run (issue 15)
         "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": f"bench_{tag}", "dtype": "fp16",
                                                        "save_checkpoint": False}},
     }

@@ -39,13 +39,11 @@ class Family:
     text_encoders: tuple[TextEncoderRoot, ...]
     unet_naming: str  # "diffusers": kohya SD1/SD2 files use diffusers paths; "ldm": the model's own paths
     base_model_versions: tuple[str, str]  # kohya ss_base_model_version for (epsilon, v-prediction)
-    modelspec_architectures: tuple[str, str]  # modelspec.architecture stem for (epsilon, v-prediction)
     size_conditioning: bool = False  # SDXL: original size, crop and target size per sample
     default_resolution: int = 512
     latent_channels: int = 4
     objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # what its model_sampling may be (else refused)
     export_format: str = "kohya"  # "kohya": lora_<prefix>_<path>.lora_down/up + alpha; "diffusers": peft keys
-    blocks: str = "unet"  # the layers gradient checkpointing recomputes: "unet" (Res/Transformer) | "joint_blocks"
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -65,18 +63,15 @@ class Family:
 SD1 = Family(
     name="SD1.x", model_configs=("SD15",), text_encoders=(TextEncoderRoot("te", "l", "lora_te"),),
     unet_naming="diffusers", base_model_versions=("sd_v1", "sd_v1"),
-    modelspec_architectures=("stable-diffusion-v1", "stable-diffusion-v1"),
 )
 SD2 = Family(
     name="SD2.x", model_configs=("SD20",), text_encoders=(TextEncoderRoot("te", "h", "lora_te"),),
-    unet_naming="diffusers", base_model_versions=("sd_v2", "sd_v2_768_v"),
-    modelspec_architectures=("stable-diffusion-v2-512", "stable-diffusion-v2-768-v"), default_resolution=768,
+    unet_naming="diffusers", base_model_versions=("sd_v2", "sd_v2_768_v"), default_resolution=768,
 )
 SDXL = Family(
     name="SDXL", model_configs=("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
     text_encoders=(TextEncoderRoot("te1", "l", "lora_te1"), TextEncoderRoot("te2", "g", "lora_te2")),
     unet_naming="ldm", base_model_versions=("sdxl_base_v1-0", "sdxl_base_v1-0"),
-    modelspec_architectures=("stable-diffusion-xl-v1-base", "stable-diffusion-xl-v1-base"),
     size_conditioning=True, default_resolution=1024,
 )
 # SD3 medium / SD3.5 medium and large (ComfyUI loads them all as ``SD3``): a rectified-flow MMDiT. The file is
@@ -86,9 +81,7 @@ SDXL = Family(
 SD3 = Family(
     name="SD3/SD3.5", model_configs=("SD3",), text_encoders=(), unet_naming="mmdit",
     base_model_versions=("sd3", "sd3"),
-    modelspec_architectures=("stable-diffusion-3-medium", "stable-diffusion-3-medium"),
     default_resolution=1024, latent_channels=16, objectives=("flow",), export_format="diffusers",
-    blocks="joint_blocks",
 )
 FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3)
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
@@ -118,16 +111,7 @@ class Detected:
     @property
     def base_model_version(self) -> str:
         return self.variant or self.family.base_model_versions[int(self.v_prediction)]
-
-    @property
-    def modelspec_architecture(self) -> str:
-        if self.variant:
-            return ARCHITECTURE_OF_VARIANT[self.variant]
-        return self.family.modelspec_architectures[int(self.v_prediction)]
-
-
-ARCHITECTURE_OF_VARIANT = {"medium": "stable-diffusion-3-medium", "5-medium": "stable-diffusion-3-5-medium",
-                           "5-large": "stable-diffusion-3-5-large"}
+    # modelspec.architecture follows from the base model version (lora_core.formats.kohya.ARCHITECTURES)
 
 
 def model_type_name(patcher: Any) -> str:
