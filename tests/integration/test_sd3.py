@@ -8,13 +8,12 @@ diffusers' SD3 layout; both ComfyUI's LoraLoader and diffusers must apply every 
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sdxl import image, keys_and_metadata
+from test_sdxl import image, install_checkpoint, keys_and_metadata
 from test_sdxl import render as sdxl_render
 from test_sdxl import train_graph as sdxl_train_graph
 
@@ -24,12 +23,7 @@ KSAMPLER = {"seed": 7, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "schedul
 
 @pytest.fixture(scope="session")
 def sd3(server, sd3_checkpoint):
-    target = server.base / "models" / "checkpoints" / SD3
-    if not target.exists():
-        try:
-            os.link(sd3_checkpoint, target)
-        except OSError:
-            shutil.copy(sd3_checkpoint, target)
+    install_checkpoint(server, sd3_checkpoint, SD3)
     return server
 
 

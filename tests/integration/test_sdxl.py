@@ -23,7 +23,8 @@ KSAMPLER = {"seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "schedul
 XL, XL_V = "tiny_sdxl.safetensors", "tiny_sdxl_vpred_ztsnr.safetensors"
 
 
-def _install(server, built, name):
+def install_checkpoint(server, built, name):
+    """Put a session-built checkpoint into the shared server's models/checkpoints (a hard link when it can)."""
     target = server.base / "models" / "checkpoints" / name
     if not target.exists():
         try:
@@ -34,14 +35,14 @@ def _install(server, built, name):
 
 @pytest.fixture(scope="session")
 def sdxl(server, sdxl_checkpoint):
-    _install(server, sdxl_checkpoint, XL)
+    install_checkpoint(server, sdxl_checkpoint, XL)
     return server
 
 
 @pytest.fixture(scope="session")
 def sdxl_vpred(server, tmp_path_factory):
     built = build_tiny_checkpoint(find_comfyui(), tmp_path_factory.mktemp("xlv") / XL_V, size="sdxl", flags=("--ztsnr",))
-    _install(server, built, XL_V)
+    install_checkpoint(server, built, XL_V)
     return server
 
 
