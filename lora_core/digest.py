@@ -19,6 +19,7 @@ What only changes what is shown or written (the preview inputs, ``save_every``, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -242,14 +243,10 @@ def same_but_code(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in rest - set(CODE_PARTS)) and any(a.get(k) != b.get(k) for k in CODE_PARTS)
 
 
-_engine_sources: list[str] = []
-
-
+@functools.cache
 def engine_source_digest() -> str:
     """:func:`source_digest` of the engine's training files, read once per process (the code that is running)."""
-    if not _engine_sources:
-        _engine_sources.append(source_digest(ENGINE_SOURCES))
-    return _engine_sources[0]
+    return source_digest(ENGINE_SOURCES)
 
 
 def preview_steps(start_step: int, end_step: int, every: int) -> list[int]:

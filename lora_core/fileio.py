@@ -32,8 +32,8 @@ class NotEnoughSpace(SaveError):
 
     def describe(self, folder: str) -> str:
         return (f"not enough free space in {folder}: writing needs {_size(self.needed)} ({self.needed} bytes, with a "
-                f"{_size(FREE_SPACE_RESERVE)} reserve) and {_size(self.free)} are free; free some space (or lower "
-                "keep_checkpoints / save_every) and try again. Nothing already written was touched")
+                f"{_size(FREE_SPACE_RESERVE)} reserve) and {_size(self.free)} are free; free some space and try "
+                "again. Nothing already written was touched")
 
 
 FREE_SPACE_RESERVE = 64 << 20  # left free after any write: a full disk breaks more than this write

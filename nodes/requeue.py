@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..lora_core import AdapterSet, LatentDataset, TrainCallback, TrainConfig, T
 from ..lora_core import digest as digests
 from ..lora_core.fileio import atomic_save_safetensors, load_safetensors
 from ..lora_core.state import checkpoint_metadata
-from .corridor import folders, identity
+from .corridor import caches, folders, identity
 from .objects import KilnRun
 
 logger = logging.getLogger(__name__)
@@ -77,31 +76,7 @@ def state_nbytes(state: TrainState) -> int:
     return n
 
 
-class _Memory:
-    """Finished states of this process by digest, least recently used dropped beyond ``max_bytes``."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[TrainState, int]] = OrderedDict()
-
-    def get(self, digest: str) -> TrainState | None:
-        hit = self._items.get(digest)
-        if hit is None:
-            return None
-        self._items.move_to_end(digest)
-        return hit[0]
-
-    def put(self, digest: str, state: TrainState) -> None:
-        self._items.pop(digest, None)
-        self._items[digest] = (state, state_nbytes(state))
-        while sum(n for _, n in self._items.values()) > self.max_bytes and len(self._items) > 1:
-            self._items.popitem(last=False)
-
-    def drop(self, digest: str) -> None:
-        self._items.pop(digest, None)
-
-
-MEMORY = _Memory(MEMORY_BYTES)
+MEMORY = caches.BoundedCache(MEMORY_BYTES, size=state_nbytes)  # finished states by digest
 _PARTS: dict[str, dict[str, Any]] = {}  # digest -> its parts, for the runs of this process
 
 
@@ -122,10 +97,14 @@ class Plan:
 
 
 def matches(found: TrainState, start: TrainState) -> bool:
-    """Same adapters (names and shapes) as the start state: a cheap guard against a mismatched or damaged file."""
-    if found.weights.keys() != start.weights.keys():
+    """Same adapters (names, shapes, dtypes) as the start state: a cheap guard against a mismatched or damaged file."""
+    return same_layout(found.weights, start, dtypes=True)
+
+
+def same_layout(weights: Mapping[str, torch.Tensor], start: TrainState, dtypes: bool = False) -> bool:
+    if weights.keys() != start.weights.keys():
         return False
-    return all(tuple(found.weights[k].shape) == tuple(v.shape) and found.weights[k].dtype == v.dtype
+    return all(tuple(weights[k].shape) == tuple(v.shape) and (not dtypes or weights[k].dtype == v.dtype)
                for k, v in start.weights.items())
 
 
@@ -360,9 +339,7 @@ def load_snapshot(name: str, digest: str, step: int, start: TrainState) -> dict[
         return None
     if meta.get(DIGEST_KEY) != digest or meta.get(STEP_KEY) != str(step):
         return None
-    if weights.keys() != start.weights.keys() or any(weights[k].shape != v.shape for k, v in start.weights.items()):
-        return None
-    return weights
+    return weights if same_layout(weights, start) else None
 
 
 # ---- the node's side: the digest of a run, previews rendered again ---------------------------------------------

@@ -32,9 +32,14 @@ def checkpoint_path(run: KilnRun, state: TrainState, tag: str) -> Path:
 
 def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "", digest: str | None = None,
                     target: int = 0) -> Path:
-    """A resumable checkpoint; with the run's ``digest`` (and ``target`` step) a re-queue of it resumes from here."""
-    path = state.save(checkpoint_path(run, state, tag), extra_metadata={"kiln_name": run.name},
-                      plain_metadata=requeue.checkpoint_metadata_for(digest, target, state.step))
+    """A resumable checkpoint; with the run's ``digest`` (and ``target`` step) a re-queue of it resumes from here.
+    Too little free space is refused before writing, with the folder as the user sees it."""
+    try:
+        path = state.save(checkpoint_path(run, state, tag), extra_metadata={"kiln_name": run.name},
+                          plain_metadata=requeue.checkpoint_metadata_for(digest, target, state.step))
+    except NotEnoughSpace as exc:
+        raise KilnUserError(f"{exc.describe(folders.display_path(exc.folder))}. Checkpoints take less room with "
+                            "keep_checkpoints (the newest N only) or a larger save_every") from None
     logger.info("LoRA Kiln: checkpoint written to %s", path)
     return path
 
@@ -61,10 +66,6 @@ class _Checkpoints(TrainCallback):
                 except OSError as exc:
                     logger.warning("LoRA Kiln: could not remove the old checkpoint %s: %s", old, exc)
             self.paths = self.paths[-self.keep :]
-
-
-def _no_space(exc: NotEnoughSpace) -> KilnUserError:
-    return KilnUserError(exc.describe(folders.display_path(exc.folder)))
 
 
 def image_from_pil(img: object) -> torch.Tensor:
@@ -232,9 +233,9 @@ class KilnTrainSteps(io.ComfyNode):
                     with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
                         result = trainer.run(begin, latent_data, dataclasses.replace(config, steps=target - begin.step),
                                              callbacks, save_every=save_every, preview_every=preview_every)
-                except NotEnoughSpace as exc:
+                except KilnUserError:  # a checkpoint that does not fit on the disk
                     tb.close()
-                    raise _no_space(exc) from None
+                    raise
                 except TrainingError as exc:
                     tb.close()
                     path = save_checkpoint(run, exc.last_good_state, "_lastgood", digest, target)
@@ -253,10 +254,7 @@ class KilnTrainSteps(io.ComfyNode):
 
         new_run = run.replace(state=result.state, train_settings=config.to_dict())
         if result.stopped_early:
-            try:
-                path = save_checkpoint(run, result.state, "_cancelled", digest, target)
-            except NotEnoughSpace as exc:
-                raise _no_space(exc) from None
+            path = save_checkpoint(run, result.state, "_cancelled", digest, target)
             logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
             reporting.raise_if_interrupted()
             raise KilnUserError(

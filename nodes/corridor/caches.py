@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -18,10 +18,12 @@ TEXT_CACHE_BYTES = 1 << 30  # per CLIP: about 1,300 SDXL captions
 
 
 class BoundedCache:
-    """An LRU mapping whose tensors (or tuples of tensors) stay under ``max_bytes`` in total."""
+    """An LRU mapping whose tensors (or tuples of tensors) stay under ``max_bytes`` in total; ``size`` counts the
+    bytes of other values."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, size: Callable[[Any], int] | None = None) -> None:
         self.max_bytes = max_bytes
+        self.size = size or _nbytes
         self.nbytes = 0
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
 
@@ -36,14 +38,17 @@ class BoundedCache:
         return hit[0]
 
     def put(self, key: Hashable, value: Any) -> None:
-        size = _nbytes(value)
-        if key in self._items:
-            self.nbytes -= self._items.pop(key)[1]
+        size = self.size(value)
+        self.drop(key)
         self._items[key] = (value, size)
         self.nbytes += size
         while self.nbytes > self.max_bytes and len(self._items) > 1:
             _, (_, dropped) = self._items.popitem(last=False)
             self.nbytes -= dropped
+
+    def drop(self, key: Hashable) -> None:
+        if key in self._items:
+            self.nbytes -= self._items.pop(key)[1]
 
 
 def _nbytes(value: Any) -> int:

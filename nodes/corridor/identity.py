@@ -9,6 +9,7 @@ encodings in the dataset part.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,10 @@ from .families import Detected
 HOST_SOURCES = tuple(Path(__file__).parent / name for name in (
     "denoiser.py", "families.py", "patching.py", "text_encoders.py", "identity.py"))
 
-_host_sources: list[str] = []
-
-
+@functools.cache
 def host_source_digest() -> str:
-    if not _host_sources:
-        _host_sources.append(digest.source_digest(HOST_SOURCES))
-    return _host_sources[0]
+    """:func:`~lora_core.digest.source_digest` of the host's training code, read once per process."""
+    return digest.source_digest(HOST_SOURCES)
 
 
 def base_identity(patcher: Any, detected: Detected, device: torch.device | str,
