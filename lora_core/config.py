@@ -13,10 +13,13 @@ from ._validate import check_choice, check_int, check_range
 
 # Module-name suffixes per preset. A pattern matches a module whose dotted name equals it or ends with
 # "." + pattern. "re:<regex>" entries match by regular expression (re.fullmatch on the dotted name).
-# The UNet families' names (to_q ... proj_out) and the MMDiT's (SD3: attn.qkv, attn.proj, mlp.fc1 ...): a model has
-# only one of the two, so one preset serves both.
-ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
-FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "mlp.fc1", "mlp.fc2")
+# The UNet families' names (to_q ... proj_out), the MMDiT's (SD3: attn.qkv, attn.proj, mlp.fc1 ...) and FLUX.1's
+# (img_attn.qkv ... txt_mlp.2; a single-stream block's linear1/linear2 are its fused qkv+MLP-in / out+MLP-out, so they
+# count as attention): a model has only one set of names, so one preset serves all. Modulation layers only in "all".
+ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj",
+                                 "img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "mlp.fc1", "mlp.fc2",
+                               "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
     "attn": ATTN_TARGETS,
@@ -128,6 +131,7 @@ class TrainConfig:
     max_timestep: int = 1000
     flow_shift: float = 0.0  # flow models: the time shift of the sigma sampling; 0 = the model's own (SD3: 3.0)
     loss_weighting: str = "none"  # flow models: none | sigma_sqrt | cosmap
+    guidance: float = 1.0  # guidance-distilled models (Flux.1-dev): the guidance the network is given while training
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -160,6 +164,7 @@ class TrainConfig:
         check_int("max_timestep", self.max_timestep, 1, 100_000)
         check_range("flow_shift", self.flow_shift, 0.0, 100.0)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_range("guidance", self.guidance, 0.0, 100.0)
         if self.min_timestep >= self.max_timestep:
             raise ValueError(
                 f"min_timestep={self.min_timestep} must be below max_timestep={self.max_timestep}"

@@ -12,7 +12,8 @@ Two kinds of objective:
 - **Rectified flow** (``flow``: SD3, Flux, ...): a sigma in (0, 1] per sample,
   ``x_t = (1 - sigma) x_0 + sigma eps``, target ``eps - x_0`` (the velocity the model predicts). The sigma is
   drawn uniformly or logit-normally on (0, 1) and then shifted as the model samples, ``shift * s / (1 + (shift - 1)
-  * s)``; the model is called with the sigmas themselves (the host maps them to its own timestep scale). Loss
+  * s)`` (Flux.1: with a shift that grows with the image's token count, :func:`resolution_shift`); the model is
+  called with the sigmas themselves (the host maps them to its own timestep scale). Loss
   weightings as in diffusers' SD3/Flux trainers: none, ``sigma_sqrt`` (1 / sigma^2), ``cosmap``.
   min-SNR-gamma is a DDPM weighting and is refused on a flow model (:func:`check_objective`).
 """
@@ -46,7 +47,10 @@ class DiffusionModel(Protocol):
     - ``compute_dtype: torch.dtype | None`` - set by the trainer for the duration of a run (restored afterwards):
       the dtype the network's inputs must have when autocast is off;
     - ``flow_shift: float`` - flow models: the shift the model samples with (SD3: 3.0); ``config.flow_shift``
-      overrides it when set.
+      overrides it when set;
+    - ``flow_shift_by_size: tuple[float, float, int] | None`` - flow models whose shift depends on the image size
+      (Flux.1): ``(base_shift, max_shift, patch_size)``, see :func:`resolution_shift`; it replaces ``flow_shift``
+      (``config.flow_shift`` still overrides both).
     """
 
     prediction_type: str  # "epsilon" | "v_prediction" | "flow"
@@ -163,6 +167,26 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def resolution_shift(tokens: float, base_shift: float = 0.5, max_shift: float = 1.15, base_tokens: int = 256,
+                     max_tokens: int = 4096) -> float:
+    """Flux.1's resolution-dependent shift, as the factor :func:`shift_sigmas` takes: ``exp(mu)``, with ``mu`` linear
+    in the image's token count, ``base_shift`` at ``base_tokens`` and ``max_shift`` at ``max_tokens`` (ComfyUI's
+    ModelSamplingFlux node, diffusers' ``calculate_shift``, kohya's ``flux_shift``). Flux's time shift
+    ``e^mu / (e^mu + 1/s - 1)`` is exactly ``shift_sigmas(s, e^mu)``."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return math.exp(base_shift + slope * (tokens - base_tokens))
+
+
+def model_flow_shift(model: DiffusionModel, latents: torch.Tensor) -> float:
+    """The shift the model samples this batch's size with: its size-dependent one (Flux.1), else its fixed one."""
+    by_size = getattr(model, "flow_shift_by_size", None)
+    if by_size is not None:
+        base_shift, max_shift, patch = by_size
+        tokens = math.ceil(latents.shape[-2] / patch) * math.ceil(latents.shape[-1] / patch)
+        return resolution_shift(tokens, base_shift, max_shift)
+    return float(getattr(model, "flow_shift", 1.0))
+
+
 def sample_flow_sigmas(batch: int, config: TrainConfig, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Sigmas in (0, 1] (float32, on the CPU): ``u`` uniform or logit-normal, limited to
     ``[min_timestep, max_timestep) / 1000`` of the range, then shifted by ``shift``."""
@@ -201,7 +225,7 @@ def flow_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Mean rectified-flow loss of one micro-batch: the model predicts ``eps - x_0`` at ``x_t``."""
-    shift = config.flow_shift if config.flow_shift > 0 else float(getattr(model, "flow_shift", 1.0))
+    shift = config.flow_shift if config.flow_shift > 0 else model_flow_shift(model, latents)
     sigmas = sample_flow_sigmas(latents.shape[0], config, shift, generator)
     noise = make_noise(latents, config.noise_offset, generator)
     noisy = flow_noisy(latents.float(), noise, sigmas).to(latents.dtype)

@@ -24,6 +24,9 @@ from .settings import ALIASES
 __all__ = ["ALIASES", "RunConfig", "config_from_graph", "training_graph"]
 
 
+SPLIT_MODEL_KEYS = frozenset({"clip_l", "t5xxl", "ae", "clip_g"})  # kohya's flux/sd3 trainers' separate-file options
+
+
 @dataclass(frozen=True)
 class RunConfig:
     base_model: str
@@ -59,6 +62,7 @@ class RunConfig:
     timestep_sampling: str = "uniform"  # uniform | logit_normal
     discrete_flow_shift: float = 0.0  # flow models (SD3, Flux): 0 = the model's own shift
     weighting_scheme: str = "none"  # flow models: none | sigma_sqrt | cosmap
+    guidance_scale: float = 1.0  # guidance-distilled models (Flux.1-dev): the guidance while training
     save_steps: int = 0
     keep_checkpoints: int = 0  # keep the newest N save_steps checkpoints (0 = all)
     save_precision: str = "fp16"
@@ -135,6 +139,15 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"the config must be a mapping of key: value, got {type(data).__name__}")
         known = set(cls.keys())
+        split = sorted(set(data) & SPLIT_MODEL_KEYS)
+        if split:
+            raise ValueError(
+                f"config keys {', '.join(split)} describe a model in separate files (kohya's FLUX.1 options); kiln.py "
+                "configs train one checkpoint file. For FLUX.1 run the example graph, naming the files: python kiln.py "
+                "example_workflows/api/train_flux_lora.json --set dataset=<folder> --set "
+                "UNETLoader.unet_name=<flux1-dev.safetensors> --set DualCLIPLoader.clip_name2=<t5xxl file> "
+                "(README, 'FLUX.1')"
+            )
         clean: dict[str, Any] = {}
         for key, value in data.items():
             name = ALIASES.get(key, key)

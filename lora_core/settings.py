@@ -178,6 +178,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("timestep_sampling", (f"{_T}.timestep_sampling",), "TrainConfig.timestep_sampling"),
     S("discrete_flow_shift", (f"{_T}.flow_shift",), "TrainConfig.flow_shift"),
     S("weighting_scheme", (f"{_T}.loss_weighting",), "TrainConfig.loss_weighting"),
+    S("guidance_scale", (f"{_T}.guidance",), "TrainConfig.guidance"),  # Flux.1-dev (kohya's --guidance_scale)
     # checkpoints, previews, output
     S("save_steps", (f"{_T}.save_every",), aliases=("save_every_n_steps",)),
     S("keep_checkpoints", (f"{_T}.keep_checkpoints",)),  # the newest N save_every checkpoints stay (0: all)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +127,12 @@ def plan_precision(
 
 @contextlib.contextmanager
 def gradient_checkpointing(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Recompute each module's activations in backward; the modules are restored on exit."""
+    """Recompute each module's activations in backward; the modules are restored on exit.
+
+    Inside the checkpointed region each module works on copies of its tensor arguments: a block that adds to its
+    input in place (FLUX's ``txt += ...``, ``x += ...``) would otherwise change the very tensor its recomputation
+    starts from. The copies are recomputed like any activation; only the originals are kept.
+    """
     patched: list[tuple[nn.Module, bool, object]] = []
     try:
         for module in modules:
@@ -137,7 +142,7 @@ def gradient_checkpointing(modules: Sequence[nn.Module]) -> Iterator[None]:
             def checkpointed(*args: object, _f: object = original, **kwargs: object) -> object:
                 if not torch.is_grad_enabled():
                     return _f(*args, **kwargs)  # type: ignore[operator]
-                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)  # type: ignore[arg-type]
+                return torch.utils.checkpoint.checkpoint(_on_copies, _f, *args, use_reentrant=False, **kwargs)  # type: ignore[arg-type]
 
             module.forward = checkpointed  # type: ignore[method-assign]
             patched.append((module, had_own, module.__dict__.get("forward") if had_own else None))
@@ -147,6 +152,13 @@ def gradient_checkpointing(modules: Sequence[nn.Module]) -> Iterator[None]:
             del module.forward
             if had_own:  # pragma: no cover - modules with an instance-level forward are rare
                 logger.warning("gradient checkpointing replaced an instance-level forward on %s", type(module).__name__)
+
+
+def _on_copies(f: Callable[..., object], *args: object, **kwargs: object) -> object:
+    def copy(v: object) -> object:
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return f(*(copy(a) for a in args), **{k: copy(v) for k, v in kwargs.items()})
 
 
 @contextlib.contextmanager

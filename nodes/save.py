@@ -110,6 +110,7 @@ class KilnSaveLoRA(io.ComfyNode):
             run.state, title=target.stem, base_model_version=run.base_model_version,
             base_model_name=run.base_model_name, prediction_type=run.prediction_type,
             zero_terminal_snr=run.detected.objective.zero_terminal_snr, train=run.train_settings, extra=extra,
+            model_spec=run.detected.model_spec, guidance=run.detected.guidance,
         )
         redactor = Redactor()
         metadata = redactor.metadata(metadata, keep=("prompt", "workflow") if embed_workflow == "full" else ())

@@ -24,6 +24,15 @@ per depth step), in_channels 16, adm from ``y_embedder`` and the context width f
   ``model.diffusion_model.``, with CLIP-L/CLIP-G under ``text_encoders.clip_l.transformer.`` /
   ``text_encoders.clip_g.transformer.`` and no T5-XXL; ComfyUI samples it with ModelSamplingDiscreteFlow, shift 3.
 
+FLUX.1's detection fixes hidden size 3072, 24 heads and context 4096 and reads only the block counts and whether
+``guidance_in`` exists, so the smallest FLUX is one double- and one single-stream block (545 M parameters). It is
+written as a diffusion-model file for ``UNETLoader`` (the keys as in flux1-dev.safetensors, bf16); its text
+encoders are loaded separately (DualCLIPLoader; tests build a tiny T5 with ComfyUI's classes) and ``--vae`` writes a
+16-channel TAESD file for ``VAELoader``:
+
+- ``flux``: FLUX.1-dev layout (guidance input), 1 + 1 blocks; ``flux_schnell``: the same without guidance
+- ``flux_full``: the full FLUX.1-dev layout (19 + 38 blocks, 12 B parameters), for GPU benchmarks
+
 The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
 configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
 ``taesd_decoder`` weights; 16 latent channels for SD3), all random.
@@ -33,6 +42,7 @@ configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries 
 Usage (ComfyUI importable, e.g. ``PYTHONPATH=$COMFYUI_PATH``)::
 
     python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full|sd3] [--vpred] [--ztsnr]
+    python nodes/tiny_checkpoint.py models/diffusion_models/F.safetensors --size flux --vae models/vae/V.safetensors
 """
 
 from __future__ import annotations
@@ -65,7 +75,9 @@ SDXL_SIZES = ("sdxl", "sdxl_full")
 MMDIT_CONFIGS = {
     "sd3": {"depth": 2, "pos_embed_max_size": 64, "adm_in_channels": 2048, "context_dim": 4096},
 }
-SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS)
+# FLUX.1: (double blocks, single blocks, guidance input)
+FLUX_CONFIGS = {"flux": (1, 1, True), "flux_schnell": (1, 1, False), "flux_full": (19, 38, True)}
+SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS)
 
 
 def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> dict:
@@ -75,6 +87,10 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
     from comfy.taesd.taesd import TAESD
 
     torch.manual_seed(seed)
+    if size in FLUX_CONFIGS:
+        if vpred or ztsnr:
+            raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
+        return {k: v.to(torch.bfloat16) for k, v in build_flux(size).state_dict().items()}
     if size in MMDIT_CONFIGS:
         if vpred or ztsnr:
             raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
@@ -133,6 +149,31 @@ def build_mmdit(size: str = "sd3"):
     return mmdit
 
 
+def build_flux(size: str = "flux"):
+    """ComfyUI's own FLUX.1 class in the ``size`` layout (the dimensions its detection fixes), randomly initialised."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    depth, single, guidance = FLUX_CONFIGS[size]
+    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single,
+                axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=guidance, patch_size=2,
+                operations=comfy.ops.manual_cast)
+    _init_(flux)
+    return flux
+
+
+def taesd_state_dict(latent_channels: int = 16, seed: int = 0) -> dict:
+    """A random TAESD (what VAELoader builds for a file of ``taesd_encoder``/``taesd_decoder`` keys), fp32."""
+    import torch
+    from comfy.taesd.taesd import TAESD
+
+    torch.manual_seed(seed)
+    taesd = TAESD(latent_channels=latent_channels)
+    _init_(taesd)
+    return {k: v.float() for k, v in taesd.state_dict().items()}
+
+
 def _sd3_state_dict(size: str) -> dict:
     from comfy.taesd.taesd import TAESD
 
@@ -187,9 +228,12 @@ def _init_(module) -> None:
 
 
 def write_checkpoint(path: str, size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> str:
+    return _write(path, build_state_dict(size, seed, vpred=vpred, ztsnr=ztsnr))
+
+
+def _write(path: str, sd: dict) -> str:
     from safetensors.torch import save_file
 
-    sd = build_state_dict(size, seed, vpred=vpred, ztsnr=ztsnr)
     tmp = f"{path}.tmp"
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
     os.replace(tmp, path)
@@ -203,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vpred", action="store_true", help="mark it v-prediction (the v_pred key)")
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
+    parser.add_argument("--vae", help="also write a 16-channel TAESD VAE file here (for FLUX.1's VAELoader)")
     args = parser.parse_args(argv)
-    if args.size in MMDIT_CONFIGS and (args.vpred or args.ztsnr):
+    if args.size in (*MMDIT_CONFIGS, *FLUX_CONFIGS) and (args.vpred or args.ztsnr):
         parser.error(f"--size {args.size} is a flow-matching model: --vpred/--ztsnr do not apply")
     comfy_path = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/comfy/ComfyUI")
     if comfy_path not in sys.path:
@@ -215,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     comfy.options.enable_args_parsing()
     write_checkpoint(args.out, args.size, args.seed, vpred=args.vpred, ztsnr=args.ztsnr)
     logger.info("wrote %s", args.out)
+    if args.vae:
+        _write(args.vae, taesd_state_dict(16, args.seed))
+        logger.info("wrote %s", args.vae)
     return 0
 
 

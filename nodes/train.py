@@ -142,6 +142,10 @@ class KilnTrainSteps(io.ComfyNode):
                 io.Int.Input("keep_checkpoints", default=0, min=0, max=10_000, optional=True, tooltip=(
                     "Keep only the newest N save_every checkpoints of this run (0 = keep all). The checkpoint "
                     "written on Cancel is always kept; an old one is removed only after the new one is written.")),
+                io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True, tooltip=(
+                    "Flux.1-dev only (a guidance-distilled model): the guidance value the model is given while "
+                    "training. 1.0 is kohya's recommendation for LoRAs; sample them with a FluxGuidance of about "
+                    "3.5 as usual. Other models ignore it.")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
@@ -161,7 +165,7 @@ class KilnTrainSteps(io.ComfyNode):
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
                 preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0,
                 retrain: bool = False, timestep_sampling: str = "uniform", flow_shift: float = 0.0,
-                loss_weighting: str = "none", keep_checkpoints: int = 0) -> io.NodeOutput:
+                loss_weighting: str = "none", keep_checkpoints: int = 0, guidance: float = 1.0) -> io.NodeOutput:
         run = state
         node_id = cls.hidden.unique_id
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
@@ -185,7 +189,8 @@ class KilnTrainSteps(io.ComfyNode):
             encoding.start(len(dataset.records))
             latent_data, _ = dataset.encoded(text_encoder, size_conditioning=family.size_conditioning,
                                              on_progress=encoding.advance)
-            trainer = Trainer(denoiser.ComfyDiffusion(run.model, text_encoder, run.detected), roots, device,
+            network = denoiser.ComfyDiffusion(run.model, text_encoder, run.detected, guidance=config.guidance)
+            trainer = Trainer(network, roots, device,
                               checkpoint_modules=patching.checkpoint_blocks(run.model))
             # the same training done before? reuse it, or resume it from its last checkpoint (nodes/requeue.py)
             target = start.step + steps
@@ -204,7 +209,7 @@ class KilnTrainSteps(io.ComfyNode):
                     if text_encoder is not None:
                         text_clip = text_encoders.clip_with_lora(run.clip, snapshot, run.naming)
                 image = previews.sample_preview(model, text_clip, dataset.vae, prompt, preview_seed,
-                                                preview_size, preview_size, preview_steps, 7.0, family,
+                                                preview_size, preview_size, preview_steps, family.preview_cfg, family,
                                                 text_adapters=text_encoder is not None)
                 patching.load_for_training(run.model)  # the VAE may have displaced the UNet
                 try:
@@ -229,8 +234,10 @@ class KilnTrainSteps(io.ComfyNode):
                 checkpoints = _Checkpoints(run, digest, target, keep_checkpoints)
                 tb = TensorBoardCallback(folders.logs_directory(run.name))
                 callbacks = [requeue.SnapshotWriter(run.name, digest), progress, checkpoints, tb]
+                inplace_safe = patching.norm_inputs_cloned([network.unet]) if family.inplace_residuals else \
+                    contextlib.nullcontext()
                 try:
-                    with text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
+                    with inplace_safe, text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
                         result = trainer.run(begin, latent_data, dataclasses.replace(config, steps=target - begin.step),
                                              callbacks, save_every=save_every, preview_every=preview_every)
                 except KilnUserError:  # a checkpoint that does not fit on the disk

@@ -127,6 +127,7 @@ def export_tensors(state: TrainState, naming: KohyaNaming, dtype: str = "fp16") 
 # sai_model_spec writes "diffusers" there because the module paths inside the keys are diffusers paths; the file is
 # still not a diffusers/peft LoRA). SDXL files keep Stability's generative-models, as kohya writes them.
 KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
+BFL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 ARCHITECTURES = {
     "sd_v1": ("stable-diffusion-v1", KOHYA_IMPLEMENTATION),
     "sd_v2": ("stable-diffusion-v2-512", KOHYA_IMPLEMENTATION),
@@ -137,6 +138,10 @@ ARCHITECTURES = {
     "medium": ("stable-diffusion-3-medium", "diffusers"),
     "5-medium": ("stable-diffusion-3-5-medium", "diffusers"),
     "5-large": ("stable-diffusion-3-5-large", "diffusers"),
+    # FLUX.1 as kohya's flux trainer names them (ss_base_model_version "flux1" for both; modelspec tells them apart)
+    "flux1": ("flux-1", BFL_IMPLEMENTATION),
+    "flux1-dev": ("flux-1-dev", BFL_IMPLEMENTATION),
+    "flux1-schnell": ("flux-1-schnell", BFL_IMPLEMENTATION),
 }
 
 
@@ -150,11 +155,15 @@ def build_metadata(
     zero_terminal_snr: bool = False,
     train: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    model_spec: str = "",
+    guidance: bool = False,
 ) -> dict[str, str]:
     """kohya ``ss_*`` and Stability ``modelspec.*`` metadata; every value is a string.
 
     ``train`` holds the last run's settings (learning_rate, optimizer, scheduler, ...). ``state.info``
-    supplies the dataset facts (resolution, tag frequency, image count, start time).
+    supplies the dataset facts (resolution, tag frequency, image count, start time). ``model_spec`` picks the
+    modelspec architecture where the base model version does not (FLUX.1 dev / schnell are both ``flux1``);
+    ``guidance``: the model is guidance-distilled, so the training guidance is recorded (``ss_guidance_scale``).
     """
     cfg: AdapterConfig = state.adapter_config
     info = dict(state.info)
@@ -162,7 +171,9 @@ def build_metadata(
     now = time.time()
     started = float(info.get("training_started_at", now))
     resolution = tuple(info.get("resolution", (512, 512)))
-    arch, impl = ARCHITECTURES.get(base_model_version, (base_model_version, KOHYA_IMPLEMENTATION))
+    spec = model_spec or base_model_version
+    arch, impl = ARCHITECTURES.get(spec, (spec, KOHYA_IMPLEMENTATION))
+    flow = prediction_type == "flow"
     network_args: dict[str, str] = {}
     if cfg.algorithm == "locon":
         network_args = {"conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
@@ -210,10 +221,16 @@ def build_metadata(
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        # modelspec names epsilon and v only; a flow model's objective is in ss_timestep_sampling & co
+        "modelspec.prediction_type": None if flow else "v" if prediction_type == "v_prediction" else "epsilon",
         # kohya's keys for v-prediction models (its --v_parameterization and --zero_terminal_snr flags)
         "ss_v_parameterization": prediction_type == "v_prediction",
         "ss_zero_terminal_snr": zero_terminal_snr,
+        # flow models, as kohya's SD3/FLUX trainers record them (0 flow shift: the model's own)
+        "ss_timestep_sampling": train.get("timestep_sampling") if flow else None,
+        "ss_discrete_flow_shift": train.get("flow_shift") if flow else None,
+        "ss_weighting_scheme": train.get("loss_weighting") if flow else None,
+        "ss_guidance_scale": train.get("guidance") if guidance else None,
     }
     if info.get("trigger_word"):
         meta["modelspec.trigger_phrase"] = info["trigger_word"]

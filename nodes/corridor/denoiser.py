@@ -4,7 +4,7 @@ The engine (``lora_core.diffusion``) noises latents and picks the target from pl
 :class:`~.families.Objective`); this adapter turns one micro-batch into the diffusion model's inputs. Extra inputs
 (SDXL's ``y`` vector: pooled CLIP-G output + size embeddings) come from ComfyUI's own ``BaseModel.extra_conds``, per
 sample, with each sample's own sizes: ComfyUI's ``SDXL.encode_adm`` would silently use 768 x 768 and crop 0
-when they are missing.
+when they are missing. FLUX.1 takes CLIP-L's pooled output as ``y`` and (dev) the training guidance.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ SIZE = "size"  # cond key: [orig_h, orig_w, crop_top, crop_left, target_h, targe
 class ComfyDiffusion:
     """:class:`lora_core.DiffusionModel` over a ComfyUI ModelPatcher of a family in :mod:`.families`."""
 
-    def __init__(self, patcher: Any, text_encoder: TextEncoder | None = None, detected: Detected | None = None) -> None:
+    def __init__(self, patcher: Any, text_encoder: TextEncoder | None = None, detected: Detected | None = None,
+                 guidance: float = 1.0) -> None:
         self.detected = detected or detect(patcher)  # refuses what Kiln cannot train, by name
         self.family = self.detected.family
         self.base = patcher.model
@@ -35,6 +36,8 @@ class ComfyDiffusion:
         self.prediction_type = objective.prediction_type
         self.alphas_cumprod = objective.alphas_cumprod
         self.flow_shift = objective.flow_shift  # flow: the engine draws sigmas with it (unless the run overrides it)
+        self.flow_shift_by_size = objective.flow_shift_by_size  # FLUX.1-dev as loaded: per image size instead
+        self.guidance = guidance  # guidance-distilled models: the value fed while training (TrainConfig.guidance)
         self._timestep_scale = objective.timestep_multiplier if objective.prediction_type == "flow" else 1.0
         self.weight_dtype: torch.dtype = self.base.get_dtype()  # as stored: fp16 on most GPUs, maybe fp8
         self.manual_cast_dtype: torch.dtype | None = self.base.manual_cast_dtype  # ComfyUI's ops cast per layer to it
@@ -52,19 +55,23 @@ class ComfyDiffusion:
             context, pooled = self.text_encoder(cond)
         else:
             context, pooled = cond["context"], cond.get("pooled")
-        if self.base.adm_channels == 0:
+        names = self.family.extra_inputs
+        if not names:
             return context, {}
         if pooled is None:
             raise KilnUserError(f"{self.family.name} needs the pooled text-encoder output; the CLIP gave none")
         sizes = cond.get(SIZE)
-        rows = []
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for i in range(context.shape[0]):
-            kwargs: dict[str, Any] = {"pooled_output": pooled[i : i + 1].to(device), "device": device}
+            kwargs: dict[str, Any] = {"pooled_output": pooled[i : i + 1].to(device), "device": device,
+                                      "guidance": self.guidance}
             if sizes is not None:
                 oh, ow, ct, cl, th, tw = (int(v) for v in sizes[i].tolist())
                 kwargs.update(height=oh, width=ow, crop_h=ct, crop_w=cl, target_height=th, target_width=tw)
-            rows.append(self.base.extra_conds(**kwargs)["y"].cond)
-        return context, {"y": torch.cat(rows).to(device)}
+            conds = self.base.extra_conds(**kwargs)
+            for name in names:
+                rows[name].append(conds[name].cond)
+        return context, {name: torch.cat(r).to(device) for name, r in rows.items()}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):

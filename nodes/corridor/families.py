@@ -10,6 +10,7 @@ refused at Inject LoRA by name (:func:`detect`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,9 @@ class Family:
     latent_channels: int = 4
     objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # what its model_sampling may be (else refused)
     export_format: str = "kohya"  # "kohya": lora_<prefix>_<path>.lora_down/up + alpha; "diffusers": peft keys
+    extra_inputs: tuple[str, ...] = ()  # the extra_conds outputs its network takes besides the context ("y", ...)
+    preview_cfg: float = 7.0  # CFG for previews; 1.0 for guidance-distilled models (no negative pass)
+    inplace_residuals: bool = False  # its blocks add residuals in place (FLUX): LayerNorm inputs copied while training
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -72,7 +76,7 @@ SDXL = Family(
     name="SDXL", model_configs=("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
     text_encoders=(TextEncoderRoot("te1", "l", "lora_te1"), TextEncoderRoot("te2", "g", "lora_te2")),
     unet_naming="ldm", base_model_versions=("sdxl_base_v1-0", "sdxl_base_v1-0"),
-    size_conditioning=True, default_resolution=1024,
+    size_conditioning=True, default_resolution=1024, extra_inputs=("y",),
 )
 # SD3 medium / SD3.5 medium and large (ComfyUI loads them all as ``SD3``): a rectified-flow MMDiT. The file is
 # diffusers' SD3 LoRA layout (``transformer.<diffusers path>.lora_A/B``, fused qkv written as to_q/to_k/to_v), the
@@ -81,9 +85,21 @@ SDXL = Family(
 SD3 = Family(
     name="SD3/SD3.5", model_configs=("SD3",), text_encoders=(), unet_naming="mmdit",
     base_model_versions=("sd3", "sd3"),
-    default_resolution=1024, latent_channels=16, objectives=("flow",), export_format="diffusers",
+    default_resolution=1024, latent_channels=16, objectives=("flow",), export_format="diffusers", extra_inputs=("y",),
 )
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3)
+# FLUX.1 dev and schnell (ComfyUI's Flux / FluxSchnell): a rectified-flow DiT of double- and single-stream blocks, fed
+# the T5 context, CLIP-L's pooled output (y) and, for dev (guidance-distilled), a guidance value. kohya's FLUX LoRA
+# layout: lora_unet_ + the model's own paths (lora_unet_double_blocks_0_img_attn_qkv, ..._single_blocks_0_linear1),
+# which ComfyUI's LoraLoader maps directly and diffusers' kohya FLUX converter splits into its q/k/v. Text-encoder
+# training is not offered (the captions are encoded once; T5-XXL is released before training).
+FLUX = Family(
+    name="FLUX.1", model_configs=("Flux", "FluxSchnell"), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
+    extra_inputs=("y", "guidance"), preview_cfg=1.0, inplace_residuals=True,
+)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX)
+FLUX_BASE_SHIFT = 0.5  # ComfyUI's ModelSamplingFlux node: mu from 0.5 at 256 image tokens to max_shift at 4096
+FLUX_PATCH = 2  # FLUX.1 packs 2 x 2 latent pixels into one token
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
 
 
@@ -96,22 +112,22 @@ class Objective:
     zero_terminal_snr: bool = False
     flow_shift: float = 1.0  # flow: the time shift ComfyUI samples with (SD3: 3.0; a ModelSamplingSD3 node's)
     timestep_multiplier: float = 1000.0  # flow: the network's timestep = sigma * this (ComfyUI's model_sampling)
+    # flow, FLUX.1-dev as loaded: the shift grows with the image size, (base_shift, max_shift, patch size) as
+    # ComfyUI's ModelSamplingFlux node computes it (lora_core.diffusion.resolution_shift); None: flow_shift is fixed
+    flow_shift_by_size: tuple[float, float, int] | None = None
 
 
 @dataclass(frozen=True)
 class Detected:
     family: Family
     objective: Objective
-    variant: str = ""  # SD3: kohya's model_type (medium, 5-medium, 5-large); it is the base model version then
+    base_model_version: str  # kohya's ss_base_model_version (SD3: its model_type medium / 5-medium / 5-large)
+    model_spec: str = ""  # the modelspec architecture key where the version does not tell it (flux1-dev / -schnell)
+    guidance: bool = False  # guidance-distilled (FLUX.1-dev): the network takes a guidance value
 
     @property
     def v_prediction(self) -> bool:
         return self.objective.prediction_type == "v_prediction"
-
-    @property
-    def base_model_version(self) -> str:
-        return self.variant or self.family.base_model_versions[int(self.v_prediction)]
-    # modelspec.architecture follows from the base model version (lora_core.formats.kohya.ARCHITECTURES)
 
 
 def model_type_name(patcher: Any) -> str:
@@ -141,8 +157,14 @@ def detect(patcher: Any) -> Detected:
             f"{' / '.join(family.objectives)}: remove the sampling patch (ModelSampling* node) between the loader and "
             "Inject LoRA"
         )
-    variant = sd3_variant(base.model_config.unet_config) if family.export_format == "diffusers" else ""
-    return Detected(family, found, variant)
+    unet_config = base.model_config.unet_config
+    if family is SD3:
+        return Detected(family, found, sd3_variant(unet_config))
+    if family is FLUX:
+        guidance = bool(unet_config.get("guidance_embed"))
+        return Detected(family, found, "flux1", model_spec="flux1-dev" if guidance else "flux1-schnell",
+                        guidance=guidance)
+    return Detected(family, found, family.base_model_versions[found.prediction_type == "v_prediction"])
 
 
 def _in_channels(base: Any) -> int:
@@ -155,7 +177,8 @@ def objective(patcher: Any) -> Objective:
     Accepted: ComfyUI's discrete 1000-step schedule with an exactly epsilon or v parametrisation (SD1/SD2/SDXL, its
     eps / v_prediction (+ zsnr) settings honoured), and the rectified-flow schedule ``ModelSamplingDiscreteFlow``
     with ``CONST`` (SD3, AuraFlow; its shift and timestep multiplier, as a ModelSamplingSD3 node may set them).
-    ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node patches them onto the model) would
+    FLUX.1-dev's ``ModelSamplingFlux`` + ``CONST`` (its exponential shift; size-dependent unless a ModelSamplingFlux
+    node fixed it). ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node patches them onto the model) would
     be trained with the wrong target and are refused.
     """
     sampling = patcher.get_model_object("model_sampling")
@@ -166,6 +189,15 @@ def objective(patcher: Any) -> Objective:
     if schedule is ms.ModelSamplingDiscreteFlow and parametrisation is ms.CONST:
         return Objective("flow", torch.empty(0), flow_shift=float(sampling.shift),
                          timestep_multiplier=float(sampling.multiplier))
+    if schedule is ms.ModelSamplingFlux and parametrisation is ms.CONST:
+        # FLUX.1-dev: sigma = e^mu / (e^mu + 1/t - 1), the network's timestep is sigma itself. As loaded, mu is the
+        # 1024 px value and ComfyUI's ModelSamplingFlux node would set it per image size: trained the same way,
+        # per batch; a ModelSamplingFlux node before Inject LoRA fixes it (its shift is then trained with)
+        mu = float(sampling.shift)
+        patched = "model_sampling" in getattr(patcher, "object_patches", {})
+        by_size = None if patched else (FLUX_BASE_SHIFT, mu, FLUX_PATCH)
+        return Objective("flow", torch.empty(0), flow_shift=math.exp(mu), timestep_multiplier=1.0,
+                         flow_shift_by_size=by_size)
     kinds = {ms.EPS: "epsilon", ms.V_PREDICTION: "v_prediction"}
     sigmas = getattr(sampling, "sigmas", None)
     if (schedule is not ms.ModelSamplingDiscrete or parametrisation not in kinds
@@ -174,8 +206,8 @@ def objective(patcher: Any) -> Objective:
         raise KilnUserError(
             f"this model samples with {schedule.__name__} + {getattr(parametrisation, '__name__', '?')}{steps}; "
             "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL (a "
-            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3 "
-            "(ModelSamplingDiscreteFlow). Remove LCM/x0/EDM sampling patches from the MODEL you connect to Inject "
+            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3 and FLUX.1 "
+            "(ModelSamplingDiscreteFlow, ModelSamplingFlux). Remove LCM/x0/EDM sampling patches from the MODEL you connect to Inject "
             "LoRA, or load a checkpoint Kiln supports."
         )
     sigmas = sigmas.detach().float().cpu()

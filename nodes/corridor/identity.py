@@ -46,6 +46,7 @@ def base_identity(patcher: Any, detected: Detected, device: torch.device | str,
             "alphas_cumprod": digest.tensor_bytes_digest(objective.alphas_cumprod.float().cpu()),
             "flow_shift": objective.flow_shift,
             "timestep_multiplier": objective.timestep_multiplier,
+            "flow_shift_by_size": list(objective.flow_shift_by_size or ()),
         },
         "latent_format": {
             "class": type(latent).__name__,

@@ -7,8 +7,9 @@ cache never see them and module names never change (a stacked LoraLoader keeps a
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import comfy.lora
@@ -37,10 +38,35 @@ def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
     unet = patcher.model.diffusion_model
     if getattr(unet, "joint_blocks", None) is not None:  # MMDiT (SD3): one JointBlock at a time
         return list(unet.joint_blocks)
+    if getattr(unet, "double_blocks", None) is not None:  # FLUX.1: each double- and single-stream block
+        return list(unet.double_blocks) + list(getattr(unet, "single_blocks", []))
     containers = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
     if getattr(unet, "middle_block", None) is not None:
         containers.append(unet.middle_block)
     return [layer for block in containers for layer in block if any(True for _ in layer.parameters())]
+
+
+@contextlib.contextmanager
+def norm_inputs_cloned(roots: Iterable[nn.Module]) -> Iterator[None]:
+    """Feed every LayerNorm under ``roots`` a copy of its input while gradients are on.
+
+    ComfyUI's CLIP layers and FLUX blocks add residuals in place (``x += attn(norm(x))``, ``txt += ...``), which
+    autograd rejects once adapters need gradients: the LayerNorm saved the tensor that the addition then changed.
+    With a copy the saved tensor stays intact; inference (no grad) is untouched.
+    """
+    handles = [m.register_forward_pre_hook(_clone_input) for root in roots for m in root.modules()
+               if isinstance(m, nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _clone_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
+        return (args[0].clone(), *args[1:])
+    return None
 
 
 def lora_keys_loadable(patcher: Any, keys: list[str], clip: Any = None) -> list[str]:

@@ -7,7 +7,7 @@ LoRA patches); the result keeps the cross-attention context and the pooled outpu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import comfy.lora
@@ -20,7 +20,7 @@ from ...lora_core.formats.kohya import KohyaNaming, export_tensors
 from .caches import normal_tensor, text_cache
 from .errors import KilnUserError
 from .families import Family, TextEncoderRoot
-from .patching import make_autograd_safe
+from .patching import make_autograd_safe, norm_inputs_cloned
 
 TOKENS = "tokens."  # cond keys "tokens.l", "tokens.g": token ids per encoder, for text-encoder training
 
@@ -97,17 +97,10 @@ class TextEncoder:
             return torch.cat([o[:, :cut] for o in outs], dim=-1), pooled
         return outs[0], pooled
 
-    @contextlib.contextmanager
-    def trainable(self) -> Iterator[None]:
-        """ComfyUI's CLIP layers add residuals in place (``x += attn(norm(x))``), which autograd rejects once
-        adapters need gradients; feeding each LayerNorm a copy of its input keeps the saved tensor intact."""
-        handles = [m.register_forward_pre_hook(_clone_input) for root in self.roots.values()
-                   for m in root.modules() if isinstance(m, nn.LayerNorm)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def trainable(self) -> contextlib.AbstractContextManager[None]:
+        """ComfyUI's CLIP layers add residuals in place, which autograd rejects once adapters need gradients:
+        while training, each LayerNorm is fed a copy of its input (:func:`.patching.norm_inputs_cloned`)."""
+        return norm_inputs_cloned(self.roots.values())
 
 
 def _encoder(stage: Any, t: TextEncoderRoot) -> nn.Module | None:
@@ -115,12 +108,6 @@ def _encoder(stage: Any, t: TextEncoderRoot) -> nn.Module | None:
         return getattr(stage, stage.clip)
     encoder = getattr(stage, f"clip_{t.clip_key}", None)  # SDXLClipModel: clip_l, clip_g
     return encoder if isinstance(encoder, nn.Module) and hasattr(encoder, "transformer") else None
-
-
-def _clone_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
-        return (args[0].clone(), *args[1:])
-    return None
 
 
 def text_roots(clip: Any, family: Family) -> dict[str, nn.Module]:

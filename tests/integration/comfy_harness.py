@@ -78,6 +78,9 @@ class ComfyServer:
         link = base / "custom_nodes" / "lora-kiln"
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
+        fixtures = base / "custom_nodes" / "kiln_test_fixtures"  # test-only nodes (a tiny FLUX text encoder)
+        if not fixtures.exists():
+            fixtures.symlink_to(REPO / "tests" / "fixture_nodes" / "kiln_test_fixtures", target_is_directory=True)
         ckpt = base / "models" / "checkpoints" / "tiny_sd15.safetensors"
         if not ckpt.exists():
             os.link(checkpoint, ckpt) if checkpoint.stat().st_dev == base.stat().st_dev else shutil.copy(checkpoint, ckpt)

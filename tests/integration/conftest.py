@@ -49,6 +49,16 @@ def sd3_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux_files(tmp_path_factory) -> tuple[Path, Path]:
+    """A FLUX.1-dev of one double- and one single-stream block (545 M parameters, bf16) for UNETLoader, and a
+    16-channel TAESD for VAELoader. Its text encoder comes from the test-only TestTinyFluxCLIP node."""
+    folder = tmp_path_factory.mktemp("flux")
+    unet, vae = folder / "tiny_flux.safetensors", folder / "tiny_flux_vae.safetensors"
+    build_tiny_checkpoint(COMFY, unet, size="flux", flags=("--vae", str(vae)))
+    return unet, vae
+
+
+@pytest.fixture(scope="session")
 def server(comfy_base, tiny_checkpoint):
     srv = ComfyServer(COMFY, comfy_base, tiny_checkpoint)
     make_images(comfy_base / "input" / "shapes", n=4)

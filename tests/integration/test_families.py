@@ -50,15 +50,28 @@ SCRIPT = textwrap.dedent(
             return str(exc)
         return None
 
-    def fake(config_name, in_channels=4, concat_keys=(), sampling=None):
-        cfg = type(config_name, (), {{"unet_config": {{"in_channels": in_channels}}}})()
+    def fake(config_name, in_channels=4, concat_keys=(), sampling=None, patches=None, **unet):
+        cfg = type(config_name, (), {{"unet_config": {{"in_channels": in_channels, **unet}}}})()
         inner = types.SimpleNamespace(model_config=cfg, concat_keys=concat_keys)
-        return types.SimpleNamespace(model=inner, get_model_object=lambda name: sampling)
+        return types.SimpleNamespace(model=inner, get_model_object=lambda name: sampling,
+                                     object_patches=patches or {{}})
 
     eps = type("MS", (ms.ModelSamplingDiscrete, ms.EPS), {{}})()
     x0 = type("MS", (ms.ModelSamplingDiscrete, ms.X0), {{}})()
     flow = type("MS", (ms.ModelSamplingDiscreteFlow, ms.CONST), {{}})()
     out["sd3"] = refusal(fake("SD3", 16, sampling=flow))
+    flux_sampling = type("MS", (ms.ModelSamplingFlux, ms.CONST), {{}})()  # FLUX.1-dev's, shift (mu) 1.15
+    dev = families.detect(fake("Flux", 16, sampling=flux_sampling, guidance_embed=True))
+    fixed = families.detect(fake("Flux", 16, sampling=flux_sampling, patches={{"model_sampling": flux_sampling}},
+                                 guidance_embed=True))
+    schnell_sampling = type("MS", (ms.ModelSamplingDiscreteFlow, ms.CONST), {{}})()
+    schnell_sampling.set_parameters(shift=1.0, multiplier=1.0)  # FluxSchnell's sampling_settings
+    schnell = families.detect(fake("FluxSchnell", 16, sampling=schnell_sampling, guidance_embed=False))
+    out["flux"] = {{name: [d.family.name, d.base_model_version, d.model_spec, d.guidance, d.objective.prediction_type,
+                           d.objective.flow_shift, d.objective.timestep_multiplier,
+                           list(d.objective.flow_shift_by_size or [])]
+                   for name, d in (("dev", dev), ("dev_fixed", fixed), ("schnell", schnell))}}
+    out["flux_eps"] = refusal(fake("Flux", 16, sampling=eps))
     out["sd3_eps"] = refusal(fake("SD3", 16, sampling=eps))
     out["sdxl_flow"] = refusal(fake("SDXL", sampling=flow))
     out["others"] = {{name: refusal(fake(name, 16, sampling=flow)) for name in {others!r}}}
@@ -71,7 +84,7 @@ SCRIPT = textwrap.dedent(
 
 
 # every other image family of ComfyUI v0.3.64's comfy/supported_models.py (video and audio ones are refused alike)
-OTHERS = ["Flux", "FluxSchnell", "FluxInpaint", "Chroma", "ChromaRadiance", "AuraFlow", "PixArtAlpha", "PixArtSigma",
+OTHERS = ["FluxInpaint", "Chroma", "ChromaRadiance", "AuraFlow", "PixArtAlpha", "PixArtSigma",
           "HunyuanDiT", "HunyuanDiT1", "HunyuanImage21", "HiDream", "Lumina2", "QwenImage", "Omnigen2",
           "CosmosT2IPredict2", "Stable_Cascade_C", "SDXLRefiner", "SD21UnclipH", "SDXL_instructpix2pix", "LotusD"]
 
@@ -86,6 +99,14 @@ def test_sdxl_size_conditioning_is_explicit_and_unsupported_models_are_refused_b
     assert out["family"] == "SDXL" and out["y_shape"] == [2, 2816]
     assert out["y_equals_comfyui_with_sizes"] and out["y_differs_from_768_default"]
     assert out["sd3"] is None  # rectified flow: trained since issue 13
+    e = 2.718281828459045
+    dev, fixed, schnell = out["flux"]["dev"], out["flux"]["dev_fixed"], out["flux"]["schnell"]
+    # FLUX.1-dev as loaded: the shift follows the image size (mu from 0.5 at 256 tokens to the model's 1.15)
+    assert dev[:5] == ["FLUX.1", "flux1", "flux1-dev", True, "flow"] and dev[6] == 1.0, dev
+    assert abs(dev[5] - e ** 1.15) < 1e-9 and dev[7] == [0.5, 1.15, 2], dev
+    assert fixed[7] == [] and abs(fixed[5] - e ** 1.15) < 1e-9, fixed  # a ModelSamplingFlux node fixed it
+    assert schnell[:5] == ["FLUX.1", "flux1", "flux1-schnell", False, "flow"] and schnell[5:] == [1.0, 1.0, []]
+    assert "samples as epsilon, but FLUX.1 trains as flow" in out["flux_eps"], out["flux_eps"]
     assert "samples as epsilon, but SD3/SD3.5 trains as flow" in out["sd3_eps"], out["sd3_eps"]
     assert "samples as flow, but SDXL trains as epsilon / v_prediction" in out["sdxl_flow"], out["sdxl_flow"]
     assert set(out["others"]) == set(OTHERS)

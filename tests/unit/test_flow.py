@@ -8,6 +8,8 @@ predicts it exactly (loss 0) and by training that learns it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -19,12 +21,15 @@ from lora_core.diffusion import (
     diffusion_loss,
     flow_loss_weights,
     flow_noisy,
+    model_flow_shift,
+    resolution_shift,
     sample_flow_sigmas,
     shift_sigmas,
 )
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from diffusers.training_utils import (  # noqa: E402
     compute_density_for_timestep_sampling,
     compute_loss_weighting_for_sd3,
@@ -38,6 +43,27 @@ def test_shifted_sigmas_are_diffusers_flow_match_sigmas(shift):
     s = torch.linspace(1.0, 1.0 / 1000, 1000)
     assert torch.allclose(shift_sigmas(s, shift), scheduler.sigmas.float(), atol=1e-6, rtol=1e-5)
     assert torch.allclose(shift_sigmas(s, shift) * 1000, scheduler.timesteps.float(), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", [256, 512, 768, 1024, 1536])
+def test_flux_resolution_shift_is_diffusers_dynamic_shift(side):
+    """Flux.1 samples an image of ``side`` px (latent side / 8, 2 x 2 patches) with diffusers' dynamic shifting:
+    mu = calculate_shift(tokens) and the scheduler's exponential time shift; ours is shift_sigmas with exp(mu), from
+    a latent of that size."""
+    tokens = (side // 16) ** 2
+    mu = calculate_shift(tokens)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True)
+    s = torch.linspace(1.0, 1.0 / 1000, 1000)
+    reference = scheduler.time_shift(mu, 1.0, s)
+    assert resolution_shift(tokens) == pytest.approx(math.exp(mu), rel=1e-12)
+    assert torch.allclose(shift_sigmas(s, resolution_shift(tokens)), reference.float(), atol=1e-6)
+
+    class FluxLike(ExactVelocity):
+        flow_shift_by_size = (0.5, 1.15, 2)
+
+    latents = torch.zeros(1, 16, side // 8, side // 8)
+    assert model_flow_shift(FluxLike(), latents) == pytest.approx(math.exp(mu), rel=1e-9)
+    assert model_flow_shift(ExactVelocity(), latents) == 3.0  # a fixed shift (SD3) does not depend on the size
 
 
 def test_noising_is_diffusers_scale_noise():

@@ -88,6 +88,22 @@ def test_metadata_has_the_kohya_and_modelspec_keys(tmp_path):
     assert all(isinstance(v, str) for v in got.values())
 
 
+def test_flow_metadata_records_the_objective_and_flux_variant_as_kohyas_flux_trainer():
+    _, state = _trained_state()
+    train = {"timestep_sampling": "logit_normal", "flow_shift": 0.0, "loss_weighting": "none", "guidance": 1.0}
+    meta = build_metadata(state, title="f", base_model_version="flux1", prediction_type="flow", train=train,
+                          model_spec="flux1-schnell", guidance=False)
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert meta["ss_timestep_sampling"] == "logit_normal" and meta["ss_discrete_flow_shift"] == "0.0"
+    assert "ss_guidance_scale" not in meta and "modelspec.prediction_type" not in meta  # schnell takes no guidance
+    dev = build_metadata(state, title="f", base_model_version="flux1", prediction_type="flow", train=train,
+                         model_spec="flux1-dev", guidance=True)
+    assert dev["modelspec.architecture"] == "flux-1-dev/lora" and dev["ss_guidance_scale"] == "1.0"
+    sd15 = build_metadata(state, title="f", train=train)
+    assert "ss_timestep_sampling" not in sd15 and sd15["modelspec.prediction_type"] == "epsilon"
+
+
 def test_import_refuses_foreign_and_mismatched_files(tmp_path):
     unet, state = _trained_state()
     tensors = export_tensors(state, IDENTITY)

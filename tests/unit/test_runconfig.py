@@ -26,6 +26,9 @@ def test_minimal_config_and_kohya_aliases():
         ({"output_name": "../x"}, r"output_name='../x' may only use"),
         ({"gradient_checkpointing": "yes"}, r"gradient_checkpointing='yes' must be true or false"),
         ({"batch_size": 1.5}, r"batch_size=1.5 must be a whole number"),
+        ({"clip_l": "clip_l.safetensors", "t5xxl": "t5.safetensors", "ae": "ae.safetensors"},
+         r"config keys ae, clip_l, t5xxl describe a model in separate files .* python kiln.py "
+         r"example_workflows/api/train_flux_lora.json --set dataset=<folder>"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_the_allowed_values(extra, message):

@@ -87,14 +87,14 @@ def test_train_steps_builds_its_train_config_from_its_inputs_through_the_table()
               "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05, "save_every": 9,
               "preview_every": 10, "preview_prompt": "p", "preview_seed": 1, "preview_size": 256, "preview_steps": 12,
               "text_encoder_lr": 5e-5, "max_grad_norm": 2.5, "timestep_sampling": "logit_normal", "flow_shift": 3.5,
-              "loss_weighting": "cosmap"}
+              "loss_weighting": "cosmap", "guidance": 3.5}
     inputs = {name: values.get(name, object()) for name in params}  # what execute's locals() holds
     config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, inputs))
     assert config == TrainConfig(steps=7, learning_rate=2e-4, optimizer="lion", scheduler="cosine", warmup_steps=5,
                                  schedule_steps=40, batch_size=2, grad_accum=3, precision="bf16",
                                  gradient_checkpointing=True, min_snr_gamma=1.5, noise_offset=0.05,
                                  text_encoder_lr=5e-5, max_grad_norm=2.5, timestep_sampling="logit_normal",
-                                 flow_shift=3.5, loss_weighting="cosmap")
+                                 flow_shift=3.5, loss_weighting="cosmap", guidance=3.5)
     del inputs["grad_accum"]
     with pytest.raises(ValueError, match=r"KilnTrainSteps input 'grad_accum' is missing \(it sets TrainConfig.grad_accum\)"):
         settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, inputs)
@@ -111,7 +111,7 @@ def full_config(folder: Path) -> RunConfig:
         "mixed_precision": "bf16", "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05,
         "max_grad_norm": 2.5, "save_steps": 9, "save_precision": "bf16", "seed": 42, "sample_prompts": ["a cat"],
         "sample_every": 10, "sample_size": 256, "sample_steps": 12, "timestep_sampling": "logit_normal",
-        "discrete_flow_shift": 3.5, "weighting_scheme": "cosmap", "keep_checkpoints": 2,
+        "discrete_flow_shift": 3.5, "weighting_scheme": "cosmap", "keep_checkpoints": 2, "guidance_scale": 3.5,
     })
     defaults = RunConfig.from_mapping({"base_model": "x", "train_data_dir": "y", "max_steps": 1})
     same = {k for k in RunConfig.keys() if getattr(cfg, k) == getattr(defaults, k)}
@@ -137,7 +137,7 @@ def test_graph_is_the_hand_wired_graph(tmp_path):
               "precision": "bf16", "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05,
               "save_every": 9, "preview_every": 10, "preview_prompt": "a cat", "preview_seed": 42, "preview_size": 256,
               "preview_steps": 12, "text_encoder_lr": 5e-5, "max_grad_norm": 2.5, "timestep_sampling": "logit_normal",
-              "flow_shift": 3.5, "loss_weighting": "cosmap", "keep_checkpoints": 2},
+              "flow_shift": 3.5, "loss_weighting": "cosmap", "keep_checkpoints": 2, "guidance": 3.5},
         "5": {"state": ["4", 0], "filename": "cat", "dtype": "bf16", "save_checkpoint": True},
     }
 
@@ -187,7 +187,8 @@ def test_engine_configs_come_from_the_table():
     assert cfg.train_config(3) == TrainConfig(
         steps=3, learning_rate=2e-4, text_encoder_lr=5e-5, optimizer="lion", scheduler="cosine", warmup_steps=5,
         batch_size=2, grad_accum=3, precision="bf16", gradient_checkpointing=True, min_snr_gamma=1.5,
-        noise_offset=0.05, max_grad_norm=2.5, timestep_sampling="logit_normal", flow_shift=3.5, loss_weighting="cosmap")
+        noise_offset=0.05, max_grad_norm=2.5, timestep_sampling="logit_normal", flow_shift=3.5, loss_weighting="cosmap",
+        guidance=3.5)
     kwargs = settings.engine_kwargs(DatasetConfig, cfg.to_dict())
     assert kwargs == {"folder": "/data/cat", "caption_extension": ".caption", "trigger_word": "sks",
                       "default_repeats": 3, "resolution": 768, "bucketing": False}

@@ -1,0 +1,73 @@
+"""Test-only ComfyUI custom node: a FLUX.1 text encoder (CLIP-L + a one-layer T5) built with ComfyUI's own classes.
+
+ComfyUI's stock loaders build T5-XXL from a fixed config (24 layers, 4.7 B parameters: about 25 s per caption on two
+CPU cores), so no test can load a tiny one through DualCLIPLoader. This node builds the same ``comfy.sd.CLIP`` a
+``DualCLIPLoader(clip_l, t5xxl, "flux")`` gives, with ComfyUI's FluxTokenizer, its CLIP-L (full size) and its T5
+class in a one-layer configuration of the real width (4096, what FLUX.1's txt_in reads), seeded random weights.
+Real users load their encoders with DualCLIPLoader (README, "FLUX.1"). Never shipped: the integration harness links
+this folder into the test server's custom_nodes only.
+"""
+
+from __future__ import annotations
+
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models_base
+import comfy.text_encoders.flux
+import comfy.text_encoders.t5
+import torch
+
+T5_CONFIG = {"d_ff": 256, "d_kv": 64, "d_model": 4096, "num_heads": 2, "num_layers": 1, "vocab_size": 32128,
+             "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5"}
+
+
+class TinyT5(comfy.sd1_clip.SDClipModel):
+    """ComfyUI's T5XXLModel with a one-layer config (same special tokens, same T5 class, same model name)."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
+        super().__init__(device=device, layer="last", textmodel_json_config=dict(T5_CONFIG), dtype=dtype,
+                         special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                         model_options={**model_options, "model_name": "t5xxl"})
+
+
+class TinyFluxClip(comfy.text_encoders.flux.FluxClipModel):
+    """FluxClipModel (its encode_token_weights: T5 context + CLIP-L pooled) with the tiny T5."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+        torch.nn.Module.__init__(self)
+        self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                 model_options=model_options)
+        self.t5xxl = TinyT5(device=device, dtype=dtype, model_options=model_options)
+        self.dtypes = {dtype}
+
+
+def _init_(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                value = torch.randn(p.shape, generator=generator) * (1.0 / p.shape[-1]) ** 0.5
+            elif name.endswith("weight"):
+                value = torch.ones(p.shape)
+            else:
+                value = torch.zeros(p.shape)
+            p.copy_(value.to(p.dtype))
+
+
+class TestTinyFluxCLIP:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed: int):
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClip)
+        clip = comfy.sd.CLIP(target=target, parameters=0)
+        _init_(clip.cond_stage_model, seed)
+        return (clip,)
+
+
+NODE_CLASS_MAPPINGS = {"TestTinyFluxCLIP": TestTinyFluxCLIP}
