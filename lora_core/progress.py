@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .adapters import AdapterSet
+    from .memory import MemoryReport
     from .state import TrainState
 
 
@@ -71,6 +72,9 @@ class TrainCallback:
 
     def on_step(self, info: StepInfo) -> None:
         pass
+
+    def on_memory(self, report: MemoryReport) -> None:
+        """Called once before the first step when the trainer estimates memory (:mod:`.memory`)."""
 
     def should_stop(self) -> bool:
         return False

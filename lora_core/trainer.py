@@ -22,6 +22,15 @@ from .adapters import AdapterSet
 from .config import TrainConfig
 from .data.latents import LatentDataset
 from .diffusion import DiffusionModel, check_objective, diffusion_loss
+from .memory import (
+    MemoryEstimate,
+    MemoryReport,
+    advice,
+    device_free_bytes,
+    measure_activations,
+    module_bytes,
+    optimizer_bytes,
+)
 from .optim import build_optimizer, lr_multiplier, param_groups, place_fused_state, set_lr
 from .progress import Smoother, StepInfo, TrainCallback
 from .state import TrainState
@@ -269,11 +278,15 @@ class Trainer:
         roots: Mapping[str, nn.Module],
         device: torch.device | str = "cpu",
         checkpoint_modules: Sequence[nn.Module] = (),
+        estimate_memory: bool = False,
+        free_memory: Callable[[torch.device], int | None] = device_free_bytes,
     ) -> None:
         self.model = model
         self.roots = dict(roots)
         self.device = torch.device(device)
         self.checkpoint_modules = list(checkpoint_modules)
+        self.estimate_memory = estimate_memory  # measure and report the run's memory before its first step
+        self.free_memory = free_memory
 
     def run(
         self,
@@ -312,7 +325,13 @@ class Trainer:
             scaler.load_state_dict(dict(state.scaler_state))  # fp16 resumes with the loss scale it had reached
         cuda_devices = [device] if device.type == "cuda" else []
 
-        with torch.random.fork_rng(devices=cuda_devices), self._attached(adapters, config, plan) as cast:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+            cast = stack.enter_context(self._attached(adapters, config, plan))
+            # measured before checkpointing is on (the profile knows both figures), before any RNG is set up
+            report = self._memory_report(dataset, config, plan, adapters) if self.estimate_memory else None
+            if config.gradient_checkpointing and self.checkpoint_modules:
+                stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
             noise_gen = torch.Generator()
             if state.rng is not None:
                 noise_gen.set_state(state.rng["noise"])
@@ -323,8 +342,11 @@ class Trainer:
                 noise_gen.manual_seed(state.seed)
                 torch.manual_seed(state.seed)
             run = _Run(self, state, dataset, config, adapters, optimizer, scaler, noise_gen, plan, cast)
+            run.memory_report = report
             for cb in callbacks:
                 cb.on_start(state, config.steps)
+                if report is not None:
+                    cb.on_memory(report)
             stopped = run.loop(callbacks, save_every, preview_every)
             final = run.snapshot()
         for cb in callbacks:
@@ -359,8 +381,6 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.roots))
             stack.enter_context(adapters.attach(self.roots))
-            if config.gradient_checkpointing and self.checkpoint_modules:
-                stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
             # the denoising network only: a text encoder casts its own inputs (ComfyUI's CLIP manual-casts per layer)
             roots = {"unet": self.roots["unet"]} if plan.cast_from and "unet" in self.roots else {}
             cast = FrozenWeightCast(roots, plan.compute, plan.cast_from, plan.matmul_only)
@@ -371,6 +391,39 @@ class Trainer:
                 self.model.compute_dtype = plan.compute
                 stack.callback(setattr, self.model, "compute_dtype", previous)
             yield cast
+
+
+    def _memory_report(self, dataset: LatentDataset, config: TrainConfig, plan: PrecisionPlan,
+                       adapters: AdapterSet) -> MemoryReport:
+        """One forward pass of the loss on the largest bucket at the run's batch size, its saved tensors counted and
+        none kept (:mod:`.memory`), with its own noise generator: the run's RNG streams are untouched."""
+        largest = max(range(len(dataset.items)), key=lambda i: dataset.items[i].latent.numel())
+        shape = dataset.items[largest].shape_key
+        same = [i for i, item in enumerate(dataset.items) if item.shape_key == shape]
+        indices = [same[k % len(same)] for k in range(config.batch_size)]
+        latents, cond = dataset.collate(indices)
+        latents = self.model.scale_latents(latents.to(self.device))
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        generator = torch.Generator().manual_seed(0)
+
+        def forward() -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=plan.compute, enabled=plan.autocast):
+                return diffusion_loss(self.model, latents, cond, config, generator)
+
+        weights = [t for root in self.roots.values() for t in (*root.parameters(), *root.buffers())]
+        profile = measure_activations(forward, self.checkpoint_modules, exclude=weights)
+        trainable = sum(p.numel() for p in adapters.parameters())
+        estimate = MemoryEstimate(
+            weights=module_bytes(list(self.roots.values())), adapters=trainable * 4 * 2,
+            optimizer=optimizer_bytes(config.optimizer, trainable), activations=profile,
+            gradient_checkpointing=bool(config.gradient_checkpointing and self.checkpoint_modules),
+            batch_size=config.batch_size, optimizer_name=config.optimizer, trainable_params=trainable)
+        free = self.free_memory(self.device)
+        stored = self.stored_dtype()
+        tips = advice(estimate, free, stored_bytes_per_weight=torch.empty(0, dtype=stored).element_size())
+        report = MemoryReport(estimate, free, tuple(tips))
+        (logger.warning if tips else logger.info)("%s", report.describe())
+        return report
 
 
 class _Run:
@@ -409,6 +462,7 @@ class _Run:
         self._rng_mark = self._rng_state()
         self._scaler_mark = self._scaler_state()
         self._mark = (self.step, self.epoch, self.batch_index)
+        self.memory_report: MemoryReport | None = None  # the estimate made before the first step, if any
 
     def _scaler_state(self) -> dict[str, float | int] | None:
         return dict(self.scaler.state_dict()) if self.scaler.is_enabled() else self.start.scaler_state
@@ -497,10 +551,11 @@ class _Run:
                 self.scaler.update()
             except torch.OutOfMemoryError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
+                measured = f" Before the first step, {self.memory_report.describe()}." if self.memory_report else ""
                 raise OutOfMemoryTrainingError(
                     f"out of memory at step {self.step + 1}: try a smaller batch_size (now {config.batch_size}), a lower resolution, "
                     "gradient_checkpointing=True, bf16 precision, or a smaller rank. The last good state "
-                    f"(step {self._mark[0]}) is kept.",
+                    f"(step {self._mark[0]}) is kept.{measured}",
                     self.snapshot(at_mark=True),
                 ) from exc
             self.optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from ..lora_core.fileio import NotEnoughSpace
 from ..lora_core.plot import loss_chart
 from ..lora_core.tb import TensorBoardCallback
 from . import requeue
-from .corridor import denoiser, folders, patching, previews, reporting, text_encoders
+from .corridor import denoiser, devices, folders, patching, previews, reporting, text_encoders
 from .corridor.errors import KilnUserError
 from .objects import KilnDataset, KilnRun
 from .sockets import CATEGORY, KilnDatasetType, KilnStateType
@@ -190,8 +190,9 @@ class KilnTrainSteps(io.ComfyNode):
             latent_data, _ = dataset.encoded(text_encoder, size_conditioning=family.size_conditioning,
                                              on_progress=encoding.advance)
             network = denoiser.ComfyDiffusion(run.model, text_encoder, run.detected, guidance=config.guidance)
-            trainer = Trainer(network, roots, device,
-                              checkpoint_modules=patching.checkpoint_blocks(run.model))
+            # estimate_memory: one measuring forward pass before the first step, reported (and quoted on an OOM)
+            trainer = Trainer(network, roots, device, checkpoint_modules=patching.checkpoint_blocks(run.model),
+                              estimate_memory=True, free_memory=devices.free_memory)
             # the same training done before? reuse it, or resume it from its last checkpoint (nodes/requeue.py)
             target = start.step + steps
             digest = requeue.run_digest(run, latent_data, config, device, text_encoder)

@@ -28,5 +28,11 @@ def make_room(device: torch.device, nbytes: int) -> None:
         mm.free_memory(nbytes, device)
 
 
+def free_memory(device: torch.device) -> int | None:
+    """What ComfyUI counts as free on ``device`` now (the loaded models excluded): driver-free plus what torch has
+    cached but not in use on a GPU, available RAM on the CPU."""
+    return int(mm.get_free_memory(device))
+
+
 def release_memory() -> None:
     mm.soft_empty_cache()

@@ -14,6 +14,7 @@ import comfy.utils
 import torch
 
 from ...lora_core import AdapterSet, StepInfo, TrainCallback
+from ...lora_core.memory import MemoryReport
 from ...lora_core.progress import ItemRate, status_text
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class NodeProgress(TrainCallback):
         except mm.InterruptProcessingException:
             self.cancelled = True  # the node saves a checkpoint, then re-raises
             mm.interrupt_current_processing(True)
+
+    def on_memory(self, report: MemoryReport) -> None:
+        """The estimate on the node until the first step's progress replaces it (the console keeps it)."""
+        send_text(self.node_id, f"Train Steps: {report.describe()}")
 
     def on_step(self, info: StepInfo) -> None:
         self._value = info.run_step
