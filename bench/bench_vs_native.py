@@ -12,6 +12,9 @@ per-pair ratios (the machine this was written on is shared, and its speed drifts
                                                     # batch 1 and 2, fp32, checkpointing off/on, 64 px
     python bench/bench_vs_native.py --models sdxl --res 128 --batches 1 # the same at 128 px (16x16 latents)
     python bench/bench_vs_native.py --models sd3 --short 2 --long 12    # the depth-2 SD3 MMDiT (flow matching)
+    python bench/bench_vs_native.py --models flux --short 2 --long 6 --batches 1 --repeats 2
+                                                    # the 545 M FLUX.1-dev (1 + 1 blocks) from UNETLoader, fp32
+                                                    # and fp8-stored weights; text encoder: the tests' tiny T5 node
 
 Needs ComfyUI (found like the tests: $COMFYUI_PATH, custom_nodes/.., ~/comfy/ComfyUI).
 """
@@ -35,22 +38,40 @@ from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui, make
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # tiny | small | sdxl | sd3
+    model: str  # tiny | small | sdxl | sd3 | flux
     batch: int
     dtype: str  # fp32 | bf16
     ckpt: bool  # gradient checkpointing
     layers: str  # like  (every Linear/Conv on both sides) | defaults (each trainer's own defaults)
     res: int = 64  # image side in pixels (both trainers: latents of res / 8)
+    weights: str = "default"  # FLUX: UNETLoader's weight_dtype (default = fp32 on the CPU, or fp8_e4m3fn)
+
+
+FLOW = ("sd3", "flux")
+
+
+def loaders(case: Case) -> dict:
+    """Nodes "1" (MODEL at 0, CLIP at 1, VAE at 2 of a checkpoint) or, for FLUX, "1" UNETLoader, "6" the tests'
+    tiny FLUX text encoder, "7" VAELoader; returns the links {model, clip, vae} too."""
+    if case.model == "flux":
+        return {"nodes": {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux.safetensors", "weight_dtype": case.weights}},
+            "6": {"class_type": "TestTinyFluxCLIP", "inputs": {"seed": 0}},
+            "7": {"class_type": "VAELoader", "inputs": {"vae_name": "flux_vae.safetensors"}}},
+            "model": ["1", 0], "clip": ["6", 0], "vae": ["7", 0]}
+    return {"nodes": {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}}},
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2]}
 
 
 def native_graph(case: Case, steps: int, tag: str) -> dict:
+    ld = loaders(case)
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}},
-        "2": {"class_type": "EmptySD3LatentImage" if case.model == "sd3" else "EmptyLatentImage",
+        **ld["nodes"],
+        "2": {"class_type": "EmptySD3LatentImage" if case.model in FLOW else "EmptyLatentImage",
               "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ld["clip"]}},
         "4": {"class_type": "TrainLoraNode", "inputs": {
-            "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0], "batch_size": case.batch,
+            "model": ld["model"], "latents": ["2", 0], "positive": ["3", 0], "batch_size": case.batch,
             "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 1e-4, "rank": 8, "optimizer": "AdamW",
             "loss_function": "MSE", "seed": 0, "training_dtype": case.dtype, "lora_dtype": case.dtype if case.dtype == "bf16" else "fp32",
             "algorithm": "LoRA", "gradient_checkpointing": case.ckpt, "existing_lora": "[None]"}},
@@ -65,21 +86,22 @@ def image_folder(res: int) -> str:
 
 def kiln_graph(case: Case, steps: int, tag: str) -> dict:
     like = case.layers == "like"
+    ld = loaders(case)
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}},
+        **ld["nodes"],
         "2": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": image_folder(case.res), "vae": ["1", 2], "clip": ["1", 1], "resolution": case.res,
+            "folder": image_folder(case.res), "vae": ld["vae"], "clip": ld["clip"], "resolution": case.res,
             "bucketing": True,
             "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
         "3": {"class_type": "KilnInjectLoRA", "inputs": {
-            "model": ["1", 0], "name": f"bench_{tag}", "rank": 8, "alpha": 8.0,
+            "model": ld["model"], "name": f"bench_{tag}", "rank": 8, "alpha": 8.0,
             "targets": "all" if like else "attn+ff", "algorithm": "locon" if like else "lora", "conv_rank": 0,
             "dropout": 0.0, "init_lora": "none", "seed": 0}},
         "4": {"class_type": "KilnTrainSteps", "inputs": {
             "state": ["3", 0], "dataset": ["2", 0], "steps": steps, "learning_rate": 1e-4, "optimizer": "adamw",
             "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": case.batch, "grad_accum": 1,
             "precision": case.dtype if like else "auto", "gradient_checkpointing": case.ckpt if like else False,
-            "min_snr_gamma": 0.0 if case.model == "sd3" else 5.0, "noise_offset": 0.0, "save_every": 0,
+            "min_snr_gamma": 0.0 if case.model in FLOW else 5.0, "noise_offset": 0.0, "save_every": 0,
             "preview_every": 0, "preview_prompt": "",
             "preview_seed": 0, "preview_size": 64, "preview_steps": 2,
             "retrain": True}},  # every run trains: a repeat must not reuse the identical earlier run (issue 15)
@@ -123,7 +145,7 @@ def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sdxl", "sd3"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sdxl", "sd3", "flux"])
     parser.add_argument("--res", type=int, default=64, help="image side in px (SD1.5 rows were all measured at 64)")
     parser.add_argument("--batches", type=int, nargs="+", help="SDXL/SD3 only: the batch sizes (default 1 2)")
     parser.add_argument("--no-defaults", action="store_true", help="skip the each-trainer's-defaults case")
@@ -148,7 +170,10 @@ def main() -> int:
         return 2
     cases: list[Case] = []
     for model in args.models:
-        if model in ("sdxl", "sd3"):  # fp32 (the fast path on a CPU for both), checkpointing off and on
+        if model == "flux":  # fp32 compute, checkpointing on; fp32- and fp8-stored weights
+            for batch, weights in itertools.product(args.batches or (1,), ("default", "fp8_e4m3fn")):
+                cases.append(Case(model, batch, "fp32", True, "like", args.res, weights))
+        elif model in ("sdxl", "sd3"):  # fp32 (the fast path on a CPU for both), checkpointing off and on
             for batch, ckpt in itertools.product(args.batches or (1, 2), (False, True)):
                 cases.append(Case(model, batch, "fp32", ckpt, "like", args.res))
         elif args.full:
@@ -158,45 +183,63 @@ def main() -> int:
             cases += [Case(model, batch, dtype, ckpt, "like", args.res)
                       for batch, dtype, ckpt in ((1, "fp32", False), (4, "fp32", False), (1, "bf16", False),
                                                  (1, "fp32", True))]
-        if not args.no_defaults:
+        if not args.no_defaults and model != "flux":
             cases.append(Case(model, 1, "bf16", True, "defaults", args.res))  # TrainLoraNode's defaults vs Kiln's
     rows = []
     unit = "s/step" if args.clock == "wall" else "CPU-s/step"
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base.mkdir()
-        ckpts = {m: build_tiny_checkpoint(comfy, Path(tmp) / f"{m}.safetensors", size=m) for m in args.models}
-        server = ComfyServer(comfy, base, ckpts[args.models[0]])
+        checkpoints = [m for m in args.models if m != "flux"]
+        ckpts = {m: build_tiny_checkpoint(comfy, Path(tmp) / f"{m}.safetensors", size=m) for m in checkpoints or ["tiny"]}
+        server = ComfyServer(comfy, base, next(iter(ckpts.values())))
         for m, path in ckpts.items():
-            (base / "models" / "checkpoints" / f"{m}.safetensors").symlink_to(path)
+            if m in checkpoints:
+                (base / "models" / "checkpoints" / f"{m}.safetensors").symlink_to(path)
+        if "flux" in args.models:  # UNETLoader + VAELoader files; the text encoder is the tests' TestTinyFluxCLIP
+            for folder in ("diffusion_models", "vae"):
+                (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            vae = Path(tmp) / "flux_vae.safetensors"
+            build_tiny_checkpoint(comfy, Path(tmp) / "flux.safetensors", size="flux", flags=("--vae", str(vae)))
+            (base / "models" / "diffusion_models" / "flux.safetensors").symlink_to(Path(tmp) / "flux.safetensors")
+            (base / "models" / "vae" / "flux_vae.safetensors").symlink_to(vae)
         make_images(base / "input" / image_folder(args.res), n=4, size=(args.res, args.res))
         server.start()
         try:
             for i, case in enumerate(cases):
-                timed(server, native_graph(case, 1, f"n{i}_warm"))  # loads and caches what a trainer does not redo
+                try:  # loads and caches what a trainer does not redo
+                    timed(server, native_graph(case, 1, f"n{i}_warm"))
+                    native_error = None
+                except RuntimeError as exc:  # TrainLoraNode cannot train this model: Kiln's row alone, with the reason
+                    native_error = str(exc)[:300]
+                    print(f"    TrainLoraNode failed on {case}: {native_error}", flush=True)
                 timed(server, kiln_graph(case, 1, f"k{i}_warm"))
                 natives, kilns = [], []
                 for r in range(args.repeats):  # back to back, so machine noise hits both trainers alike
-                    natives.append(sec_per_step(server, native_graph, case, args.short, args.long, f"n{i}_{r}",
-                                                args.clock, args.settle))
+                    if native_error is None:
+                        natives.append(sec_per_step(server, native_graph, case, args.short, args.long, f"n{i}_{r}",
+                                                    args.clock, args.settle))
                     kilns.append(sec_per_step(server, kiln_graph, case, args.short, args.long, f"k{i}_{r}",
                                               args.clock, args.settle))
-                native, kiln = statistics.median(natives), statistics.median(kilns)
-                ratio = statistics.median(k / n for k, n in zip(kilns, natives))
+                kiln = statistics.median(kilns)
+                native = statistics.median(natives) if natives else float("nan")
+                ratio = statistics.median(k / n for k, n in zip(kilns, natives)) if natives else float("nan")
                 row = {**case.__dict__, "clock": args.clock, "settle": args.settle, "native_s_per_step": native,
-                       "kiln_s_per_step": kiln, "ratio": ratio, "native_samples": natives, "kiln_samples": kilns}
+                       "kiln_s_per_step": kiln, "ratio": ratio, "native_samples": natives, "kiln_samples": kilns,
+                       "native_error": native_error}
                 rows.append(row)
                 print(f"{case.model:5} {case.res}px b{case.batch} {case.dtype} ckpt={str(case.ckpt):5} {case.layers:8} "
+                      f"weights={case.weights} "
                       f"native {native:.3f} {unit}  kiln {kiln:.3f} {unit}  kiln/native {ratio:.2f} "
                       f"(pairs: {', '.join(f'{k / n:.2f}' for k, n in zip(kilns, natives))})", flush=True)
         finally:
             server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print(f"\n| UNet | px | batch | dtype | grad ckpt | layers | TrainLoraNode {unit} | Kiln {unit} | Kiln / native |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| UNet | px | batch | dtype | weights | grad ckpt | layers | TrainLoraNode {unit} | Kiln {unit} | Kiln / native |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['res']} | {r['batch']} | {r['dtype']} | {'on' if r['ckpt'] else 'off'} | {r['layers']} | "
+        print(f"| {r['model']} | {r['res']} | {r['batch']} | {r['dtype']} | {r['weights']} | {'on' if r['ckpt'] else 'off'} | {r['layers']} | "
               f"{r['native_s_per_step']:.3f} | {r['kiln_s_per_step']:.3f} | **{r['ratio']:.2f}** |")
     return 0
 
