@@ -56,7 +56,7 @@ def loaders(case: Case) -> dict:
     if case.model == "flux":
         return {"nodes": {
             "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux.safetensors", "weight_dtype": case.weights}},
-            "6": {"class_type": "TestTinyFluxCLIP", "inputs": {"seed": 0}},
+            "6": {"class_type": "TestTinyFluxCLIP", "inputs": {"seed": 0, "t5_min_length": 256}},
             "7": {"class_type": "VAELoader", "inputs": {"vae_name": "flux_vae.safetensors"}}},
             "model": ["1", 0], "clip": ["6", 0], "vae": ["7", 0]}
     return {"nodes": {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{case.model}.safetensors"}}},

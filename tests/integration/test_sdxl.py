@@ -23,9 +23,10 @@ KSAMPLER = {"seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "schedul
 XL, XL_V = "tiny_sdxl.safetensors", "tiny_sdxl_vpred_ztsnr.safetensors"
 
 
-def install_checkpoint(server, built, name):
-    """Put a session-built checkpoint into the shared server's models/checkpoints (a hard link when it can)."""
-    target = server.base / "models" / "checkpoints" / name
+def install_checkpoint(server, built, name, folder: str = "checkpoints"):
+    """Put a session-built model file into the shared server's models/<folder> (a hard link when it can)."""
+    target = server.base / "models" / folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         try:
             os.link(built, target)
@@ -67,6 +68,20 @@ def render(ckpt: str, prefix: str, lora: str | None = None, base: int = 100, mod
         i[7]: {"class_type": "SaveImage", "inputs": {"images": [i[6], 0], "filename_prefix": prefix}},
     })
     return graph
+
+
+def assert_stock_lora_renders_like_train_steps(server, trained: tuple, stock, ids: tuple[str, str, str, str]) -> None:
+    """``stock`` (a prompt that rendered through the stock LoraLoader and, after it, from the base) against ``trained``
+    (the base render before training, and the training prompt that rendered from Train Steps' MODEL): the LoRA loaded
+    renders what Kiln's unmerged adapters render, within rounding; it moves the image far more than that; the base
+    renders as before. ``ids``: the SaveImage nodes (base before, Train Steps' MODEL, stock LoRA, base after)."""
+    before, result = trained
+    base, kiln = image(server, before, ids[0]), image(server, result, ids[1])
+    loaded, after = image(server, stock, ids[2]), image(server, stock, ids[3])
+    diff, effect = np.abs(kiln - loaded), np.abs(loaded - base).mean()
+    assert diff.mean() < 0.25 and diff.max() <= 2, (diff.mean(), diff.max(), effect, np.abs(kiln - base).mean())
+    assert effect > 10 * 0.25, effect
+    assert np.array_equal(base, after)
 
 
 def image(server, result, node_id: str) -> np.ndarray:
