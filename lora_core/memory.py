@@ -5,11 +5,11 @@ The estimate has four parts:
 - **weights**: the frozen network as it sits on the device now (fp8 / bf16 / fp16 / fp32 as stored);
 - **adapters**: the trainable adapter parameters and their gradients (fp32);
 - **optimizer**: its state per trainable parameter (AdamW: two fp32 moments; 8-bit AdamW: two bytes; Lion: one
-  moment; Prodigy: four; SGD: none);
+  moment; Prodigy: four; SGD: its momentum buffer);
 - **activations**: what autograd keeps for the backward pass at this batch size and resolution. It is *measured*,
   not guessed: one forward pass of the training loss on the largest bucket with a ``saved_tensors_hooks`` pair that
-  counts the bytes of every tensor autograd would keep and keeps none of them (so the measuring pass itself needs no
-  more memory than inference). Blocks that gradient checkpointing would recompute are measured one by one, so the
+  counts the bytes of every tensor autograd would keep and keeps none of them (so the measuring pass itself needs
+  inference memory plus the checkpointable blocks' inputs, which checkpointing keeps anyway). Blocks that gradient checkpointing would recompute are measured one by one, so the
   checkpointed figure (block inputs + the largest block, recomputed one at a time) is known whether or not it is on.
 
 :func:`advice` compares the total with what the device has and names the settings that would make the run fit,
@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "lion": 4, "prodigy": 16, "sgd": 0}
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "lion": 4, "prodigy": 16, "sgd": 4}
 GIB = 1024**3
 
 
@@ -60,6 +60,7 @@ class MemoryEstimate:
     batch_size: int
     optimizer_name: str
     trainable_params: int
+    grad_accum: int = 1
 
     @property
     def activation_bytes(self) -> int:
@@ -112,12 +113,15 @@ def optimizer_bytes(name: str, params: int) -> int:
     return OPTIMIZER_BYTES_PER_PARAM.get(name, 8) * params
 
 
-def module_bytes(roots: Sequence[nn.Module]) -> int:
-    """Parameters and buffers as stored (each storage once)."""
+def module_bytes(roots: Sequence[nn.Module], device: torch.device | None = None) -> int:
+    """Parameters and buffers as stored (each storage once); with ``device``, only those on it (ComfyUI may keep
+    part of a big model offloaded)."""
     seen: set[int] = set()
     total = 0
     for root in roots:
         for t in list(root.parameters()) + list(root.buffers()):
+            if device is not None and t.device.type != device.type:
+                continue
             key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
             if key in seen:
                 continue
@@ -219,8 +223,9 @@ def measure_activations(forward: Callable[[], torch.Tensor], blocks: Sequence[nn
 
 def device_free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` now (CUDA: the driver's figure; CPU: MemAvailable on Linux), or None."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # the driver's free memory plus what torch has cached but not in use
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     if device.type == "cpu":
         try:
             with open("/proc/meminfo", encoding="ascii") as f:
@@ -247,14 +252,14 @@ def advice(estimate: MemoryEstimate, free: int | None, stored_bytes_per_weight: 
     if not estimate.gradient_checkpointing and estimate.activations.blocks:
         would("gradient_checkpointing on", replace(estimate, gradient_checkpointing=True))
     if estimate.batch_size > 1:
-        would(f"batch_size 1 with grad_accum {estimate.batch_size}",
+        would(f"batch_size 1 with grad_accum {estimate.batch_size * estimate.grad_accum}",
               replace(estimate, activations=estimate.activations.scaled(1 / estimate.batch_size), batch_size=1))
-    would("half the resolution (a quarter of the pixels)",
+    would("half the resolution in Load Dataset (a quarter of the pixels)",
           replace(estimate, activations=estimate.activations.scaled(0.25)))
     if estimate.optimizer_name in ("adamw", "prodigy"):
         would("optimizer adamw8bit", replace(estimate, optimizer=optimizer_bytes("adamw8bit", estimate.trainable_params),
                                              optimizer_name="adamw8bit"))
     if stored_bytes_per_weight > 1:
-        out.append(f"fp8 weights (UNETLoader weight_dtype fp8_e4m3fn): frees about "
+        out.append(f"fp8 weights (Load Diffusion Model weight_dtype fp8_e4m3fn, or ComfyUI's --fp8_e4m3fn-unet): frees about "
                    f"{gib(estimate.weights * (1 - 1 / stored_bytes_per_weight))} GiB of weights")
     return out

@@ -329,7 +329,7 @@ class Trainer:
             stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
             cast = stack.enter_context(self._attached(adapters, config, plan))
             # measured before checkpointing is on (the profile knows both figures), before any RNG is set up
-            report = self._memory_report(dataset, config, plan, adapters) if self.estimate_memory else None
+            report = self._safe_memory_report(state, dataset, config, plan, adapters) if self.estimate_memory else None
             if config.gradient_checkpointing and self.checkpoint_modules:
                 stack.enter_context(gradient_checkpointing(self.checkpoint_modules))
             noise_gen = torch.Generator()
@@ -392,6 +392,20 @@ class Trainer:
                 stack.callback(setattr, self.model, "compute_dtype", previous)
             yield cast
 
+    def _safe_memory_report(self, state: TrainState, dataset: LatentDataset, config: TrainConfig,
+                            plan: PrecisionPlan, adapters: AdapterSet) -> MemoryReport | None:
+        """The estimate, or None when measuring fails for another reason than memory (it is advice, not a step)."""
+        try:
+            return self._memory_report(dataset, config, plan, adapters)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemoryTrainingError(
+                f"out of memory before the first step, in one forward pass at batch_size {config.batch_size} on the "
+                "largest bucket: try gradient_checkpointing=True, a smaller batch_size or a lower resolution (Load "
+                "Dataset), fp8 weights, or a smaller rank. Nothing was trained; the start state is kept.", state,
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - a failed estimate must not stop a run that could train
+            logger.warning("could not estimate the run's memory (%s: %s); training anyway", type(exc).__name__, exc)
+            return None
 
     def _memory_report(self, dataset: LatentDataset, config: TrainConfig, plan: PrecisionPlan,
                        adapters: AdapterSet) -> MemoryReport:
@@ -414,11 +428,14 @@ class Trainer:
         profile = measure_activations(forward, self.checkpoint_modules, exclude=weights)
         trainable = sum(p.numel() for p in adapters.parameters())
         estimate = MemoryEstimate(
-            weights=module_bytes(list(self.roots.values())), adapters=trainable * 4 * 2,
+            weights=module_bytes(list(self.roots.values()), self.device), adapters=trainable * 4 * 2,
             optimizer=optimizer_bytes(config.optimizer, trainable), activations=profile,
             gradient_checkpointing=bool(config.gradient_checkpointing and self.checkpoint_modules),
-            batch_size=config.batch_size, optimizer_name=config.optimizer, trainable_params=trainable)
+            batch_size=config.batch_size, optimizer_name=config.optimizer, trainable_params=trainable,
+            grad_accum=config.grad_accum)
         free = self.free_memory(self.device)
+        if free is not None:
+            free += trainable * 4  # the adapters are already on the device: the estimate counts them itself
         stored = self.stored_dtype()
         tips = advice(estimate, free, stored_bytes_per_weight=torch.empty(0, dtype=stored).element_size())
         report = MemoryReport(estimate, free, tuple(tips))

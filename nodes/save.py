@@ -111,6 +111,7 @@ class KilnSaveLoRA(io.ComfyNode):
             base_model_name=run.base_model_name, prediction_type=run.prediction_type,
             zero_terminal_snr=run.detected.objective.zero_terminal_snr, train=run.train_settings, extra=extra,
             model_spec=run.detected.model_spec, guidance=run.detected.guidance,
+            model_flow_shift=None if run.detected.objective.flow_shift_by_size else run.detected.objective.flow_shift,
         )
         redactor = Redactor()
         metadata = redactor.metadata(metadata, keep=("prompt", "workflow") if embed_workflow == "full" else ())

@@ -170,6 +170,8 @@ class KilnTrainSteps(io.ComfyNode):
         node_id = cls.hidden.unique_id
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
         config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, locals()))
+        if not run.detected.guidance:  # only guidance-distilled models read it: changing it elsewhere is no new run
+            config = dataclasses.replace(config, guidance=TrainConfig.guidance)
         if run.trains_text_encoder and run.clip is None:
             raise KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
         clip = run.clip if run.clip is not None else dataset.clip

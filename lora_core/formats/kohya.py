@@ -157,6 +157,7 @@ def build_metadata(
     extra: Mapping[str, Any] | None = None,
     model_spec: str = "",
     guidance: bool = False,
+    model_flow_shift: float | None = None,
 ) -> dict[str, str]:
     """kohya ``ss_*`` and Stability ``modelspec.*`` metadata; every value is a string.
 
@@ -164,6 +165,8 @@ def build_metadata(
     supplies the dataset facts (resolution, tag frequency, image count, start time). ``model_spec`` picks the
     modelspec architecture where the base model version does not (FLUX.1 dev / schnell are both ``flux1``);
     ``guidance``: the model is guidance-distilled, so the training guidance is recorded (``ss_guidance_scale``).
+    ``model_flow_shift``: the flow model's own shift, recorded when the run used it (``flow_shift`` 0); None when it
+    depends on the image size (FLUX.1 as loaded), and then no shift is recorded.
     """
     cfg: AdapterConfig = state.adapter_config
     info = dict(state.info)
@@ -228,7 +231,7 @@ def build_metadata(
         "ss_zero_terminal_snr": zero_terminal_snr,
         # flow models, as kohya's SD3/FLUX trainers record them (0 flow shift: the model's own)
         "ss_timestep_sampling": train.get("timestep_sampling") if flow else None,
-        "ss_discrete_flow_shift": train.get("flow_shift") if flow else None,
+        "ss_discrete_flow_shift": (train.get("flow_shift") or model_flow_shift) if flow else None,
         "ss_weighting_scheme": train.get("loss_weighting") if flow else None,
         "ss_guidance_scale": train.get("guidance") if guidance else None,
     }

@@ -59,7 +59,9 @@ class ComfyDiffusion:
         if not names:
             return context, {}
         if pooled is None:
-            raise KilnUserError(f"{self.family.name} needs the pooled text-encoder output; the CLIP gave none")
+            raise KilnUserError(
+                f"{self.family.name} needs the pooled text-encoder output; the CLIP gave none. Connect the CLIP of the "
+                "same model to Load Dataset (FLUX.1: DualCLIPLoader with clip_l + t5xxl, type flux)")
         sizes = cond.get(SIZE)
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for i in range(context.shape[0]):

@@ -61,7 +61,7 @@ class Family:
 
     @property
     def target_presets(self) -> dict[str, tuple[str, ...] | None]:
-        return dict(TARGET_PRESETS)  # UNet (to_q ... proj_out) and MMDiT (attn.qkv ... mlp.fc2) names
+        return dict(TARGET_PRESETS)  # UNet (to_q ... proj_out), MMDiT (attn.qkv ...) and FLUX (img_attn.qkv ...) names
 
 
 SD1 = Family(

@@ -92,14 +92,18 @@ def test_flow_metadata_records_the_objective_and_flux_variant_as_kohyas_flux_tra
     _, state = _trained_state()
     train = {"timestep_sampling": "logit_normal", "flow_shift": 0.0, "loss_weighting": "none", "guidance": 1.0}
     meta = build_metadata(state, title="f", base_model_version="flux1", prediction_type="flow", train=train,
-                          model_spec="flux1-schnell", guidance=False)
+                          model_spec="flux1-schnell", guidance=False, model_flow_shift=1.0)
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-schnell/lora"
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
-    assert meta["ss_timestep_sampling"] == "logit_normal" and meta["ss_discrete_flow_shift"] == "0.0"
+    assert meta["ss_timestep_sampling"] == "logit_normal" and meta["ss_discrete_flow_shift"] == "1.0"  # the model's
     assert "ss_guidance_scale" not in meta and "modelspec.prediction_type" not in meta  # schnell takes no guidance
     dev = build_metadata(state, title="f", base_model_version="flux1", prediction_type="flow", train=train,
                          model_spec="flux1-dev", guidance=True)
     assert dev["modelspec.architecture"] == "flux-1-dev/lora" and dev["ss_guidance_scale"] == "1.0"
+    assert "ss_discrete_flow_shift" not in dev  # FLUX.1-dev as loaded: the shift follows the image size
+    fixed = build_metadata(state, title="f", prediction_type="flow", train={**train, "flow_shift": 3.5},
+                           model_flow_shift=3.0)
+    assert fixed["ss_discrete_flow_shift"] == "3.5"  # the run's own override
     sd15 = build_metadata(state, title="f", train=train)
     assert "ss_timestep_sampling" not in sd15 and sd15["modelspec.prediction_type"] == "epsilon"
 

@@ -116,3 +116,31 @@ def test_the_trainer_reports_an_estimate_before_the_first_step_and_trains_exactl
     assert "does NOT fit" in report.describe() and "Would help: gradient_checkpointing on" in report.describe()
     _, (checkpointed,), _ = run(True, ckpt=True)
     assert checkpointed.estimate.activation_bytes == checkpointed.estimate.activations.checkpointed
+
+
+def test_a_failed_estimate_never_stops_training_but_running_out_of_memory_in_it_says_what_to_change(monkeypatch):
+    import lora_core.trainer as trainer_module
+    from lora_core import OutOfMemoryTrainingError
+
+    def run():
+        unet = make_unet()
+        adapters = AdapterSet.create({"unet": unet}, AdapterConfig(rank=4), seed=0)
+        cb = Reports()
+        trainer = Trainer(TinyDiffusion(unet), {"unet": unet}, estimate_memory=True)
+        start = TrainState.from_adapters(adapters)
+        return trainer.run(start, make_dataset(), TrainConfig(steps=2), callbacks=[cb]), cb, start
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a host network the counting hooks do not understand")
+
+    monkeypatch.setattr(trainer_module, "measure_activations", broken)
+    result, cb, _ = run()
+    assert result.state.step == 2 and cb.reports == []
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer_module, "measure_activations", oom)
+    with pytest.raises(OutOfMemoryTrainingError, match="before the first step.*gradient_checkpointing=True") as info:
+        run()
+    assert info.value.last_good_state.step == 0
