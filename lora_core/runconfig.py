@@ -24,7 +24,7 @@ from .settings import ALIASES
 __all__ = ["ALIASES", "RunConfig", "config_from_graph", "training_graph"]
 
 
-SPLIT_MODEL_KEYS = frozenset({"clip_l", "t5xxl", "ae", "clip_g"})  # kohya's flux/sd3 trainers' separate-file options
+SPLIT_FILES = ("clip_l", "t5xxl", "ae")  # FLUX.1 in separate files, kohya's flux trainer's options
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class RunConfig:
     train_data_dir: str
     output_name: str = "my_lora"
     output_dir: str = "output"
+    # FLUX.1 in separate files (kohya's flux trainer): base_model is then the diffusion model (models/diffusion_models)
+    clip_l: str = ""  # CLIP-L (models/text_encoders)
+    t5xxl: str = ""  # T5-XXL (models/text_encoders)
+    ae: str = ""  # the autoencoder (models/vae)
+    fp8_base: bool = False  # keep the diffusion model's weights in fp8 (UNETLoader weight_dtype fp8_e4m3fn)
     caption_extension: str = ".txt"
     trigger_word: str = ""
     repeats: int = 1
@@ -100,6 +105,18 @@ class RunConfig:
                 f"set exactly one of epochs (now {self.epochs}) or max_steps (now {self.max_steps}): "
                 "how long to train"
             )
+        given = [k for k in SPLIT_FILES if getattr(self, k)]
+        if given and len(given) < len(SPLIT_FILES):
+            missing = [k for k in SPLIT_FILES if k not in given]
+            raise ValueError(
+                f"{', '.join(given)} given without {', '.join(missing)}: a model in separate files (FLUX.1) needs "
+                "all of clip_l (CLIP-L), t5xxl (T5-XXL) and ae (the autoencoder), with base_model the diffusion model"
+            )
+        if self.fp8_base and not given:
+            raise ValueError(
+                "fp8_base applies to a diffusion model in separate files (with clip_l, t5xxl and ae); for a checkpoint "
+                "start ComfyUI with --fp8_e4m3fn-unet instead (kiln.py passes ComfyUI flags on)"
+            )
         check_int("save_steps", self.save_steps, 0, 10_000_000)
         check_int("keep_checkpoints", self.keep_checkpoints, 0, 10_000)
         check_choice("save_precision", self.save_precision, ("fp16", "bf16", "fp32"))
@@ -130,6 +147,11 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.from_mapping({**self.to_dict(), **changes})
 
+    @property
+    def split_model(self) -> bool:
+        """The model comes in separate files (FLUX.1: diffusion model, CLIP-L + T5-XXL, autoencoder)."""
+        return bool(self.t5xxl)
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
@@ -139,15 +161,6 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"the config must be a mapping of key: value, got {type(data).__name__}")
         known = set(cls.keys())
-        split = sorted(set(data) & SPLIT_MODEL_KEYS)
-        if split:
-            raise ValueError(
-                f"config keys {', '.join(split)} describe a model in separate files (kohya's FLUX.1 options); kiln.py "
-                "configs train one checkpoint file. For FLUX.1 run the example graph, naming the files: python kiln.py "
-                "example_workflows/api/train_flux_lora.json --set dataset=<folder> --set "
-                "UNETLoader.unet_name=<flux1-dev.safetensors> --set DualCLIPLoader.clip_name2=<t5xxl file> "
-                "(README, 'FLUX.1')"
-            )
         clean: dict[str, Any] = {}
         for key, value in data.items():
             name = ALIASES.get(key, key)
@@ -221,18 +234,30 @@ _GRAPH: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "4": (settings.TRAIN_NODE, {"state": ["3", 0], "dataset": ["2", 0]}),
     "5": (settings.SAVE_NODE, {"state": ["4", 0]}),
 }
+# a model in separate files (example_workflows/train_flux_lora.json): ComfyUI's three loaders, no text-encoder link
+_SPLIT_GRAPH: dict[str, tuple[str, dict[str, list[Any]]]] = {
+    "1": (settings.UNET_LOADER, {}),
+    "6": (settings.CLIP_LOADER, {}),
+    "7": (settings.VAE_LOADER, {}),
+    "2": (settings.DATASET_NODE, {"vae": ["7", 0], "clip": ["6", 0]}),
+    "3": (settings.INJECT_NODE, {"model": ["1", 0]}),
+    "4": (settings.TRAIN_NODE, {"state": ["3", 0], "dataset": ["2", 0]}),
+    "5": (settings.SAVE_NODE, {"state": ["4", 0]}),
+}
 RESUME_NODE = "KilnLoadCheckpoint"
 
 
-def training_graph(cfg: RunConfig, steps: int, resume: str | None, ckpt_name: str) -> dict[str, Any]:
+def training_graph(cfg: RunConfig, steps: int, resume: str | None, ckpt_name: str,
+                   names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The API graph that trains ``cfg`` for ``steps`` steps.
 
-    ``ckpt_name``: ``base_model`` as CheckpointLoaderSimple names it; ``resume``: a checkpoint name for Load
-    Checkpoint (Kiln), which then replaces Inject LoRA.
+    ``ckpt_name``: ``base_model`` as its loader names it (CheckpointLoaderSimple, or UNETLoader for a model in
+    separate files); ``names``: the other files as their loaders name them (``clip_l``, ``t5xxl``, ``ae``);
+    ``resume``: a checkpoint name for Load Checkpoint (Kiln), which then replaces Inject LoRA.
     """
-    inputs = settings.node_inputs(cfg.to_dict(), {"max_steps": steps, "base_model": ckpt_name})
+    inputs = settings.node_inputs(cfg.to_dict(), {**(names or {}), "max_steps": steps, "base_model": ckpt_name})
     graph: dict[str, Any] = {}
-    for node_id, (node, links) in _GRAPH.items():
+    for node_id, (node, links) in (_SPLIT_GRAPH if cfg.split_model else _GRAPH).items():
         if node == settings.INJECT_NODE and resume:
             graph[node_id] = {"class_type": RESUME_NODE, "inputs": {**links, "checkpoint": resume}}
         else:

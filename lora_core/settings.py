@@ -27,11 +27,16 @@ from .config import AdapterConfig, TrainConfig
 from .data.config import DatasetConfig
 
 CHECKPOINT_LOADER = "CheckpointLoaderSimple"
+# a model in separate files (FLUX.1: kohya's pretrained_model_name_or_path + clip_l + t5xxl + ae): ComfyUI's loaders
+UNET_LOADER = "UNETLoader"
+CLIP_LOADER = "DualCLIPLoader"
+VAE_LOADER = "VAELoader"
 DATASET_NODE = "KilnLoadDataset"
 INJECT_NODE = "KilnInjectLoRA"
 TRAIN_NODE = "KilnTrainSteps"
 SAVE_NODE = "KilnSaveLoRA"
-NODES: tuple[str, ...] = (CHECKPOINT_LOADER, DATASET_NODE, INJECT_NODE, TRAIN_NODE, SAVE_NODE)
+LOADERS: tuple[str, ...] = (CHECKPOINT_LOADER, UNET_LOADER, CLIP_LOADER, VAE_LOADER)
+NODES: tuple[str, ...] = (*LOADERS, DATASET_NODE, INJECT_NODE, TRAIN_NODE, SAVE_NODE)
 ENGINES: dict[str, type] = {cls.__name__: cls for cls in (AdapterConfig, TrainConfig, DatasetConfig)}
 
 
@@ -61,6 +66,14 @@ def _prompt_list(prompt: str) -> list[str]:
 
 def _zero_is_none(value: int) -> int | None:
     return value or None
+
+
+def _weight_dtype(fp8_base: bool) -> str:
+    return "fp8_e4m3fn" if fp8_base else "default"
+
+
+def _is_fp8(weight_dtype: str) -> bool:
+    return str(weight_dtype).startswith("fp8")
 
 
 def _text_targets(train_text_encoder: bool) -> str | tuple[str, ...]:
@@ -136,8 +149,14 @@ _D, _I, _T, _S = DATASET_NODE, INJECT_NODE, TRAIN_NODE, SAVE_NODE
 
 SETTINGS: tuple[Setting, ...] = (
     # the model and the data
-    S("base_model", (f"{CHECKPOINT_LOADER}.ckpt_name",), aliases=("pretrained_model_name_or_path",),
-      set_names=("base_model", "checkpoint")),
+    S("base_model", (f"{CHECKPOINT_LOADER}.ckpt_name", f"{UNET_LOADER}.unet_name"),
+      aliases=("pretrained_model_name_or_path",), set_names=("base_model", "checkpoint")),
+    # FLUX.1 in separate files, as kohya's flux trainer takes them (then base_model is the diffusion model)
+    S("clip_l", (f"{CLIP_LOADER}.clip_name1",)),
+    S("t5xxl", (f"{CLIP_LOADER}.clip_name2",)),
+    S("ae", (f"{VAE_LOADER}.vae_name",)),
+    S("fp8_base", (f"{UNET_LOADER}.weight_dtype",), to_node=_weight_dtype, from_node=_is_fp8),
+    S(None, (f"{CLIP_LOADER}.type",), fixed="flux"),
     S("train_data_dir", (f"{_D}.folder",), "DatasetConfig.folder", set_names=("dataset", "folder"),
       to_node=_absolute_path),
     S("caption_extension", (f"{_D}.caption_extension",), "DatasetConfig.caption_extension"),
@@ -267,14 +286,17 @@ def node_inputs(values: Mapping[str, Any], overrides: Mapping[str, Any] | None =
 def config_values(nodes: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, Any]:
     """Config key -> value from the inputs of a graph's nodes (node type -> inputs of each node of that type).
 
-    A setting is read from its first input, on the first node of that type (``summed`` ones: all of them);
-    a missing node or input leaves the key out, so the config's default applies.
+    A setting is read from its first input, on the first node of that type (``summed`` ones: all of them; a loader
+    setting from the first loader the graph has); a missing node or input leaves the key out, so the config's
+    default applies.
     """
     values: dict[str, Any] = {}
     for s in SETTINGS:
         if s.key is None or not s.inputs:
             continue
         node, name = s.node_inputs[0]
+        if node in LOADERS:  # base_model: the checkpoint loader's, else the diffusion model loader's
+            node, name = next(((n, i) for n, i in s.node_inputs if n in nodes), (node, name))
         of_type = nodes.get(node, [])[: None if s.summed else 1]
         present = [inputs[name] for inputs in of_type if name in inputs]
         if present:

@@ -199,17 +199,19 @@ def object_info() -> dict[str, Any]:
 # ---- config -> graph ---------------------------------------------------------------------------
 
 
-def checkpoint_name(base_model: str) -> str:
-    """A checkpoint name as CheckpointLoaderSimple wants it; a path's folder is registered first."""
+def checkpoint_name(base_model: str, folder: str = "checkpoints", key: str = "base_model") -> str:
+    """A model file name as its ComfyUI loader wants it (``folder``: the models/ folder type it lists); a path's
+    folder is registered first."""
     path = Path(base_model).expanduser()
     if path.suffix and path.is_file():
-        folder_paths.add_model_folder_path("checkpoints", str(path.parent.resolve()), is_default=True)
+        folder_paths.add_model_folder_path(folder, str(path.parent.resolve()), is_default=True)
         return path.name
-    if base_model in folder_paths.get_filename_list("checkpoints"):
+    if base_model in folder_paths.get_filename_list(folder):
         return base_model
-    known = folder_paths.get_filename_list("checkpoints")
+    known = folder_paths.get_filename_list(folder)
     raise KilnError(
-        f"base_model={base_model!r} is neither a file nor a checkpoint in models/checkpoints "
+        f"{key}={base_model!r} is neither a file nor a {'checkpoint' if folder == 'checkpoints' else 'file'} in "
+        f"models/{folder} "
         f"(there: {', '.join(known[:8]) or 'nothing'}); give a path or one of those names"
     )
 
@@ -229,7 +231,12 @@ def steps_per_epoch(cfg: RunConfig) -> int:
 
 def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[str, Any]:
     """The same graph a user wires in ComfyUI (see example_workflows/train_sd15_lora.json)."""
-    return runconfig.training_graph(cfg, steps, resume, checkpoint_name(cfg.base_model))
+    if not cfg.split_model:
+        return runconfig.training_graph(cfg, steps, resume, checkpoint_name(cfg.base_model))
+    model = checkpoint_name(cfg.base_model, "diffusion_models")
+    names = {"clip_l": checkpoint_name(cfg.clip_l, "text_encoders", "clip_l"),
+             "t5xxl": checkpoint_name(cfg.t5xxl, "text_encoders", "t5xxl"), "ae": checkpoint_name(cfg.ae, "vae", "ae")}
+    return runconfig.training_graph(cfg, steps, resume, model, names)
 
 
 def config_from_graph(api: dict[str, Any]) -> RunConfig:

@@ -77,6 +77,21 @@ def test_bad_config_names_the_key(tmp_path, tiny_checkpoint, data):
     assert "Traceback" not in result.stderr
 
 
+def test_a_flux_config_in_separate_files_looks_each_file_up_in_its_own_models_folder(tmp_path, tiny_checkpoint, data):
+    """kohya's FLUX options build the stock loaders' graph: the first file kiln.py cannot find is named with the
+    folder its loader reads (the diffusion model in models/diffusion_models, CLIP-L in models/text_encoders)."""
+    cfg = write_config(tmp_path / "flux.yaml", tmp_path / "flux1-dev.safetensors", data, tmp_path / "out",
+                       clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", ae="ae.safetensors",
+                       fp8_base=True, min_snr_gamma=0)
+    result = kiln(str(cfg), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "flux1-dev.safetensors' is neither a file nor a file in models/diffusion_models" in result.stderr
+    assert "Traceback" not in result.stderr
+    (tmp_path / "flux1-dev.safetensors").write_bytes(b"")  # found now (as a path): the next file is looked up
+    result = kiln(str(cfg), cwd=tmp_path)
+    assert "clip_l='clip_l.safetensors' is neither a file nor a file in models/text_encoders" in result.stderr
+
+
 def test_ctrl_c_leaves_a_resumable_checkpoint_and_resume_continues(tmp_path, tiny_checkpoint, data):
     cfg = write_config(tmp_path / "long.yaml", tiny_checkpoint, data, tmp_path / "out", max_steps=100000,
                        save_steps=0)

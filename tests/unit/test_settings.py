@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from lora_core.data import DatasetConfig
 from lora_core.runconfig import RunConfig, config_from_graph, training_graph
 from lora_core.settings import SETTINGS, Setting
 
-NODES_DIR = Path(__file__).resolve().parents[2] / "nodes"
+REPO = Path(__file__).resolve().parents[2]
+NODES_DIR = REPO / "nodes"
 WIDGETS = {"Int", "Float", "String", "Boolean", "Combo"}  # io.<kind>.Input: a value, not a socket
 # engine fields no node exposes (engine defaults); a new field must be added to the table or to this list
 ENGINE_ONLY = {
@@ -24,6 +26,7 @@ ENGINE_ONLY = {
 }
 # config keys that have no node input: kiln.py uses them around the graph
 NOT_IN_GRAPH = {"output_dir", "epochs", "resume_from_checkpoint"}
+SPLIT_MODEL = {"clip_l", "t5xxl", "ae", "fp8_base"}  # a checkpoint graph has none: test_flux_config_... has them
 
 
 def node_schemas() -> dict[str, dict[str, object]]:
@@ -115,7 +118,7 @@ def full_config(folder: Path) -> RunConfig:
     })
     defaults = RunConfig.from_mapping({"base_model": "x", "train_data_dir": "y", "max_steps": 1})
     same = {k for k in RunConfig.keys() if getattr(cfg, k) == getattr(defaults, k)}
-    assert same == NOT_IN_GRAPH, "give every new config key a non-default value here"
+    assert same == NOT_IN_GRAPH | SPLIT_MODEL, "give every new config key a non-default value here"
     return cfg
 
 
@@ -147,6 +150,35 @@ def test_config_to_graph_to_config_is_the_same_config(tmp_path):
     assert config_from_graph(training_graph(cfg, cfg.max_steps, None, cfg.base_model)) == cfg
     minimal = RunConfig.from_mapping({"base_model": "m.ckpt", "train_data_dir": str(tmp_path.resolve()), "max_steps": 3})
     assert config_from_graph(training_graph(minimal, 3, None, "m.ckpt")) == minimal
+
+
+def test_flux_config_in_separate_files_is_the_example_graph_and_comes_back(tmp_path):
+    """kohya's FLUX options (pretrained_model_name_or_path + clip_l + t5xxl + ae, fp8_base) become the stock loaders
+    of example_workflows/api/train_flux_lora.json, wired the same way, and the graph reads back as the config."""
+    cfg = full_config(tmp_path.resolve() / "cat").replace(
+        base_model="flux1-dev.safetensors", clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors",
+        ae="ae.safetensors", fp8_base=True, train_text_encoder=False)
+    graph = training_graph(cfg, 7, None, cfg.base_model, {"clip_l": "clip_l.safetensors",
+                                                          "t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"})
+    assert {k: v["class_type"] for k, v in graph.items()} == {
+        "1": "UNETLoader", "6": "DualCLIPLoader", "7": "VAELoader", "2": "KilnLoadDataset", "3": "KilnInjectLoRA",
+        "4": "KilnTrainSteps", "5": "KilnSaveLoRA"}
+    assert graph["1"]["inputs"] == {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}
+    assert graph["6"]["inputs"] == {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                    "type": "flux"}
+    assert graph["7"]["inputs"] == {"vae_name": "ae.safetensors"}
+    assert graph["2"]["inputs"]["vae"] == ["7", 0] and graph["2"]["inputs"]["clip"] == ["6", 0]
+    assert graph["3"]["inputs"]["model"] == ["1", 0] and "clip" not in graph["3"]["inputs"]
+    example = json.loads((REPO / "example_workflows" / "api" / "train_flux_lora.json").read_text())
+    for node in ("1", "7"):
+        assert graph[node]["class_type"] == example[node if node == "1" else "8"]["class_type"]
+    assert set(graph["6"]["inputs"]) <= set(example["7"]["inputs"])
+    assert config_from_graph(graph) == cfg
+    assert config_from_graph(training_graph(cfg.replace(fp8_base=False), 7, None, cfg.base_model)).fp8_base is False
+    with pytest.raises(ValueError, match=r"clip_l, t5xxl given without ae: a model in separate files"):
+        cfg.replace(ae="")
+    with pytest.raises(ValueError, match=r"fp8_base applies to a diffusion model in separate files"):
+        full_config(tmp_path.resolve() / "cat").replace(fp8_base=True)
 
 
 def test_graph_paths_and_overrides(tmp_path, monkeypatch):
