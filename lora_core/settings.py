@@ -241,6 +241,8 @@ ENGINE_NAMES: dict[str, str] = {
 }
 # kiln.py run --set NAME=value -> (node type, input)
 SET_NAMES: dict[str, tuple[str, str]] = {name: s.node_inputs[0] for s in SETTINGS for name in s.set_names}
+# the same, every input of the row (base_model: the checkpoint loader's, else the diffusion model loader's)
+SET_TARGETS: dict[str, tuple[tuple[str, str], ...]] = {name: s.node_inputs for s in SETTINGS for name in s.set_names}
 
 
 def engine_kwargs(engine: type, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -326,6 +326,7 @@ def load_workflow(path: Path) -> dict[str, Any]:
     return data
 
 
+MODEL_FOLDERS = {settings.CHECKPOINT_LOADER: "checkpoints", settings.UNET_LOADER: "diffusion_models"}
 SET_ALIASES = settings.SET_NAMES  # dataset, steps, lr, base_model, name, rank, resolution ... -> (node, input)
 
 
@@ -336,16 +337,18 @@ def apply_sets(api: dict[str, Any], sets: list[str]) -> None:
         if not sep:
             raise KilnError(f"--set {item!r}: write key=value, e.g. --set steps=500")
         value = yaml.safe_load(raw)
+        target_type = None
         if key in SET_ALIASES:
-            target_type, field = SET_ALIASES[key]
+            present = {n["class_type"] for n in api.values()}
+            target_type, field = next(((t, f) for t, f in settings.SET_TARGETS[key] if t in present), SET_ALIASES[key])
             targets = [n for n in api.values() if n["class_type"] == target_type]
         elif "." in key:
             head, field = key.rsplit(".", 1)
             targets = [api[head]] if head in api else [n for n in api.values() if n["class_type"] == head]
         else:
             raise KilnError(f"--set {key}: unknown key; use one of {', '.join(SET_ALIASES)} or NodeType.input")
-        if SET_ALIASES.get(key) == (settings.CHECKPOINT_LOADER, "ckpt_name") and isinstance(value, str):
-            value = checkpoint_name(value)
+        if key in SET_ALIASES and isinstance(value, str) and target_type in MODEL_FOLDERS:
+            value = checkpoint_name(value, MODEL_FOLDERS[target_type])
         if not targets:
             raise KilnError(f"--set {key}: the workflow has no matching node")
         for node in targets:

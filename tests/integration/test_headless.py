@@ -90,6 +90,12 @@ def test_a_flux_config_in_separate_files_looks_each_file_up_in_its_own_models_fo
     (tmp_path / "flux1-dev.safetensors").write_bytes(b"")  # found now (as a path): the next file is looked up
     result = kiln(str(cfg), cwd=tmp_path)
     assert "clip_l='clip_l.safetensors' is neither a file nor a file in models/text_encoders" in result.stderr
+    # the example graph run headless: --set base_model= goes to its UNETLoader, looked up in models/diffusion_models
+    result = kiln("run", str(REPO / "example_workflows" / "api" / "train_flux_lora.json"),
+                  "--set", "base_model=flux1-schnell.safetensors", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "base_model='flux1-schnell.safetensors' is neither a file nor a file in models/diffusion_models" \
+        in result.stderr
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint_and_resume_continues(tmp_path, tiny_checkpoint, data):
