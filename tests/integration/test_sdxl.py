@@ -70,11 +70,17 @@ def render(ckpt: str, prefix: str, lora: str | None = None, base: int = 100, mod
     return graph
 
 
-def assert_stock_lora_renders_like_train_steps(server, trained: tuple, stock, ids: tuple[str, str, str, str]) -> None:
-    """``stock`` (a prompt that rendered through the stock LoraLoader and, after it, from the base) against ``trained``
-    (the base render before training, and the training prompt that rendered from Train Steps' MODEL): the LoRA loaded
-    renders what Kiln's unmerged adapters render, within rounding; it moves the image far more than that; the base
-    renders as before. ``ids``: the SaveImage nodes (base before, Train Steps' MODEL, stock LoRA, base after)."""
+def assert_stock_lora_renders_like_train_steps(server, trained: tuple, graph: dict,
+                                              ids: tuple[str, str, str, str]) -> None:
+    """Runs ``graph`` (a render through the stock LoraLoader and, after it, one from the base): ComfyUI logs no
+    ``lora key not loaded``, and against ``trained`` (the base render before training, and the training prompt that
+    rendered from Train Steps' MODEL) the LoRA loaded renders what Kiln's unmerged adapters render, within rounding;
+    it moves the image far more than that; the base renders as before. ``ids``: the SaveImage nodes (base before,
+    Train Steps' MODEL, stock LoRA, base after)."""
+    log_start = len(server.log())
+    stock = server.run(graph)
+    assert stock.status == "success", stock.error
+    assert "lora key not loaded" not in server.log()[log_start:]
     before, result = trained
     base, kiln = image(server, before, ids[0]), image(server, result, ids[1])
     loaded, after = image(server, stock, ids[2]), image(server, stock, ids[3])
