@@ -1,4 +1,4 @@
-"""Write a small, randomly initialised checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL or SD3.
+"""Write a small, randomly initialised checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL, SD3, FLUX.1 or Chroma.
 
 For tests, benchmarks and the first-run demo; never for real images. ComfyUI's SD1.5 detection checks
 only model_channels=320, context_dim=768 (from the first input block's cross-attention), a 1x1 conv
@@ -33,6 +33,13 @@ encoders are loaded separately (DualCLIPLoader; tests build a tiny T5 with Comfy
 - ``flux``: FLUX.1-dev layout (guidance input), 1 + 1 blocks; ``flux_schnell``: the same without guidance
 - ``flux_full``: the full FLUX.1-dev layout (19 + 38 blocks, 12 B parameters), for GPU benchmarks
 
+Chroma is detected from its ``distilled_guidance_layer`` (the modulation network, fixed at 5 layers of width 5120);
+the block counts are read as for FLUX.1. Its text encoder is T5-XXL alone (CLIPLoader, type chroma); ``--vae`` as
+for FLUX.1:
+
+- ``chroma``: 1 + 1 blocks (596 M parameters, most of it the modulation network); ``chroma_full``: 19 + 38 blocks
+  (8.9 B), for GPU benchmarks
+
 The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
 configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
 ``taesd_decoder`` weights; 16 latent channels for SD3), all random.
@@ -42,7 +49,7 @@ configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries 
 Usage (ComfyUI importable, e.g. ``PYTHONPATH=$COMFYUI_PATH``)::
 
     python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full|sd3] [--vpred] [--ztsnr]
-    python nodes/tiny_checkpoint.py models/diffusion_models/F.safetensors --size flux --vae models/vae/V.safetensors
+    python nodes/tiny_checkpoint.py models/diffusion_models/F.safetensors --size flux|chroma --vae models/vae/V.safetensors
 """
 
 from __future__ import annotations
@@ -77,7 +84,10 @@ MMDIT_CONFIGS = {
 }
 # FLUX.1: (double blocks, single blocks, guidance input)
 FLUX_CONFIGS = {"flux": (1, 1, True), "flux_schnell": (1, 1, False), "flux_full": (19, 38, True)}
-SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS)
+# Chroma: (double blocks, single blocks)
+CHROMA_CONFIGS = {"chroma": (1, 1), "chroma_full": (19, 38)}
+SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS)
+DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS)  # diffusion-model files for UNETLoader (bf16), flow models
 
 
 def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> dict:
@@ -87,10 +97,11 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
     from comfy.taesd.taesd import TAESD
 
     torch.manual_seed(seed)
-    if size in FLUX_CONFIGS:
+    if size in DIT_FILES:
         if vpred or ztsnr:
             raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
-        return {k: v.to(torch.bfloat16) for k, v in build_flux(size).state_dict().items()}
+        model = build_flux(size) if size in FLUX_CONFIGS else build_chroma(size)
+        return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     if size in MMDIT_CONFIGS:
         if vpred or ztsnr:
             raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
@@ -161,6 +172,20 @@ def build_flux(size: str = "flux"):
                 operations=comfy.ops.manual_cast)
     _init_(flux)
     return flux
+
+
+def build_chroma(size: str = "chroma"):
+    """ComfyUI's own Chroma class in the ``size`` layout (what its detection fixes), randomly initialised."""
+    import comfy.ops
+    from comfy.ldm.chroma.model import Chroma
+
+    depth, single = CHROMA_CONFIGS[size]
+    chroma = Chroma(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
+                    mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                    theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5,
+                    operations=comfy.ops.manual_cast)
+    _init_(chroma)
+    return chroma
 
 
 def taesd_state_dict(latent_channels: int = 16, seed: int = 0) -> dict:
@@ -249,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
     parser.add_argument("--vae", help="also write a 16-channel TAESD VAE file here (for FLUX.1's VAELoader)")
     args = parser.parse_args(argv)
-    if args.size in (*MMDIT_CONFIGS, *FLUX_CONFIGS) and (args.vpred or args.ztsnr):
+    if args.size in (*MMDIT_CONFIGS, *DIT_FILES) and (args.vpred or args.ztsnr):
         parser.error(f"--size {args.size} is a flow-matching model: --vpred/--ztsnr do not apply")
     comfy_path = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/comfy/ComfyUI")
     if comfy_path not in sys.path:

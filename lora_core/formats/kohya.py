@@ -128,6 +128,7 @@ def export_tensors(state: TrainState, naming: KohyaNaming, dtype: str = "fp16") 
 # still not a diffusers/peft LoRA). SDXL files keep Stability's generative-models, as kohya writes them.
 KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 BFL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+CHROMA_IMPLEMENTATION = "https://huggingface.co/lodestones/Chroma"  # kohya's modelspec for Chroma
 ARCHITECTURES = {
     "sd_v1": ("stable-diffusion-v1", KOHYA_IMPLEMENTATION),
     "sd_v2": ("stable-diffusion-v2-512", KOHYA_IMPLEMENTATION),
@@ -142,6 +143,7 @@ ARCHITECTURES = {
     "flux1": ("flux-1", BFL_IMPLEMENTATION),
     "flux1-dev": ("flux-1-dev", BFL_IMPLEMENTATION),
     "flux1-schnell": ("flux-1-schnell", BFL_IMPLEMENTATION),
+    "chroma": ("chroma", CHROMA_IMPLEMENTATION),  # kohya: ss_base_model_version flux1, modelspec chroma
 }
 
 

@@ -4,7 +4,8 @@ The engine (``lora_core.diffusion``) noises latents and picks the target from pl
 :class:`~.families.Objective`); this adapter turns one micro-batch into the diffusion model's inputs. Extra inputs
 (SDXL's ``y`` vector: pooled CLIP-G output + size embeddings) come from ComfyUI's own ``BaseModel.extra_conds``, per
 sample, with each sample's own sizes: ComfyUI's ``SDXL.encode_adm`` would silently use 768 x 768 and crop 0
-when they are missing. FLUX.1 takes CLIP-L's pooled output as ``y`` and (dev) the training guidance.
+when they are missing. FLUX.1 takes CLIP-L's pooled output as ``y`` and (dev) the training guidance; Chroma only the
+guidance ComfyUI samples it with (0).
 """
 
 from __future__ import annotations
@@ -58,15 +59,18 @@ class ComfyDiffusion:
         names = self.family.extra_inputs
         if not names:
             return context, {}
-        if pooled is None:
+        if pooled is None and "y" in names:
             raise KilnUserError(
                 f"{self.family.name} needs the pooled text-encoder output; the CLIP gave none. Connect the CLIP of the "
                 "same model to Load Dataset (FLUX.1: DualCLIPLoader with clip_l + t5xxl, type flux)")
         sizes = cond.get(SIZE)
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for i in range(context.shape[0]):
-            kwargs: dict[str, Any] = {"pooled_output": pooled[i : i + 1].to(device), "device": device,
-                                      "guidance": self.guidance}
+            # as CLIPTextEncode's conditioning carries it: None for a T5-only encoder (Chroma)
+            kwargs: dict[str, Any] = {"device": device,
+                                      "pooled_output": None if pooled is None else pooled[i : i + 1].to(device)}
+            if self.detected.guidance:  # FLUX.1-dev; other models get ComfyUI's own default (Chroma: 0)
+                kwargs["guidance"] = self.guidance
             if sizes is not None:
                 oh, ow, ct, cl, th, tw = (int(v) for v in sizes[i].tolist())
                 kwargs.update(height=oh, width=ow, crop_h=ct, crop_w=cl, target_height=th, target_width=tw)

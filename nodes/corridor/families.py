@@ -48,6 +48,7 @@ class Family:
     extra_inputs: tuple[str, ...] = ()  # the extra_conds outputs its network takes besides the context ("y", ...)
     preview_cfg: float = 7.0  # CFG for previews; 1.0 for guidance-distilled models (no negative pass)
     inplace_residuals: bool = False  # its blocks add residuals in place (FLUX): LayerNorm inputs copied while training
+    in_channels: int = 0  # the network's own input channels where they differ from the latent's (Chroma: 2x2 packed)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -97,7 +98,17 @@ FLUX = Family(
     base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
     extra_inputs=("y", "guidance"), preview_cfg=1.0, inplace_residuals=True,
 )
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX)
+# Chroma (ComfyUI's Chroma): FLUX.1-schnell's double/single-stream blocks, de-distilled, with one small network (the
+# distilled_guidance_layer) computing every block's modulation instead of per-block modulation layers; T5-XXL alone
+# encodes the captions (no pooled CLIP-L, no size or guidance conditioning: ComfyUI feeds it guidance 0), and it
+# samples with real CFG. Its LoRA is kohya's FLUX layout (ComfyUI maps it as for FLUX.1: Chroma is a Flux subclass),
+# modelspec ``chroma`` as kohya's Chroma trainer writes it.
+CHROMA = Family(
+    name="Chroma", model_configs=("Chroma",), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
+    extra_inputs=("guidance",), preview_cfg=4.0, inplace_residuals=True, in_channels=64,
+)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX, CHROMA)
 FLUX_BASE_SHIFT = 0.5  # ComfyUI's ModelSamplingFlux node: mu from 0.5 at 256 image tokens to max_shift at 4096
 FLUX_PATCH = 2  # FLUX.1 packs 2 x 2 latent pixels into one token
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
@@ -144,7 +155,7 @@ def detect(patcher: Any) -> Detected:
             f"LoRA Kiln cannot train {config_name} models yet (model class {type(base).__name__}); it trains "
             f"{SUPPORTED}. Load a checkpoint of one of those."
         )
-    if getattr(base, "concat_keys", ()) or _in_channels(base) != family.latent_channels:
+    if getattr(base, "concat_keys", ()) or _in_channels(base) != (family.in_channels or family.latent_channels):
         raise KilnUserError(
             f"this {family.name} checkpoint is an inpainting/depth/instruct variant ({_in_channels(base)} input "
             f"channels, extra inputs {list(getattr(base, 'concat_keys', ()))}); LoRA Kiln trains the plain "
@@ -164,6 +175,8 @@ def detect(patcher: Any) -> Detected:
         guidance = bool(unet_config.get("guidance_embed"))
         return Detected(family, found, "flux1", model_spec="flux1-dev" if guidance else "flux1-schnell",
                         guidance=guidance)
+    if family is CHROMA:
+        return Detected(family, found, "flux1", model_spec="chroma")
     return Detected(family, found, family.base_model_versions[found.prediction_type == "v_prediction"])
 
 
@@ -177,8 +190,8 @@ def objective(patcher: Any) -> Objective:
     Accepted: ComfyUI's discrete 1000-step schedule with an exactly epsilon or v parametrisation (SD1/SD2/SDXL, its
     eps / v_prediction (+ zsnr) settings honoured), and the rectified-flow schedule ``ModelSamplingDiscreteFlow``
     with ``CONST`` (SD3, AuraFlow; its shift and timestep multiplier, as a ModelSamplingSD3 node may set them).
-    FLUX.1-dev's ``ModelSamplingFlux`` + ``CONST`` (its exponential shift; size-dependent unless a ModelSamplingFlux
-    node fixed it). ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node patches them onto the model) would
+    FLUX.1-dev's and Chroma's ``ModelSamplingFlux`` + ``CONST`` (its exponential shift; size-dependent unless a
+    ModelSamplingFlux node fixed it). ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node patches them onto the model) would
     be trained with the wrong target and are refused.
     """
     sampling = patcher.get_model_object("model_sampling")
@@ -206,7 +219,8 @@ def objective(patcher: Any) -> Objective:
         raise KilnUserError(
             f"this model samples with {schedule.__name__} + {getattr(parametrisation, '__name__', '?')}{steps}; "
             "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL (a "
-            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3 and FLUX.1 "
+            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3, FLUX.1 and "
+            "Chroma "
             "(ModelSamplingDiscreteFlow, ModelSamplingFlux). Remove LCM/x0/EDM sampling patches from the MODEL you connect to Inject "
             "LoRA, or load a checkpoint Kiln supports."
         )

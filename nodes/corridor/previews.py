@@ -25,9 +25,8 @@ def sample_preview(
 
     def conditioning(text: str) -> list:
         cond, _ = encode_caption(clip, text, cached=not text_adapters)
-        extra: dict[str, Any] = {}
-        if "pooled" in cond:
-            extra["pooled_output"] = cond["pooled"][None]
+        # as CLIPTextEncode gives it: None for a T5-only encoder (Chroma)
+        extra: dict[str, Any] = {"pooled_output": cond["pooled"][None] if "pooled" in cond else None}
         if family.size_conditioning:
             extra.update(width=width, height=height, target_width=width, target_height=height, crop_w=0, crop_h=0)
         return [[cond["context"][None], extra]]

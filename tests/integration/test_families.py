@@ -83,8 +83,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-# every other image family of ComfyUI v0.3.64's comfy/supported_models.py (video and audio ones are refused alike)
-OTHERS = ["FluxInpaint", "Chroma", "ChromaRadiance", "AuraFlow", "PixArtAlpha", "PixArtSigma",
+# every other image family of ComfyUI v0.3.64's comfy/supported_models.py (video and audio ones are refused alike;
+# Chroma trains since issue 13: tests/integration/test_chroma.py)
+OTHERS = ["FluxInpaint", "ChromaRadiance", "AuraFlow", "PixArtAlpha", "PixArtSigma",
           "HunyuanDiT", "HunyuanDiT1", "HunyuanImage21", "HiDream", "Lumina2", "QwenImage", "Omnigen2",
           "CosmosT2IPredict2", "Stable_Cascade_C", "SDXLRefiner", "SD21UnclipH", "SDXL_instructpix2pix", "LotusD"]
 

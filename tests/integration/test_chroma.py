@@ -1,0 +1,170 @@
+"""Chroma (FLUX.1-schnell's blocks, de-distilled, one modulation network, T5 only) end to end on a real ComfyUI server.
+
+The model is the smallest Chroma ComfyUI's detection accepts (nodes/tiny_checkpoint.py ``chroma``: one double- and one
+single-stream block at the real width plus the fixed-size modulation network, 596 M parameters) from the stock
+UNETLoader, with a 16-channel TAESD from the stock VAELoader. Its text encoder is the test-only TestTinyChromaCLIP node
+(ComfyUI's PixArt tokenizer and T5 classes, a one-layer T5): the stock CLIPLoader always builds the full T5-XXL. The
+LoRA is kohya's FLUX layout; ComfyUI's LoraLoader and diffusers' Chroma pipeline (its kohya FLUX converter) must apply
+every key of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_sdxl import assert_stock_lora_renders_like_train_steps, install_checkpoint, keys_and_metadata
+
+CHROMA, VAE = "tiny_chroma.safetensors", "tiny_chroma_vae.safetensors"
+# one sampler step: every network call runs the fixed-size modulation network (344 rows through 5 layers of width 5120,
+# about 5 s a step at CFG on two CPU cores), which no smaller Chroma can shrink
+KSAMPLER = {"seed": 7, "steps": 1, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+ALPHA, RANK = 8.0, 4
+
+
+@pytest.fixture(scope="session")
+def chroma(server, chroma_files):
+    unet, vae = chroma_files
+    install_checkpoint(server, unet, CHROMA, "diffusion_models")
+    install_checkpoint(server, vae, VAE, "vae")
+    return server
+
+
+def loaders(base: int) -> dict:
+    """UNETLoader, the tiny Chroma text encoder and VAELoader as nodes ``base``, ``base + 1``, ``base + 2``."""
+    return {
+        str(base): {"class_type": "UNETLoader", "inputs": {"unet_name": CHROMA, "weight_dtype": "default"}},
+        str(base + 1): {"class_type": "TestTinyChromaCLIP", "inputs": {"seed": 0}},
+        str(base + 2): {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+    }
+
+
+def render(prefix: str, base: int, model: list | None = None, lora: str | None = None) -> dict:
+    """One 64x64 Chroma image as ComfyUI's Chroma example makes it (positive and empty negative, real CFG 4), from
+    the UNETLoader, through LoraLoaderModelOnly(``lora``) or from the ``model`` link."""
+    i = [str(base + k) for k in range(10)]
+    graph = loaders(base)
+    model = model or [i[0], 0]
+    if lora:
+        graph[i[3]] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
+                                                                        "strength_model": 1.0}}
+        model = [i[3], 0]
+    graph.update({
+        i[4]: {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": [i[1], 0]}},
+        i[5]: {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [i[1], 0]}},
+        i[6]: {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        i[7]: {"class_type": "KSampler", "inputs": {**KSAMPLER, "model": model, "positive": [i[4], 0],
+                                                    "negative": [i[5], 0], "latent_image": [i[6], 0]}},
+        i[8]: {"class_type": "VAEDecode", "inputs": {"samples": [i[7], 0], "vae": [i[2], 0]}},
+        i[9]: {"class_type": "SaveImage", "inputs": {"images": [i[8], 0], "filename_prefix": prefix}},
+    })
+    return graph
+
+
+def train_graph(name: str, steps: int, **train) -> dict:
+    """UNETLoader + tiny Chroma CLIP + VAELoader -> Load Dataset -> Inject LoRA (rank 4, alpha 8) -> Train Steps (flow
+    settings: no min-SNR, logit-normal, fp32 on the CPU, gradient checkpointing) -> Save LoRA (fp32, with its
+    checkpoint)."""
+    graph = loaders(1)
+    graph.update({
+        "4": {"class_type": "KilnTrainSteps", "inputs": {
+            "state": ["7", 0], "dataset": ["6", 0], "steps": steps, "learning_rate": 5e-3, "optimizer": "adamw",
+            "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": 2, "grad_accum": 1,
+            "precision": "fp32", "gradient_checkpointing": True, "min_snr_gamma": 0.0, "noise_offset": 0.0,
+            "save_every": 0, "preview_every": 0, "preview_prompt": "a kilnshape circle", "preview_seed": 0,
+            "preview_size": 64, "preview_steps": 1, "max_grad_norm": 1.0, "timestep_sampling": "logit_normal",
+            **train}},
+        "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": name, "dtype": "fp32",
+                                                       "save_checkpoint": True}},
+        "6": {"class_type": "KilnLoadDataset", "inputs": {
+            "folder": "shapes", "vae": ["3", 0], "clip": ["2", 0], "resolution": 64, "bucketing": True,
+            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
+        "7": {"class_type": "KilnInjectLoRA", "inputs": {
+            "model": ["1", 0], "name": name, "rank": RANK, "alpha": ALPHA, "targets": "attn+ff", "algorithm": "lora",
+            "conv_rank": 0, "dropout": 0.0, "init_lora": "none", "seed": 0, "train_text_encoder": False}},
+    })
+    return graph
+
+
+@pytest.fixture(scope="module")
+def trained(chroma):
+    """Base render; 2 steps (batch 2: the whole dataset once) with a preview at step 2 and a render from Train Steps'
+    MODEL output in the same prompt."""
+    before = chroma.run(render("chroma_base_before", 100))
+    assert before.status == "success", before.error
+    graph = train_graph("chroma_lora", steps=2, preview_every=2)
+    graph.update(render("chroma_kiln_model", 200, model=["4", 1]))
+    result = chroma.run(graph, timeout=1200)
+    assert result.status == "success", result.error
+    return before, result
+
+
+DOUBLE = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj", "img_mlp_0", "img_mlp_2", "txt_mlp_0",
+          "txt_mlp_2")
+
+
+def test_chroma_trains_with_progress_and_previews_and_saves_kohya_flux_keys(chroma, trained):
+    _, result = trained
+    steps = [d["value"] for d in result.of_type("progress") if d.get("node") == "4" and d.get("max") == 2]
+    assert sorted(set(steps)) == [1, 2]
+    assert len(result.history["outputs"]["4"]["kiln_previews"]) == 1  # ComfyUI's sampler at CFG 4, empty negative
+    losses = [h[1] for h in result.history["outputs"]["4"]["kiln_history"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    keys, meta = keys_and_metadata(chroma, "chroma_lora")
+    bases = {k.split(".")[0] for k in keys}
+    expected = {f"lora_unet_double_blocks_0_{m}" for m in DOUBLE} | {
+        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
+    assert bases == expected, sorted(bases ^ expected)  # nothing of the modulation network (distilled_guidance_layer)
+    assert meta["ss_base_model_version"] == "flux1"
+    assert meta["modelspec.architecture"] == "chroma/lora"
+    assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
+    assert "ss_guidance_scale" not in meta  # Chroma is not guidance-distilled: ComfyUI feeds it 0, so does Kiln
+    assert meta["ss_timestep_sampling"] == "logit_normal"
+
+
+def test_chroma_lora_loads_every_key_in_the_stock_lora_loader_and_renders_like_train_steps_model(chroma, trained):
+    """Saved in fp32, the stock LoraLoaderModelOnly (W + B A merged) renders what Train Steps' MODEL (Kiln's
+    unmerged adapters) renders, within rounding, at CFG 4; the LoRA moves the image far more; the base is as before."""
+    graph = {**render("chroma_stock_lora", 300, lora="chroma_lora.safetensors"), **render("chroma_base_after", 400)}
+    assert_stock_lora_renders_like_train_steps(chroma, trained, graph, ("109", "209", "309", "409"))
+
+
+def test_diffusers_chroma_loads_every_key_and_the_deltas_are_kilns_fused_adapters(chroma, trained):
+    """diffusers' Chroma loader (``ChromaPipeline.lora_state_dict``: the kohya FLUX converter, then
+    ``load_lora_into_transformer``) on a diffusers ChromaTransformer2DModel of the same architecture: one peft layer per
+    converted module, and the stacked q/k/v (+ MLP-in) deltas are Kiln's fused qkv / linear1 delta."""
+    diffusers = pytest.importorskip("diffusers")
+    from peft.tuners.lora import LoraLayer
+
+    path = chroma.base / "models" / "loras" / "chroma_lora.safetensors"
+    state_dict = diffusers.ChromaPipeline.lora_state_dict(str(path))
+    assert state_dict and all(k.startswith("transformer.") for k in state_dict)
+    with torch.device("meta"):  # the layout only
+        transformer = diffusers.ChromaTransformer2DModel(num_layers=1, num_single_layers=1)
+    transformer.to_empty(device="cpu")
+    diffusers.ChromaPipeline.load_lora_into_transformer(state_dict, network_alphas=None, transformer=transformer,
+                                                        adapter_name="kiln")
+    injected = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+    assert set(injected) == {k[len("transformer."):].rsplit(".", 2)[0] for k in state_dict}
+
+    def delta(name: str) -> torch.Tensor:
+        layer = injected[name]
+        return layer.scaling["kiln"] * layer.lora_B["kiln"].weight @ layer.lora_A["kiln"].weight
+
+    checkpoint = next((chroma.base / "output" / "lora_kiln" / "chroma_lora" / "checkpoints").glob("*.kiln.safetensors"))
+    kiln = load_file(str(checkpoint))
+    pairs = {
+        "double_blocks.0.img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+        "double_blocks.0.txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        "double_blocks.0.txt_attn.proj": ["attn.to_add_out"],
+        "double_blocks.0.img_mlp.0": ["ff.net.0.proj"],
+        "single_blocks.0.linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+        "single_blocks.0.linear2": ["proj_out"],
+    }
+    for path, parts in pairs.items():
+        prefix = "transformer_blocks.0." if path.startswith("double") else "single_transformer_blocks.0."
+        ours = ALPHA / RANK * kiln[f"weights/unet.{path}.lora_up.weight"] @ kiln[f"weights/unet.{path}.lora_down.weight"]
+        assert ours.abs().max() > 0, path
+        theirs = torch.cat([delta(prefix + p) for p in parts])
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7, msg=path)
