@@ -233,9 +233,19 @@ def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[st
     """The same graph a user wires in ComfyUI (see example_workflows/train_sd15_lora.json)."""
     if not cfg.split_model:
         return runconfig.training_graph(cfg, steps, resume, checkpoint_name(cfg.base_model))
-    model = checkpoint_name(cfg.base_model, "diffusion_models")
-    names = {"clip_l": checkpoint_name(cfg.clip_l, "text_encoders", "clip_l"),
-             "t5xxl": checkpoint_name(cfg.t5xxl, "text_encoders", "t5xxl"), "ae": checkpoint_name(cfg.ae, "vae", "ae")}
+    # each file in its own loader's folder; every one not found is named at once, so one fix-up covers them all
+    wanted = {"base_model": (cfg.base_model, "diffusion_models"), "clip_l": (cfg.clip_l, "text_encoders"),
+              "t5xxl": (cfg.t5xxl, "text_encoders"), "ae": (cfg.ae, "vae")}
+    names: dict[str, str] = {}
+    missing: list[str] = []
+    for key, (value, folder) in wanted.items():
+        try:
+            names[key] = checkpoint_name(value, folder, key)
+        except KilnError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise KilnError("; ".join(missing))
+    model = names.pop("base_model")
     return runconfig.training_graph(cfg, steps, resume, model, names)
 
 

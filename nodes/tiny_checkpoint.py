@@ -123,10 +123,10 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
     del unet
 
     if xl:  # CLIP-L and CLIP-G (HF layout, as SDXL.process_clip_state_dict reads them)
-        sd.update(_clip("conditioner.embedders.0.transformer.", 768, 3072, 12, 12, projection=False))
-        sd.update(_clip("conditioner.embedders.1.model.transformer.", 1280, 5120, 20, 32, projection=True))
+        sd.update(_clip("conditioner.embedders.0.transformer.", "l"))
+        sd.update(_clip("conditioner.embedders.1.model.transformer.", "g"))
     else:
-        sd.update(_clip("cond_stage_model.transformer.", 768, 3072, 12, 12, projection=False))
+        sd.update(_clip("cond_stage_model.transformer.", "l"))
 
     taesd = TAESD(latent_channels=4)
     _init_(taesd)
@@ -206,32 +206,38 @@ def _sd3_state_dict(size: str) -> dict:
     sd = {f"model.diffusion_model.{k}": v.half() for k, v in mmdit.state_dict().items()}
     del mmdit
     # CLIP-L and CLIP-G in HF layout where SD3.clip_target and SD3ClipModel.load_sd look for them; no T5-XXL
-    sd.update(_clip("text_encoders.clip_l.transformer.", 768, 3072, 12, 12, projection=False))
-    sd.update(_clip("text_encoders.clip_g.transformer.", 1280, 5120, 20, 32, projection=True))
+    sd.update(_clip("text_encoders.clip_l.transformer.", "l"))
+    sd.update(_clip("text_encoders.clip_g.transformer.", "g"))
     taesd = TAESD(latent_channels=16)
     _init_(taesd)
     sd.update({f"first_stage_model.{k}": v.float() for k, v in taesd.state_dict().items()})
     return sd
 
 
-def _clip(prefix: str, hidden: int, ffn: int, heads: int, layers: int, projection: bool) -> dict:
-    """A random CLIP text model in Hugging Face layout under ``prefix`` (fp16)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _clip(prefix: str, which: str) -> dict:
+    """A random CLIP text model under ``prefix`` (fp16): ComfyUI's own CLIP class from the fixed config its loader
+    builds (``l``: CLIP-L, sd1_clip_config.json; ``g``: CLIP-G, clip_config_bigg.json), whose keys are Hugging Face's
+    layout (text_model.*, text_projection.weight), which is how checkpoints store them. CLIP-L has no projection in
+    checkpoints; ComfyUI makes an identity one.
 
-    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
-                         num_hidden_layers=layers, max_position_embeddings=77, vocab_size=49408,
-                         projection_dim=hidden, hidden_act="gelu" if projection else "quick_gelu")
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("position_ids"):
-            continue
-        # ComfyUI reads the classic layout (text_model.*, text_projection.weight); some transformers releases
-        # name the CLIPTextModel's own keys without the text_model. prefix
-        if key != "text_projection.weight" and not key.startswith("text_model."):
-            key = f"text_model.{key}"
-        out[f"{prefix}{key}"] = value.half()
-    return out
+    Built on the meta device and filled in fp16 by :func:`_init_` (no time spent on an initialisation that would be
+    overwritten; no transformers import).
+    """
+    import json
+
+    import comfy.clip_model
+    import comfy.ops
+    import torch
+
+    name = {"l": "sd1_clip_config.json", "g": "clip_config_bigg.json"}[which]
+    with open(os.path.join(os.path.dirname(comfy.clip_model.__file__), name), encoding="utf-8") as f:
+        config = json.load(f)
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPTextModel(config, torch.float16, "meta", comfy.ops.manual_cast)
+    model = model.to_empty(device="cpu")
+    _init_(model)
+    return {f"{prefix}{key}": value for key, value in model.state_dict().items()
+            if which == "g" or key != "text_projection.weight"}
 
 
 def _init_(module) -> None:
@@ -240,6 +246,8 @@ def _init_(module) -> None:
 
     with torch.no_grad():
         for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if not p.is_floating_point():
+                continue  # index buffers are not weights
             if name.endswith("vae_scale"):
                 p.fill_(1.0)
             elif name.endswith("vae_shift"):
@@ -248,7 +256,7 @@ def _init_(module) -> None:
                 p.normal_(0.0, (1.0 / p[0].numel()) ** 0.5)
             elif name.endswith("weight"):
                 p.fill_(1.0)
-            elif p.is_floating_point():
+            else:
                 p.zero_()
 
 

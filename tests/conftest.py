@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -25,3 +27,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     )
     if counts.get("skipped") and not ran:
         terminalreporter.write_line("!! ComfyUI was not found: the integration tests were SKIPPED (see README)")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny SD1.5 checkpoint (nodes/tiny_checkpoint.py), built once for the integration and the browser servers.
+    Only tests that run against ComfyUI ask for it (they are skipped, unset up, when ComfyUI is absent)."""
+    from comfy_harness import build_tiny_checkpoint, find_comfyui
+
+    return build_tiny_checkpoint(find_comfyui(), tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from comfy_harness import REPO, ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
+from comfy_harness import REPO, ComfyServer, find_comfyui, make_images  # noqa: E402
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = [
@@ -128,12 +128,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         + (f"newer {version} ({where})" if version else f"newer: NOT TESTED, {where}"))
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """One tiny checkpoint for every browser server of the session."""
-    return build_tiny_checkpoint(find_comfyui(), tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
-
-
 @pytest.fixture(scope="module")
 def frontend(request) -> str:
     """Which frontend the server serves: "stock" (ComfyUI's default) or "newest" (skipped when not installed)."""
@@ -144,11 +138,11 @@ def frontend(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory, tiny_ckpt, frontend):
+def comfy(tmp_path_factory, tiny_checkpoint, frontend):
     """A fresh server (own base directory) that shows no first-run template dialog, serving ``frontend``."""
     base = tmp_path_factory.mktemp(f"comfy_browser_{frontend}")
     extra = ["--front-end-root", str(NEW_FRONTEND[1])] if frontend == "newest" else []
-    srv = ComfyServer(find_comfyui(), base, tiny_ckpt, extra_args=extra)
+    srv = ComfyServer(find_comfyui(), base, tiny_checkpoint, extra_args=extra)
     srv.frontend = frontend
     srv.frontend_version = NEW_FRONTEND[0] if frontend == "newest" else stock_frontend_version()
     make_images(base / "input" / "shapes", n=4)

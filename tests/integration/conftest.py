@@ -32,11 +32,6 @@ def comfy_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(COMFY, tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
-
-
-@pytest.fixture(scope="session")
 def sdxl_checkpoint(tmp_path_factory) -> Path:
     """A 152 M-parameter SDXL UNet with the full CLIP-L and CLIP-G: the stock loader detects it as SDXL."""
     return build_tiny_checkpoint(COMFY, tmp_path_factory.mktemp("xl") / "tiny_sdxl.safetensors", size="sdxl")

@@ -78,18 +78,20 @@ def test_bad_config_names_the_key(tmp_path, tiny_checkpoint, data):
 
 
 def test_a_flux_config_in_separate_files_looks_each_file_up_in_its_own_models_folder(tmp_path, tiny_checkpoint, data):
-    """kohya's FLUX options build the stock loaders' graph: the first file kiln.py cannot find is named with the
-    folder its loader reads (the diffusion model in models/diffusion_models, CLIP-L in models/text_encoders)."""
+    """kohya's FLUX options build the stock loaders' graph: every file kiln.py cannot find is named, in one message,
+    with the folder its loader reads (the diffusion model in models/diffusion_models, CLIP-L and T5 in
+    models/text_encoders, the autoencoder in models/vae); a file given as a path is found."""
+    (tmp_path / "ae.safetensors").write_bytes(b"")  # a path: found, so not named
     cfg = write_config(tmp_path / "flux.yaml", tmp_path / "flux1-dev.safetensors", data, tmp_path / "out",
-                       clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", ae="ae.safetensors",
+                       clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", ae=str(tmp_path / "ae.safetensors"),
                        fp8_base=True, min_snr_gamma=0)
     result = kiln(str(cfg), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "flux1-dev.safetensors' is neither a file nor a file in models/diffusion_models" in result.stderr
-    assert "Traceback" not in result.stderr
-    (tmp_path / "flux1-dev.safetensors").write_bytes(b"")  # found now (as a path): the next file is looked up
-    result = kiln(str(cfg), cwd=tmp_path)
     assert "clip_l='clip_l.safetensors' is neither a file nor a file in models/text_encoders" in result.stderr
+    assert "t5xxl='t5xxl_fp16.safetensors' is neither a file nor a file in models/text_encoders" in result.stderr
+    assert "ae='" not in result.stderr
+    assert "Traceback" not in result.stderr
     # the example graph run headless: --set base_model= goes to its UNETLoader, looked up in models/diffusion_models
     result = kiln("run", str(REPO / "example_workflows" / "api" / "train_flux_lora.json"),
                   "--set", "base_model=flux1-schnell.safetensors", cwd=tmp_path)

@@ -1,8 +1,8 @@
 """SDXL end to end on a real ComfyUI server: checkpoints the stock CheckpointLoaderSimple detects as SDXL.
 
-One epsilon and one v-prediction (+ zero-terminal SNR) SDXL checkpoint are built once per session (a 152 M
-UNet with the full CLIP-L and CLIP-G, see nodes/tiny_checkpoint.py) and dropped into the shared server's
-models/checkpoints, so these tests share the server of the other integration tests.
+One epsilon SDXL checkpoint is built once per session (a 152 M UNet with the full CLIP-L and CLIP-G, see
+nodes/tiny_checkpoint.py), and a v-prediction (+ zero-terminal SNR) one made from it (the same weights plus two keys);
+both go into the shared server's models/checkpoints, so these tests share the server of the other integration tests.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-
-from comfy_harness import build_tiny_checkpoint, find_comfyui
+from safetensors.torch import load_file, save_file
 
 KSAMPLER = {"seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 XL, XL_V = "tiny_sdxl.safetensors", "tiny_sdxl_vpred_ztsnr.safetensors"
@@ -41,8 +40,14 @@ def sdxl(server, sdxl_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def sdxl_vpred(server, tmp_path_factory):
-    built = build_tiny_checkpoint(find_comfyui(), tmp_path_factory.mktemp("xlv") / XL_V, size="sdxl", flags=("--ztsnr",))
+def sdxl_vpred(server, sdxl_checkpoint, tmp_path_factory):
+    """The tiny SDXL with the ``v_pred`` and ``ztsnr`` keys (what ``tiny_checkpoint --ztsnr`` adds; the same weights,
+    written in seconds instead of built again)."""
+    sd = load_file(str(sdxl_checkpoint))
+    sd.update(v_pred=torch.tensor([]), ztsnr=torch.tensor([]))
+    built = tmp_path_factory.mktemp("xlv") / XL_V
+    save_file(sd, str(built))
+    del sd
     install_checkpoint(server, built, XL_V)
     return server
 
@@ -220,8 +225,6 @@ def render_from(model, clip, vae, prefix: str, base: int) -> dict:
 
 
 def lora_tensors(server, name) -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(server.base / "models" / "loras" / f"{name}.safetensors"))
 
 
