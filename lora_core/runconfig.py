@@ -25,6 +25,7 @@ __all__ = ["ALIASES", "RunConfig", "config_from_graph", "training_graph"]
 
 
 SPLIT_FILES = ("clip_l", "t5xxl", "ae")  # FLUX.1 in separate files, kohya's flux trainer's options
+CHROMA_FILES = ("t5xxl", "ae")  # Chroma in separate files: the same without CLIP-L (kohya's --model_type chroma)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class RunConfig:
     train_data_dir: str
     output_name: str = "my_lora"
     output_dir: str = "output"
-    # FLUX.1 in separate files (kohya's flux trainer): base_model is then the diffusion model (models/diffusion_models)
+    # FLUX.1 in separate files (kohya's flux trainer): base_model is then the diffusion model (models/diffusion_models);
+    # Chroma: the same without clip_l
     clip_l: str = ""  # CLIP-L (models/text_encoders)
     t5xxl: str = ""  # T5-XXL (models/text_encoders)
     ae: str = ""  # the autoencoder (models/vae)
@@ -106,15 +108,16 @@ class RunConfig:
                 "how long to train"
             )
         given = [k for k in SPLIT_FILES if getattr(self, k)]
-        if given and len(given) < len(SPLIT_FILES):
-            missing = [k for k in SPLIT_FILES if k not in given]
+        if given and given != list(SPLIT_FILES) and given != list(CHROMA_FILES):
+            missing = [k for k in (SPLIT_FILES if self.clip_l else CHROMA_FILES) if k not in given]
             raise ValueError(
-                f"{', '.join(given)} given without {', '.join(missing)}: a model in separate files (FLUX.1) needs "
-                "all of clip_l (CLIP-L), t5xxl (T5-XXL) and ae (the autoencoder), with base_model the diffusion model"
+                f"{', '.join(given)} given without {', '.join(missing)}: a model in separate files needs t5xxl (T5-XXL) "
+                "and ae (the autoencoder), with base_model the diffusion model, and clip_l (CLIP-L) for FLUX.1 (Chroma "
+                "has none)"
             )
         if self.fp8_base and not given:
             raise ValueError(
-                "fp8_base applies to a diffusion model in separate files (with clip_l, t5xxl and ae); for a checkpoint "
+                "fp8_base applies to a diffusion model in separate files (with t5xxl and ae); for a checkpoint "
                 "start ComfyUI with --fp8_e4m3fn-unet instead (kiln.py passes ComfyUI flags on)"
             )
         check_int("save_steps", self.save_steps, 0, 10_000_000)
@@ -149,8 +152,16 @@ class RunConfig:
 
     @property
     def split_model(self) -> bool:
-        """The model comes in separate files (FLUX.1: diffusion model, CLIP-L + T5-XXL, autoencoder)."""
+        """The model comes in separate files (FLUX.1: diffusion model, CLIP-L + T5-XXL, autoencoder; Chroma: the same
+        without CLIP-L)."""
         return bool(self.t5xxl)
+
+    @property
+    def split_files(self) -> tuple[str, ...]:
+        """The config keys of the files besides ``base_model`` (empty for a checkpoint)."""
+        if not self.split_model:
+            return ()
+        return SPLIT_FILES if self.clip_l else CHROMA_FILES
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -244,6 +255,8 @@ _SPLIT_GRAPH: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "4": (settings.TRAIN_NODE, {"state": ["3", 0], "dataset": ["2", 0]}),
     "5": (settings.SAVE_NODE, {"state": ["4", 0]}),
 }
+# Chroma in separate files (example_workflows/train_chroma_lora.json): the T5-only CLIPLoader in DualCLIPLoader's place
+_CHROMA_GRAPH = {**_SPLIT_GRAPH, "6": (settings.T5_LOADER, {})}
 RESUME_NODE = "KilnLoadCheckpoint"
 
 
@@ -257,7 +270,8 @@ def training_graph(cfg: RunConfig, steps: int, resume: str | None, ckpt_name: st
     """
     inputs = settings.node_inputs(cfg.to_dict(), {**(names or {}), "max_steps": steps, "base_model": ckpt_name})
     graph: dict[str, Any] = {}
-    for node_id, (node, links) in (_SPLIT_GRAPH if cfg.split_model else _GRAPH).items():
+    layout = _GRAPH if not cfg.split_model else _SPLIT_GRAPH if cfg.clip_l else _CHROMA_GRAPH
+    for node_id, (node, links) in layout.items():
         if node == settings.INJECT_NODE and resume:
             graph[node_id] = {"class_type": RESUME_NODE, "inputs": {**links, "checkpoint": resume}}
         else:
@@ -277,6 +291,9 @@ def config_from_graph(api: Mapping[str, Any]) -> RunConfig:
     if not need <= set(nodes):
         raise ValueError(f"the workflow has no {' / '.join(sorted(need - set(nodes)))} node to export")
     values = settings.config_values(nodes)
+    if settings.CHECKPOINT_LOADER in nodes:  # the model is a checkpoint: a VAELoader / CLIPLoader beside it (a
+        for key in (*SPLIT_FILES, "fp8_base"):  # better VAE, an extra encoder) is not a model in separate files
+            values.pop(key, None)
     values.setdefault("base_model", "")  # no Load Checkpoint: from_mapping names the missing value
     if not values.get("sample_prompts"):
         values["sample_every"] = 0  # previews without a prompt use the captions; a config needs a prompt

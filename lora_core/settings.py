@@ -30,12 +30,13 @@ CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 # a model in separate files (FLUX.1: kohya's pretrained_model_name_or_path + clip_l + t5xxl + ae): ComfyUI's loaders
 UNET_LOADER = "UNETLoader"
 CLIP_LOADER = "DualCLIPLoader"
+T5_LOADER = "CLIPLoader"  # Chroma: T5-XXL alone (kohya's Chroma options: no clip_l)
 VAE_LOADER = "VAELoader"
 DATASET_NODE = "KilnLoadDataset"
 INJECT_NODE = "KilnInjectLoRA"
 TRAIN_NODE = "KilnTrainSteps"
 SAVE_NODE = "KilnSaveLoRA"
-LOADERS: tuple[str, ...] = (CHECKPOINT_LOADER, UNET_LOADER, CLIP_LOADER, VAE_LOADER)
+LOADERS: tuple[str, ...] = (CHECKPOINT_LOADER, UNET_LOADER, CLIP_LOADER, T5_LOADER, VAE_LOADER)
 NODES: tuple[str, ...] = (*LOADERS, DATASET_NODE, INJECT_NODE, TRAIN_NODE, SAVE_NODE)
 ENGINES: dict[str, type] = {cls.__name__: cls for cls in (AdapterConfig, TrainConfig, DatasetConfig)}
 
@@ -151,12 +152,14 @@ SETTINGS: tuple[Setting, ...] = (
     # the model and the data
     S("base_model", (f"{CHECKPOINT_LOADER}.ckpt_name", f"{UNET_LOADER}.unet_name"),
       aliases=("pretrained_model_name_or_path",), set_names=("base_model", "checkpoint")),
-    # FLUX.1 in separate files, as kohya's flux trainer takes them (then base_model is the diffusion model)
+    # FLUX.1 / Chroma in separate files, as kohya's flux trainer takes them (then base_model is the diffusion model);
+    # without clip_l it is Chroma (T5-XXL alone, CLIPLoader)
     S("clip_l", (f"{CLIP_LOADER}.clip_name1",)),
-    S("t5xxl", (f"{CLIP_LOADER}.clip_name2",)),
+    S("t5xxl", (f"{CLIP_LOADER}.clip_name2", f"{T5_LOADER}.clip_name")),
     S("ae", (f"{VAE_LOADER}.vae_name",)),
     S("fp8_base", (f"{UNET_LOADER}.weight_dtype",), to_node=_weight_dtype, from_node=_is_fp8),
     S(None, (f"{CLIP_LOADER}.type",), fixed="flux"),
+    S(None, (f"{T5_LOADER}.type",), fixed="chroma"),
     S("train_data_dir", (f"{_D}.folder",), "DatasetConfig.folder", set_names=("dataset", "folder"),
       to_node=_absolute_path),
     S("caption_extension", (f"{_D}.caption_extension",), "DatasetConfig.caption_extension"),
@@ -297,7 +300,7 @@ def config_values(nodes: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, Any
         if s.key is None or not s.inputs:
             continue
         node, name = s.node_inputs[0]
-        if node in LOADERS:  # base_model: the checkpoint loader's, else the diffusion model loader's
+        if node in LOADERS:  # base_model: the checkpoint loader's, else the diffusion model loader's (t5xxl: alike)
             node, name = next(((n, i) for n, i in s.node_inputs if n in nodes), (node, name))
         of_type = nodes.get(node, [])[: None if s.summed else 1]
         present = [inputs[name] for inputs in of_type if name in inputs]

@@ -234,13 +234,12 @@ def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[st
     if not cfg.split_model:
         return runconfig.training_graph(cfg, steps, resume, checkpoint_name(cfg.base_model))
     # each file in its own loader's folder; every one not found is named at once, so one fix-up covers them all
-    wanted = {"base_model": (cfg.base_model, "diffusion_models"), "clip_l": (cfg.clip_l, "text_encoders"),
-              "t5xxl": (cfg.t5xxl, "text_encoders"), "ae": (cfg.ae, "vae")}
+    folders = {"base_model": "diffusion_models", "clip_l": "text_encoders", "t5xxl": "text_encoders", "ae": "vae"}
     names: dict[str, str] = {}
     missing: list[str] = []
-    for key, (value, folder) in wanted.items():
+    for key in ("base_model", *cfg.split_files):
         try:
-            names[key] = checkpoint_name(value, folder, key)
+            names[key] = checkpoint_name(getattr(cfg, key), folders[key], key)
         except KilnError as exc:
             missing.append(str(exc))
     if missing:

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 from test_sdxl import assert_stock_lora_renders_like_train_steps, install_checkpoint, keys_and_metadata
 
+from comfy_harness import load_api
+
 CHROMA, VAE = "tiny_chroma.safetensors", "tiny_chroma_vae.safetensors"
 # one sampler step: every network call runs the fixed-size modulation network (344 rows through 5 layers of width 5120,
 # about 5 s a step at CFG on two CPU cores), which no smaller Chroma can shrink
@@ -62,38 +64,32 @@ def render(prefix: str, base: int, model: list | None = None, lora: str | None =
     return graph
 
 
-def train_graph(name: str, steps: int, **train) -> dict:
-    """UNETLoader + tiny Chroma CLIP + VAELoader -> Load Dataset -> Inject LoRA (rank 4, alpha 8) -> Train Steps (flow
-    settings: no min-SNR, logit-normal, fp32 on the CPU, gradient checkpointing) -> Save LoRA (fp32, with its
-    checkpoint)."""
-    graph = loaders(1)
-    graph.update({
-        "4": {"class_type": "KilnTrainSteps", "inputs": {
-            "state": ["7", 0], "dataset": ["6", 0], "steps": steps, "learning_rate": 5e-3, "optimizer": "adamw",
-            "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": 2, "grad_accum": 1,
-            "precision": "fp32", "gradient_checkpointing": True, "min_snr_gamma": 0.0, "noise_offset": 0.0,
-            "save_every": 0, "preview_every": 0, "preview_prompt": "a kilnshape circle", "preview_seed": 0,
-            "preview_size": 64, "preview_steps": 1, "max_grad_norm": 1.0, "timestep_sampling": "logit_normal",
-            **train}},
-        "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": name, "dtype": "fp32",
-                                                       "save_checkpoint": True}},
-        "6": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": "shapes", "vae": ["3", 0], "clip": ["2", 0], "resolution": 64, "bucketing": True,
-            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
-        "7": {"class_type": "KilnInjectLoRA", "inputs": {
-            "model": ["1", 0], "name": name, "rank": RANK, "alpha": ALPHA, "targets": "attn+ff", "algorithm": "lora",
-            "conv_rank": 0, "dropout": 0.0, "init_lora": "none", "seed": 0, "train_text_encoder": False}},
-    })
-    return graph
+def example_graph(name: str, steps: int, **train) -> dict:
+    """example_workflows/api/train_chroma_lora.json as shipped (UNETLoader fp8, CLIPLoader t5xxl "chroma", VAELoader
+    ae), with only what a test must change: the file names, the tiny T5 in place of the full one, the sizes, fp32 on
+    the CPU (fp8 weights train in test_flux.py, slower on a CPU), a learning rate that shows in two steps, rank 4."""
+    wf = load_api("train_chroma_lora")
+    assert wf["1"]["class_type"] == "UNETLoader" and wf["1"]["inputs"]["weight_dtype"] == "fp8_e4m3fn"
+    assert wf["7"]["class_type"] == "CLIPLoader" and wf["7"]["inputs"]["type"] == "chroma"
+    assert wf["4"]["inputs"]["min_snr_gamma"] == 0.0 and wf["4"]["inputs"]["gradient_checkpointing"]
+    wf["1"]["inputs"].update(unet_name=CHROMA, weight_dtype="default")
+    wf["7"] = {"class_type": "TestTinyChromaCLIP", "inputs": {"seed": 0}}
+    wf["8"]["inputs"]["vae_name"] = VAE
+    wf["2"]["inputs"].update(folder="shapes", resolution=64)
+    wf["3"]["inputs"].update(name=name, rank=RANK, alpha=ALPHA)
+    wf["4"]["inputs"].update(steps=steps, learning_rate=5e-3, warmup_steps=0, scheduler="constant", batch_size=2,
+                             precision="fp32", preview_size=64, preview_steps=1, **train)
+    wf["5"]["inputs"].update(filename=name, dtype="fp32")
+    return wf
 
 
 @pytest.fixture(scope="module")
 def trained(chroma):
-    """Base render; 2 steps (batch 2: the whole dataset once) with a preview at step 2 and a render from Train Steps'
-    MODEL output in the same prompt."""
+    """Base render; the shipped example trains 2 steps (batch 2: the whole dataset once) with a preview at step 2, and
+    a render from Train Steps' MODEL output in the same prompt."""
     before = chroma.run(render("chroma_base_before", 100))
     assert before.status == "success", before.error
-    graph = train_graph("chroma_lora", steps=2, preview_every=2)
+    graph = example_graph("chroma_lora", steps=2, preview_every=2)
     graph.update(render("chroma_kiln_model", 200, model=["4", 1]))
     result = chroma.run(graph, timeout=1200)
     assert result.status == "success", result.error

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lora_core.runconfig import RunConfig
@@ -27,7 +29,7 @@ def test_minimal_config_and_kohya_aliases():
         ({"gradient_checkpointing": "yes"}, r"gradient_checkpointing='yes' must be true or false"),
         ({"batch_size": 1.5}, r"batch_size=1.5 must be a whole number"),
         ({"clip_l": "clip_l.safetensors", "t5xxl": "t5.safetensors"},
-         r"clip_l, t5xxl given without ae: a model in separate files \(FLUX.1\) needs all of clip_l"),
+         r"clip_l, t5xxl given without ae: a model in separate files needs t5xxl \(T5-XXL\) and ae"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_the_allowed_values(extra, message):
@@ -56,11 +58,20 @@ def test_the_shipped_example_config_is_valid():
     assert cfg.max_steps == 1500 and cfg.sample_prompts == ("sks, a photo on a beach",)
 
 
-@pytest.mark.parametrize("name", ["train_sd15", "train_sdxl", "train_sd35", "train_flux"])
-def test_the_shipped_example_configs_are_valid(name):
-    from pathlib import Path
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-    cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml")
-    assert cfg.split_model == (name == "train_flux")
-    if name in ("train_sd35", "train_flux"):  # flow models: min-SNR off, the model's own shift
+
+def test_every_shipped_example_config_is_listed_here():
+    assert sorted(p.stem for p in EXAMPLES.glob("*.yaml")) == sorted(SHIPPED)
+
+
+SHIPPED = {"train_sd15": (), "train_sdxl": (), "train_sd35": (), "train_flux": ("clip_l", "t5xxl", "ae"),
+           "train_chroma": ("t5xxl", "ae")}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_shipped_example_configs_are_valid(name):
+    cfg = RunConfig.from_yaml(EXAMPLES / f"{name}.yaml")
+    assert cfg.split_files == SHIPPED[name]  # a checkpoint, FLUX.1 in separate files, Chroma in separate files
+    if name in ("train_sd35", "train_flux", "train_chroma"):  # flow models: min-SNR off, the model's own shift
         assert cfg.min_snr_gamma == 0 and cfg.discrete_flow_shift == 0

@@ -181,6 +181,39 @@ def test_flux_config_in_separate_files_is_the_example_graph_and_comes_back(tmp_p
         full_config(tmp_path.resolve() / "cat").replace(fp8_base=True)
 
 
+def test_chroma_config_without_clip_l_is_the_chroma_example_graph_and_comes_back(tmp_path):
+    """kohya's Chroma options (the FLUX ones without clip_l) become example_workflows/api/train_chroma_lora.json's
+    stock loaders: CLIPLoader type chroma with the T5 in DualCLIPLoader's place, and the graph reads back as the
+    config; a partial set is refused naming what is missing."""
+    cfg = full_config(tmp_path.resolve() / "cat").replace(
+        base_model="Chroma1-HD.safetensors", t5xxl="t5xxl_fp16.safetensors", ae="ae.safetensors", fp8_base=True,
+        train_text_encoder=False)
+    assert cfg.split_files == ("t5xxl", "ae")
+    graph = training_graph(cfg, 7, None, cfg.base_model, {"t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"})
+    example = json.loads((REPO / "example_workflows" / "api" / "train_chroma_lora.json").read_text())
+    assert graph["6"] == {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl_fp16.safetensors",
+                                                                  "type": "chroma"}}
+    assert example["7"]["class_type"] == "CLIPLoader" and set(graph["6"]["inputs"]) <= set(example["7"]["inputs"])
+    assert example["7"]["inputs"]["type"] == "chroma"
+    assert graph["1"]["inputs"] == {"unet_name": "Chroma1-HD.safetensors", "weight_dtype": "fp8_e4m3fn"}
+    assert graph["2"]["inputs"]["clip"] == ["6", 0] and graph["2"]["inputs"]["vae"] == ["7", 0]
+    assert config_from_graph(graph) == cfg
+    with pytest.raises(ValueError, match=r"t5xxl given without ae: a model in separate files needs t5xxl"):
+        cfg.replace(ae="")
+    with pytest.raises(ValueError, match=r"clip_l, ae given without t5xxl"):
+        cfg.replace(t5xxl="", clip_l="clip_l.safetensors")
+
+
+def test_a_checkpoint_graph_with_its_own_vae_or_clip_loader_is_still_a_checkpoint_config(tmp_path):
+    """A separate VAELoader (a better VAE) or CLIPLoader beside Load Checkpoint does not make the graph a model in
+    separate files: the export is the checkpoint config (and valid)."""
+    cfg = full_config(tmp_path.resolve() / "cat")
+    graph = training_graph(cfg, cfg.max_steps, None, cfg.base_model)
+    graph["90"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse-840000.safetensors"}}
+    graph["91"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl_fp16.safetensors", "type": "sd3"}}
+    assert config_from_graph(graph) == cfg and cfg.split_files == ()
+
+
 def test_graph_paths_and_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = RunConfig.from_mapping({"base_model": "/models/m.safetensors", "train_data_dir": "data",
