@@ -8,6 +8,9 @@
     python bench/bench_floor.py --size sdxl --latent 8 --targets attn+ff all --native
                                                       # SDXL: context 2048, pooled + sizes -> y via extra_conds
     bash bench/gpu_sdxl.sh                            # the SDXL GPU rows: full SDXL UNet at 1024 px, bf16, MFU
+    python bench/bench_floor.py --size flux --latent 8 --targets attn+ff --no-peft --grad-ckpt
+                                                      # FLUX.1: T5 context [256, 4096], CLIP-L pooled + guidance
+    bash bench/gpu_flux.sh                            # the FLUX GPU rows: 12 B FLUX.1-dev at 1024 px, bf16/fp8, MFU
 
 Rows: forward only (no grad), plain peft loop (peft LoRA layers injected into a copy of the UNet, AdamW),
 Kiln (lora_core.Trainer with hook adapters on the shared UNet), for attention-only and all-layer targets, and
@@ -18,6 +21,10 @@ TrainLoraNode step, for its own MFU). On a GPU the table adds each row's peak ``
 SDXL sizes (``sdxl``, ``sdxl_full``) condition every row like Kiln's trainer does: a [77, 2048] context, the pooled
 [1280] vector and the [6] size row per sample, turned into ``y`` by ComfyUI's ``extra_conds`` through Kiln's
 denoiser (TrainLoraNode gets the pooled output in its conditioning and does the same through ComfyUI's sampler).
+FLUX sizes (``flux``, ``flux_full``) are loaded as UNETLoader loads them (``--weight-dtype fp8_e4m3fn``: fp8 weights)
+and conditioned per sample with a random T5 context ([256, 4096]), a CLIP-L pooled vector (-> ``y``) and guidance 1,
+through Kiln's denoiser; they train as rectified flow (the peft and TrainLoraNode rows do not apply). ``--vram-cap``
+caps the process's CUDA memory (e.g. 24 GiB, a consumer card) to show whether a configuration fits there.
 Each s/step is (long run - short run) / step difference, interleaved so machine noise hits all alike.
 """
 
@@ -37,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def boot(size: str, tmp: Path, checkpoint: Path | None = None):
+def boot(size: str, tmp: Path, checkpoint: Path | None = None, weight_dtype: str = "default"):
     import kiln
 
     comfy_dir = kiln.find_comfyui()
@@ -51,6 +58,16 @@ def boot(size: str, tmp: Path, checkpoint: Path | None = None):
     patching = import_module(pkg.__name__ + ".nodes.corridor.patching")
     denoiser = import_module(pkg.__name__ + ".nodes.corridor.denoiser")
     core = import_module(pkg.__name__ + ".lora_core")
+    if size in tiny.DIT_FILES and checkpoint is None:  # built in memory: no 24 GB file to write for the 12 B FLUX
+        import comfy.sd
+        import torch
+
+        options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
+        with torch.inference_mode():
+            sd = tiny.build_state_dict(size)
+            model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        del sd
+        return model, patching, denoiser, core
     path = checkpoint or tmp / f"{size}.safetensors"
     if not path.exists():  # --checkpoint: built once, reused by later runs (the full SDXL one takes a minute)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +76,9 @@ def boot(size: str, tmp: Path, checkpoint: Path | None = None):
     import torch
 
     with torch.inference_mode():
+        if size in tiny.DIT_FILES:  # FLUX.1 / Chroma: a diffusion-model file, as UNETLoader loads it
+            options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
+            return comfy.sd.load_diffusion_model(str(path), model_options=options), patching, denoiser, core
         # SDXL: CLIP-L + CLIP-G are not needed here (random conditioning), and loading them costs a GPU run time
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(path), output_vae=True, output_clip=size not in tiny.SDXL_SIZES)
@@ -67,7 +87,14 @@ def boot(size: str, tmp: Path, checkpoint: Path | None = None):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15", "sdxl", "sdxl_full"])
+    parser.add_argument("--size", default="small",
+                        choices=["tiny", "small", "sd15", "sdxl", "sdxl_full", "flux", "flux_full"])
+    parser.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn"],
+                        help="FLUX: the stored weights, as UNETLoader's weight_dtype (default: bf16 as written)")
+    parser.add_argument("--t5-tokens", type=int, default=256, help="FLUX: context length (ComfyUI pads T5 to 256)")
+    parser.add_argument("--vram-cap", type=float, default=0.0,
+                        help="GiB: cap this process's CUDA memory (torch's per-process fraction), e.g. 24 for a "
+                             "consumer card; a run that needs more fails with an out-of-memory error")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
@@ -88,18 +115,27 @@ def main() -> int:
     import torch
 
     tmp = Path(tempfile.mkdtemp())
-    model, patching, denoiser, core = boot(args.size, tmp, args.checkpoint)
+    if args.vram_cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap * 1024**3 / total))
+    model, patching, denoiser, core = boot(args.size, tmp, args.checkpoint, args.weight_dtype)
     device = patching.load_for_training(model)
     loaded = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     diffusion = denoiser.ComfyDiffusion(model)
     unet = diffusion.unet
     b, s = args.batch, args.latent
-    xl = model.model.adm_channels > 0  # SDXL: y = pooled text output + size embeddings
+    flux = diffusion.family.name == "FLUX.1"  # T5 context, CLIP-L pooled -> y, guidance; rectified flow
+    xl = not flux and model.model.adm_channels > 0  # SDXL: y = pooled text output + size embeddings
+    channels = diffusion.family.latent_channels
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 4, s, s, generator=g).to(device)
-    ctx = torch.randn(b, 77, 2048 if xl else 768, generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    x = torch.randn(b, channels, s, s, generator=g).to(device)
+    ctx = torch.randn(b, *((args.t5_tokens, 4096) if flux else (77, 2048 if xl else 768)), generator=g).to(device)
+    t = (torch.rand(b, generator=g) if flux else torch.randint(0, 1000, (b,), generator=g)).to(device)
     conds = [{"context": ctx[i].cpu()} for i in range(b)]
+    if flux:
+        pooled = torch.randn(b, 768, generator=g)
+        for i, c in enumerate(conds):
+            c["pooled"] = pooled[i]
     if xl:  # per sample, as Load Dataset stores them: pooled [1280] and [orig h, w, crop top, left, target h, w]
         pooled = torch.randn(b, 1280, generator=g)
         for i, c in enumerate(conds):
@@ -114,7 +150,7 @@ def main() -> int:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-    items = tuple(core.LatentItem(latent=torch.randn(4, s, s, generator=g), cond=conds[i % b])
+    items = tuple(core.LatentItem(latent=torch.randn(channels, s, s, generator=g), cond=conds[i % b])
                   for i in range(max(b, 4)))
     data = core.LatentDataset(items)
     presets = sys.modules[core.__name__ + ".config"].TARGET_PRESETS  # the patterns Kiln's own presets use
@@ -172,12 +208,19 @@ def main() -> int:
         state = core.TrainState.from_adapters(core.AdapterSet.create({"unet": unet}, cfg))
         trainer = core.Trainer(diffusion, {"unet": unet}, device, patching.checkpoint_blocks(model))
 
+        # as Train Steps runs it: FLUX's in-place residuals need its LayerNorm inputs copied while it trains
+        inplace_safe = patching.norm_inputs_cloned if diffusion.family.inplace_residuals else None
+
         def run(n: int) -> float:
             train = core.TrainConfig(steps=n, batch_size=b, min_snr_gamma=0.0, precision=args.dtype,
                                      gradient_checkpointing=args.grad_ckpt)
             sync()
             start = time.perf_counter()
-            trainer.run(state, data, train)
+            if inplace_safe is None:
+                trainer.run(state, data, train)
+            else:
+                with inplace_safe([unet]):
+                    trainer.run(state, data, train)
             sync()
             return time.perf_counter() - start
 
@@ -208,6 +251,9 @@ def main() -> int:
 
         return run
 
+    if flux and (args.native or not args.no_peft):
+        raise SystemExit("FLUX rows: pass --no-peft and no --native (the plain peft loop noises as DDPM; "
+                         "TrainLoraNode cannot train FLUX as UNETLoader stores it, see BENCHMARKS 1c)")
     runs = {"forward": forward_run}
     for targets in args.targets:
         if not args.no_peft:
@@ -253,7 +299,9 @@ def main() -> int:
                 flops[name] = counter.get_total_flops()
     med = {k: statistics.median(v) for k, v in samples.items()}
     fwd = med["forward"]
-    print(f"\nUNet {args.size}, batch {b}, latents {s}x{s}, rank {args.rank}, {args.dtype}, {device}, "
+    stored = f", weights {args.weight_dtype}" if args.weight_dtype != "default" else ""
+    cap = f", VRAM capped at {args.vram_cap:g} GiB" if args.vram_cap else ""
+    print(f"\nUNet {args.size}{stored}{cap}, batch {b}, latents {s}x{s}, rank {args.rank}, {args.dtype}, {device}, "
           f"gradient checkpointing {'on (Kiln, TrainLoraNode)' if args.grad_ckpt else 'off'}, "
           f"median of {args.repeats}")
     unet_params = sum(p.numel() for p in unet.parameters()) / 1e6

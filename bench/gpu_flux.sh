@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The FLUX.1 GPU rows of BENCHMARKS.md (issue 13), in one go (under 10 minutes on an H100/H200; not yet run: no GPU
+# was lent to the session that wrote it):
+#
+#     bash bench/gpu_flux.sh
+#
+# The full FLUX.1-dev layout (nodes/tiny_checkpoint.py "flux_full": 19 + 38 blocks, 12 B parameters, random weights,
+# built in memory: no 24 GB file), loaded as UNETLoader loads it, 1024 px (128x128 latents), 256 T5 tokens, bf16
+# autocast, rank 16, attn+ff targets, batch 1, gradient checkpointing on. Rows, in this order:
+#   1. bf16 weights (24 GB);  2. fp8_e4m3fn weights (12 GB, cast per layer);  3. fp8 weights with the process capped at
+#   24 GiB of VRAM (torch's per-process fraction): the consumer-card configuration.
+# bench_floor.py prints s/step, GFLOP/step and MFU (FlopCounterMode's count for one step over PEAK_TFLOPS: 989 =
+# H100/H200 dense bf16) and each row's peak torch.cuda.max_memory_allocated. One log per row under $OUT (or
+# bench/results). Each row runs in its own process under RUN_TIMEOUT, all under BUDGET; what does not fit is skipped
+# and said so. ComfyUI: $COMFYUI_PATH, else .comfyui/ (carry it), wheels in .whl/ as for gpu_sdxl.sh.
+# A CPU smoke test of the same script:
+#     SIZE=flux LATENT=8 T5=32 STEPS="1 2" REPEATS=1 PEAK_TFLOPS=1 ROWS="default fp8_e4m3fn" bash bench/gpu_flux.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE=${SIZE:-flux_full}
+LATENT=${LATENT:-128}
+T5=${T5:-256}
+RANK=${RANK:-16}
+STEPS=${STEPS:-"2 4"}
+REPEATS=${REPEATS:-1}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+ROWS=${ROWS:-"default fp8_e4m3fn fp8_e4m3fn@24"}  # weight dtype[@VRAM cap in GiB]
+RUN_TIMEOUT=${RUN_TIMEOUT:-200}
+BUDGET=${BUDGET:-560}
+LOGS=${OUT:-bench/results}
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+read -r SHORT LONG <<<"$STEPS"
+
+if [ -z "${COMFYUI_PATH:-}" ] && [ -f .comfyui/main.py ]; then export COMFYUI_PATH=$PWD/.comfyui; fi
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+export PYTHONUNBUFFERED=1
+mkdir -p "$LOGS"
+
+status=0
+start=$SECONDS
+for row in $ROWS; do
+    dtype=${row%@*}; cap=0; [ "$row" != "$dtype" ] && cap=${row#*@}
+    log="$LOGS/flux_${SIZE}_${dtype}_cap${cap}.txt"
+    cmd=("$PY" bench/bench_floor.py --size "$SIZE" --weight-dtype "$dtype" --vram-cap "$cap" --latent "$LATENT"
+         --t5-tokens "$T5" --batch 1 --rank "$RANK" --dtype bf16 --targets attn+ff --no-peft --grad-ckpt
+         --peak-tflops "$PEAK_TFLOPS" --short "$SHORT" --long "$LONG" --repeats "$REPEATS")
+    left=$(( BUDGET - (SECONDS - start) ))
+    limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
+    if [ "$limit" -lt 60 ]; then echo "!! skipped (budget spent): ${cmd[*]}" | tee "$log"; status=1; continue; fi
+    echo "== $(( SECONDS - start )) s, limit ${limit} s: ${cmd[*]}" | tee "$log"
+    timeout "$limit" "${cmd[@]}" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && { echo "!! exit $rc (124: over its ${limit} s)" | tee -a "$log"; status=1; }
+done
+echo "== done in $(( SECONDS - start )) s; logs in $LOGS"
+exit $status
