@@ -14,7 +14,7 @@
 # bench/results). Each row runs in its own process under RUN_TIMEOUT, all under BUDGET; what does not fit is skipped
 # and said so. ComfyUI: $COMFYUI_PATH, else .comfyui/ (carry it), wheels in .whl/ as for gpu_sdxl.sh.
 # A CPU smoke test of the same script:
-#     SIZE=flux LATENT=8 T5=32 STEPS="1 2" REPEATS=1 PEAK_TFLOPS=1 ROWS="default fp8_e4m3fn" bash bench/gpu_flux.sh
+#     SIZE=flux LATENT=8 T5=32 DTYPE=fp32 STEPS="1 2" REPEATS=1 PEAK_TFLOPS=1 ROWS="default fp8_e4m3fn" bash bench/gpu_flux.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,7 @@ SIZE=${SIZE:-flux_full}
 LATENT=${LATENT:-128}
 T5=${T5:-256}
 RANK=${RANK:-16}
+DTYPE=${DTYPE:-bf16}
 STEPS=${STEPS:-"2 4"}
 REPEATS=${REPEATS:-1}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
@@ -47,7 +48,7 @@ for row in $ROWS; do
     dtype=${row%@*}; cap=0; [ "$row" != "$dtype" ] && cap=${row#*@}
     log="$LOGS/flux_${SIZE}_${dtype}_cap${cap}.txt"
     cmd=("$PY" bench/bench_floor.py --size "$SIZE" --weight-dtype "$dtype" --vram-cap "$cap" --latent "$LATENT"
-         --t5-tokens "$T5" --batch 1 --rank "$RANK" --dtype bf16 --targets attn+ff --no-peft --grad-ckpt
+         --t5-tokens "$T5" --batch 1 --rank "$RANK" --dtype "$DTYPE" --targets attn+ff --no-peft --grad-ckpt
          --peak-tflops "$PEAK_TFLOPS" --short "$SHORT" --long "$LONG" --repeats "$REPEATS")
     left=$(( BUDGET - (SECONDS - start) ))
     limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
