@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from test_flux import KOHYA_FLUX_BASES, assert_diffusers_applies_the_kohya_flux_file
 from test_sdxl import assert_stock_lora_renders_like_train_steps, install_checkpoint, keys_and_metadata
 
 from comfy_harness import load_api
@@ -96,10 +96,6 @@ def trained(chroma):
     return before, result
 
 
-DOUBLE = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj", "img_mlp_0", "img_mlp_2", "txt_mlp_0",
-          "txt_mlp_2")
-
-
 def test_chroma_trains_with_progress_and_previews_and_saves_kohya_flux_keys(chroma, trained):
     _, result = trained
     steps = [d["value"] for d in result.of_type("progress") if d.get("node") == "4" and d.get("max") == 2]
@@ -109,9 +105,8 @@ def test_chroma_trains_with_progress_and_previews_and_saves_kohya_flux_keys(chro
     assert len(losses) == 2 and all(np.isfinite(losses))
     keys, meta = keys_and_metadata(chroma, "chroma_lora")
     bases = {k.split(".")[0] for k in keys}
-    expected = {f"lora_unet_double_blocks_0_{m}" for m in DOUBLE} | {
-        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
-    assert bases == expected, sorted(bases ^ expected)  # nothing of the modulation network (distilled_guidance_layer)
+    # as FLUX.1's, and nothing of the modulation network (distilled_guidance_layer)
+    assert bases == KOHYA_FLUX_BASES, sorted(bases ^ KOHYA_FLUX_BASES)
     assert meta["ss_base_model_version"] == "flux1"
     assert meta["modelspec.architecture"] == "chroma/lora"
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
@@ -127,40 +122,10 @@ def test_chroma_lora_loads_every_key_in_the_stock_lora_loader_and_renders_like_t
 
 
 def test_diffusers_chroma_loads_every_key_and_the_deltas_are_kilns_fused_adapters(chroma, trained):
-    """diffusers' Chroma loader (``ChromaPipeline.lora_state_dict``: the kohya FLUX converter, then
-    ``load_lora_into_transformer``) on a diffusers ChromaTransformer2DModel of the same architecture: one peft layer per
-    converted module, and the stacked q/k/v (+ MLP-in) deltas are Kiln's fused qkv / linear1 delta."""
+    """diffusers' Chroma loader (``ChromaPipeline``: the kohya FLUX converter) on a diffusers ChromaTransformer2DModel
+    of the same architecture applies every key of the file, with Kiln's deltas."""
     diffusers = pytest.importorskip("diffusers")
-    from peft.tuners.lora import LoraLayer
-
-    path = chroma.base / "models" / "loras" / "chroma_lora.safetensors"
-    state_dict = diffusers.ChromaPipeline.lora_state_dict(str(path))
-    assert state_dict and all(k.startswith("transformer.") for k in state_dict)
     with torch.device("meta"):  # the layout only
         transformer = diffusers.ChromaTransformer2DModel(num_layers=1, num_single_layers=1)
-    transformer.to_empty(device="cpu")
-    diffusers.ChromaPipeline.load_lora_into_transformer(state_dict, network_alphas=None, transformer=transformer,
-                                                        adapter_name="kiln")
-    injected = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
-    assert set(injected) == {k[len("transformer."):].rsplit(".", 2)[0] for k in state_dict}
-
-    def delta(name: str) -> torch.Tensor:
-        layer = injected[name]
-        return layer.scaling["kiln"] * layer.lora_B["kiln"].weight @ layer.lora_A["kiln"].weight
-
-    checkpoint = next((chroma.base / "output" / "lora_kiln" / "chroma_lora" / "checkpoints").glob("*.kiln.safetensors"))
-    kiln = load_file(str(checkpoint))
-    pairs = {
-        "double_blocks.0.img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-        "double_blocks.0.txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-        "double_blocks.0.txt_attn.proj": ["attn.to_add_out"],
-        "double_blocks.0.img_mlp.0": ["ff.net.0.proj"],
-        "single_blocks.0.linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-        "single_blocks.0.linear2": ["proj_out"],
-    }
-    for path, parts in pairs.items():
-        prefix = "transformer_blocks.0." if path.startswith("double") else "single_transformer_blocks.0."
-        ours = ALPHA / RANK * kiln[f"weights/unet.{path}.lora_up.weight"] @ kiln[f"weights/unet.{path}.lora_down.weight"]
-        assert ours.abs().max() > 0, path
-        theirs = torch.cat([delta(prefix + p) for p in parts])
-        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7, msg=path)
+    assert_diffusers_applies_the_kohya_flux_file(diffusers.ChromaPipeline, transformer, chroma, "chroma_lora", ALPHA,
+                                                 RANK)

@@ -106,6 +106,50 @@ def trained(flux):
 
 DOUBLE = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj", "img_mlp_0", "img_mlp_2", "txt_mlp_0",
           "txt_mlp_2")
+# kohya's FLUX layout of a 1 + 1 block model with attn+ff targets (FLUX.1 and Chroma alike)
+KOHYA_FLUX_BASES = {f"lora_unet_double_blocks_0_{m}" for m in DOUBLE} | {
+    "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
+# Kiln's fused layers -> the diffusers layers its kohya converter splits them into (stacked along the output rows)
+DIFFUSERS_PARTS = {
+    "double_blocks.0.img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "double_blocks.0.txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "double_blocks.0.img_attn.proj": ["attn.to_out.0"],
+    "double_blocks.0.txt_attn.proj": ["attn.to_add_out"],
+    "double_blocks.0.img_mlp.0": ["ff.net.0.proj"],
+    "double_blocks.0.txt_mlp.2": ["ff_context.net.2"],
+    "single_blocks.0.linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+    "single_blocks.0.linear2": ["proj_out"],
+}
+
+
+def assert_diffusers_applies_the_kohya_flux_file(pipeline, transformer, server, name: str, alpha: float,
+                                                 rank: int) -> None:
+    """diffusers' loader for ``pipeline`` (``lora_state_dict``: its kohya FLUX converter, then
+    ``load_lora_into_transformer``) on ``transformer`` (a diffusers model of the same architecture, meta weights
+    allowed): one peft layer per converted module, and the q/k/v (+ MLP-in) deltas stacked are the delta of Kiln's
+    fused qkv / linear1 adapter (alpha / rank * up @ down, read from run ``name``'s checkpoint)."""
+    from peft.tuners.lora import LoraLayer
+
+    state_dict = pipeline.lora_state_dict(str(server.base / "models" / "loras" / f"{name}.safetensors"))
+    assert state_dict and all(k.startswith("transformer.") for k in state_dict)
+    transformer.to_empty(device="cpu")
+    pipeline.load_lora_into_transformer(state_dict, network_alphas=None, transformer=transformer,
+                                        adapter_name="kiln")  # kohya: alpha folded by the converter
+    injected = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+    assert set(injected) == {k[len("transformer."):].rsplit(".", 2)[0] for k in state_dict}
+
+    def delta(layer_name: str) -> torch.Tensor:
+        layer = injected[layer_name]
+        return layer.scaling["kiln"] * layer.lora_B["kiln"].weight @ layer.lora_A["kiln"].weight
+
+    checkpoint = next((server.base / "output" / "lora_kiln" / name / "checkpoints").glob("*.kiln.safetensors"))
+    kiln = load_file(str(checkpoint))
+    for path, parts in DIFFUSERS_PARTS.items():
+        prefix = "transformer_blocks.0." if path.startswith("double") else "single_transformer_blocks.0."
+        ours = alpha / rank * kiln[f"weights/unet.{path}.lora_up.weight"] @ kiln[f"weights/unet.{path}.lora_down.weight"]
+        assert ours.abs().max() > 0, path
+        theirs = torch.cat([delta(prefix + p) for p in parts])
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7, msg=path)
 
 
 def test_flux_trains_with_progress_and_previews_and_saves_kohya_flux_keys(flux, trained):
@@ -117,9 +161,7 @@ def test_flux_trains_with_progress_and_previews_and_saves_kohya_flux_keys(flux, 
     assert len(losses) == 4 and all(np.isfinite(losses))
     keys, meta = keys_and_metadata(flux, "flux_lora")
     bases = {k.split(".")[0] for k in keys}
-    expected = {f"lora_unet_double_blocks_0_{m}" for m in DOUBLE} | {
-        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
-    assert bases == expected, sorted(bases ^ expected)
+    assert bases == KOHYA_FLUX_BASES, sorted(bases ^ KOHYA_FLUX_BASES)
     assert {k.split(".", 1)[1] for k in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert meta["ss_base_model_version"] == "flux1"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
@@ -136,51 +178,15 @@ def test_flux_lora_loads_every_key_in_the_stock_lora_loader_and_renders_like_tra
 
 
 def test_diffusers_flux_loads_every_key_and_the_deltas_are_kilns_fused_adapters(flux, trained):
-    """diffusers' FLUX loader (``FluxPipeline.lora_state_dict``: its kohya converter, then
-    ``load_lora_into_transformer``) on a diffusers FluxTransformer2DModel of the same architecture: one peft layer per
-    converted module, and the q/k/v (+ MLP-in) deltas stacked are the delta of Kiln's fused qkv / linear1 adapter
-    (alpha / rank * up @ down, read from the run's checkpoint)."""
+    """diffusers' FluxPipeline loader on a diffusers FluxTransformer2DModel of the same architecture applies every key
+    of the file, with Kiln's deltas (see assert_diffusers_applies_the_kohya_flux_file)."""
     diffusers = pytest.importorskip("diffusers")
-    from peft.tuners.lora import LoraLayer
-
-    path = flux.base / "models" / "loras" / "flux_lora.safetensors"
-    state_dict = diffusers.FluxPipeline.lora_state_dict(str(path))
-    assert all(k.startswith("transformer.") for k in state_dict)
     with torch.device("meta"):  # the layout only: 545 M parameters need no memory to check names and shapes
         transformer = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
             axes_dims_rope=(16, 56, 56))
-    transformer.to_empty(device="cpu")
-    diffusers.FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=None, transformer=transformer,
-                                                      adapter_name="kiln")  # kohya: alpha folded by the converter
-    injected = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
-    assert set(injected) == {k[len("transformer."):].rsplit(".", 2)[0] for k in state_dict}
-
-    def delta(name: str) -> torch.Tensor:
-        layer = injected[name]
-        return layer.scaling["kiln"] * layer.lora_B["kiln"].weight @ layer.lora_A["kiln"].weight
-
-    checkpoint = next((flux.base / "output" / "lora_kiln" / "flux_lora" / "checkpoints").glob("*.kiln.safetensors"))
-    kiln = load_file(str(checkpoint))
-
-    def fused(path: str) -> torch.Tensor:
-        return ALPHA / RANK * kiln[f"weights/unet.{path}.lora_up.weight"] @ kiln[f"weights/unet.{path}.lora_down.weight"]
-
-    pairs = {
-        "double_blocks.0.img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-        "double_blocks.0.txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-        "double_blocks.0.img_attn.proj": ["attn.to_out.0"],
-        "double_blocks.0.txt_mlp.2": ["ff_context.net.2"],
-        "single_blocks.0.linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-        "single_blocks.0.linear2": ["proj_out"],
-    }
-    for path, parts in pairs.items():
-        prefix = "transformer_blocks.0." if path.startswith("double") else "single_transformer_blocks.0."
-        ours = fused(path)
-        assert ours.abs().max() > 0, path
-        theirs = torch.cat([delta(prefix + p) for p in parts])
-        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7, msg=path)
+    assert_diffusers_applies_the_kohya_flux_file(diffusers.FluxPipeline, transformer, flux, "flux_lora", ALPHA, RANK)
 
 
 def test_flux_refuses_min_snr_and_text_encoder_training_by_name(flux):
