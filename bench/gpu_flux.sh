@@ -29,18 +29,9 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 ROWS=${ROWS:-"default fp8_e4m3fn fp8_e4m3fn@24"}  # weight dtype[@VRAM cap in GiB]
 RUN_TIMEOUT=${RUN_TIMEOUT:-200}
 BUDGET=${BUDGET:-560}
-LOGS=${OUT:-bench/results}
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 read -r SHORT LONG <<<"$STEPS"
-
-if [ -z "${COMFYUI_PATH:-}" ] && [ -f .comfyui/main.py ]; then export COMFYUI_PATH=$PWD/.comfyui; fi
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
-fi
-export PYTHONUNBUFFERED=1
-mkdir -p "$LOGS"
+# shellcheck source=bench/gpu_env.sh
+source bench/gpu_env.sh
 
 status=0
 start=$SECONDS

@@ -33,18 +33,9 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 RUN_TIMEOUT=${RUN_TIMEOUT:-240}  # per configuration, so one slow case cannot eat the whole budget
 BUDGET=${BUDGET:-560}            # all configurations together (seconds); a configuration gets what is left
 KILN_SDXL_CKPT=${KILN_SDXL_CKPT:-/tmp/kiln-bench-${SIZE}.safetensors}
-LOGS=${OUT:-bench/results}
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 read -r SHORT LONG <<<"$STEPS"
-
-if [ -z "${COMFYUI_PATH:-}" ] && [ -f .comfyui/main.py ]; then export COMFYUI_PATH=$PWD/.comfyui; fi
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
-fi
-export PYTHONUNBUFFERED=1
-mkdir -p "$LOGS"
+# shellcheck source=bench/gpu_env.sh
+source bench/gpu_env.sh
 "$PY" - <<'EOF' || true
 import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
