@@ -14,7 +14,8 @@
 # bench/results). Each row runs in its own process under RUN_TIMEOUT, all under BUDGET; what does not fit is skipped
 # and said so. ComfyUI: $COMFYUI_PATH, else .comfyui/ (carry it), wheels in .whl/ as for gpu_sdxl.sh.
 # A CPU smoke test of the same script:
-#     SIZE=flux LATENT=8 T5=32 DTYPE=fp32 STEPS="1 2" REPEATS=1 PEAK_TFLOPS=1 ROWS="default fp8_e4m3fn" bash bench/gpu_flux.sh
+#     SIZE=flux LATENT=8 T5=32 DTYPE=fp32 STEPS="1 2" REPEATS=1 PEAK_TFLOPS=1 ROWS="default fp8_e4m3fn" \
+#         bash bench/gpu_flux.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

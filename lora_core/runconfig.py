@@ -111,9 +111,9 @@ class RunConfig:
         if given and given != list(SPLIT_FILES) and given != list(CHROMA_FILES):
             missing = [k for k in (SPLIT_FILES if self.clip_l else CHROMA_FILES) if k not in given]
             raise ValueError(
-                f"{', '.join(given)} given without {', '.join(missing)}: a model in separate files needs t5xxl (T5-XXL) "
-                "and ae (the autoencoder), with base_model the diffusion model, and clip_l (CLIP-L) for FLUX.1 (Chroma "
-                "has none)"
+                f"{', '.join(given)} given without {', '.join(missing)}: a model in separate files needs t5xxl "
+                "(T5-XXL) and ae (the autoencoder), with base_model the diffusion model, and clip_l (CLIP-L) for "
+                "FLUX.1 (Chroma has none)"
             )
         if self.fp8_base and not given:
             raise ValueError(
@@ -256,7 +256,7 @@ _SPLIT_GRAPH: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "5": (settings.SAVE_NODE, {"state": ["4", 0]}),
 }
 # Chroma in separate files (example_workflows/train_chroma_lora.json): the T5-only CLIPLoader in DualCLIPLoader's place
-_CHROMA_GRAPH = {**_SPLIT_GRAPH, "6": (settings.T5_LOADER, {})}
+_CHROMA_GRAPH: dict[str, tuple[str, dict[str, list[Any]]]] = {**_SPLIT_GRAPH, "6": (settings.T5_LOADER, {})}
 RESUME_NODE = "KilnLoadCheckpoint"
 
 
@@ -279,6 +279,38 @@ def training_graph(cfg: RunConfig, steps: int, resume: str | None, ckpt_name: st
     return graph
 
 
+# the text-encoder loaders a config can rebuild, and the type each must have
+_CONFIG_CLIP_TYPES = {settings.CLIP_LOADER: "flux", settings.T5_LOADER: "chroma"}
+
+
+def _check_exportable(api: Mapping[str, Any]) -> None:
+    """Refuse a graph whose Load Dataset reads its VAE or CLIP from a loader a config cannot express: a VAELoader or
+    CLIP loader beside Load Checkpoint (the config would train with the checkpoint's own), or a CLIP loader type other
+    than FLUX.1's / Chroma's (the config would rebuild it as one of those)."""
+    dataset = next((n["inputs"] for n in api.values() if n.get("class_type") == settings.DATASET_NODE), {})
+    checkpoint = any(n.get("class_type") == settings.CHECKPOINT_LOADER for n in api.values())
+
+    def source(name: str) -> Mapping[str, Any]:
+        link = dataset.get(name)
+        node = api.get(str(link[0])) if isinstance(link, (list, tuple)) and len(link) == 2 else None
+        return node or {}
+
+    run_instead = "run the graph itself headless instead (kiln.py run WORKFLOW)"
+    vae, clip = source("vae"), source("clip")
+    if checkpoint and vae.get("class_type") == settings.VAE_LOADER:
+        raise ValueError(
+            f"Load Dataset's VAE comes from a VAELoader ({vae['inputs'].get('vae_name')!r}) beside Load Checkpoint; a "
+            f"config trains with the checkpoint's own VAE: connect Load Checkpoint's VAE to export it, or {run_instead}")
+    kind = clip.get("class_type")
+    if kind in _CONFIG_CLIP_TYPES:
+        clip_type = clip["inputs"].get("type")
+        if checkpoint or clip_type != _CONFIG_CLIP_TYPES[kind]:
+            raise ValueError(
+                f"Load Dataset's CLIP comes from a {kind} of type {clip_type!r}"
+                f"{' beside Load Checkpoint' if checkpoint else ''}; a config knows a checkpoint's own text encoders, "
+                f"FLUX.1's (DualCLIPLoader type flux) and Chroma's (CLIPLoader type chroma): {run_instead}")
+
+
 def config_from_graph(api: Mapping[str, Any]) -> RunConfig:
     """The settings of a Kiln training graph (API format) as a config: the inverse of :func:`training_graph`.
 
@@ -291,8 +323,9 @@ def config_from_graph(api: Mapping[str, Any]) -> RunConfig:
     if not need <= set(nodes):
         raise ValueError(f"the workflow has no {' / '.join(sorted(need - set(nodes)))} node to export")
     values = settings.config_values(nodes)
-    if settings.CHECKPOINT_LOADER in nodes:  # the model is a checkpoint: a VAELoader / CLIPLoader beside it (a
-        for key in (*SPLIT_FILES, "fp8_base"):  # better VAE, an extra encoder) is not a model in separate files
+    _check_exportable(api)
+    if settings.CHECKPOINT_LOADER in nodes:  # the model is a checkpoint: a VAELoader / CLIPLoader beside it that
+        for key in (*SPLIT_FILES, "fp8_base"):  # trains nothing (checked above) is not a model in separate files
             values.pop(key, None)
     values.setdefault("base_model", "")  # no Load Checkpoint: from_mapping names the missing value
     if not values.get("sample_prompts"):

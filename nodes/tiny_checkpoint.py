@@ -1,4 +1,4 @@
-"""Write a small, randomly initialised checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL, SD3, FLUX.1 or Chroma.
+"""Write a small, random checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL, SD3, FLUX.1 or Chroma.
 
 For tests, benchmarks and the first-run demo; never for real images. ComfyUI's SD1.5 detection checks
 only model_channels=320, context_dim=768 (from the first input block's cross-attention), a 1x1 conv
@@ -37,8 +37,8 @@ Chroma is detected from its ``distilled_guidance_layer`` (the modulation network
 the block counts are read as for FLUX.1. Its text encoder is T5-XXL alone (CLIPLoader, type chroma); ``--vae`` as
 for FLUX.1:
 
-- ``chroma``: 1 + 1 blocks (596 M parameters, most of it the modulation network); ``chroma_full``: 19 + 38 blocks
-  (8.9 B), for GPU benchmarks
+- ``chroma``: 1 + 1 blocks (631 M parameters, 278 M of them the modulation network); ``chroma_full``: 19 + 38
+  blocks (8.9 B), for GPU benchmarks
 
 The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
 configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
@@ -49,7 +49,8 @@ configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries 
 Usage (ComfyUI importable, e.g. ``PYTHONPATH=$COMFYUI_PATH``)::
 
     python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full|sd3] [--vpred] [--ztsnr]
-    python nodes/tiny_checkpoint.py models/diffusion_models/F.safetensors --size flux|chroma --vae models/vae/V.safetensors
+    python nodes/tiny_checkpoint.py models/diffusion_models/F.safetensors --size flux|chroma \
+        --vae models/vae/V.safetensors
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def build_mmdit(size: str = "sd3"):
     return mmdit
 
 
-def build_flux(size: str = "flux"):
-    """ComfyUI's own FLUX.1 class in the ``size`` layout (the dimensions its detection fixes), randomly initialised."""
+def build_flux(size: str = "flux", dtype=None):
+    """ComfyUI's own FLUX.1 class in the ``size`` layout (the dimensions its detection fixes), randomly initialised
+    (fp32, or ``dtype``: the GPU benchmark builds the 12 B layout in bf16 directly, half the memory and time)."""
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
@@ -169,13 +171,14 @@ def build_flux(size: str = "flux"):
     flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single,
                 axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=guidance, patch_size=2,
-                operations=comfy.ops.manual_cast)
+                dtype=dtype, operations=comfy.ops.manual_cast)
     _init_(flux)
     return flux
 
 
-def build_chroma(size: str = "chroma"):
-    """ComfyUI's own Chroma class in the ``size`` layout (what its detection fixes), randomly initialised."""
+def build_chroma(size: str = "chroma", dtype=None):
+    """ComfyUI's own Chroma class in the ``size`` layout (what its detection fixes), randomly initialised (fp32, or
+    ``dtype``)."""
     import comfy.ops
     from comfy.ldm.chroma.model import Chroma
 
@@ -183,7 +186,7 @@ def build_chroma(size: str = "chroma"):
     chroma = Chroma(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
                     mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
                     theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5,
-                    operations=comfy.ops.manual_cast)
+                    dtype=dtype, operations=comfy.ops.manual_cast)
     _init_(chroma)
     return chroma
 
@@ -218,7 +221,7 @@ def _clip(prefix: str, which: str) -> dict:
     """A random CLIP text model under ``prefix`` (fp16): ComfyUI's own CLIP class from the fixed config its loader
     builds (``l``: CLIP-L, sd1_clip_config.json; ``g``: CLIP-G, clip_config_bigg.json), whose keys are Hugging Face's
     layout (text_model.*, text_projection.weight), which is how checkpoints store them. CLIP-L has no projection in
-    checkpoints; ComfyUI makes an identity one.
+    checkpoints (ComfyUI leaves its projection unloaded: SD1/SD3 use CLIP-L's unprojected pooled output, SDXL CLIP-G's).
 
     Built on the meta device and filled in fp16 by :func:`_init_` (no time spent on an initialisation that would be
     overwritten; no transformers import).

@@ -191,8 +191,8 @@ def objective(patcher: Any) -> Objective:
     eps / v_prediction (+ zsnr) settings honoured), and the rectified-flow schedule ``ModelSamplingDiscreteFlow``
     with ``CONST`` (SD3, AuraFlow; its shift and timestep multiplier, as a ModelSamplingSD3 node may set them).
     FLUX.1-dev's and Chroma's ``ModelSamplingFlux`` + ``CONST`` (its exponential shift; size-dependent unless a
-    ModelSamplingFlux node fixed it). ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node patches them onto the model) would
-    be trained with the wrong target and are refused.
+    ModelSamplingFlux node fixed it). ComfyUI's X0 / LCM / IMG_TO_IMG / EDM / cascade samplings (also when a node
+    patches them onto the model) would be trained with the wrong target and are refused.
     """
     sampling = patcher.get_model_object("model_sampling")
     bases = type(sampling).__bases__
@@ -220,9 +220,8 @@ def objective(patcher: Any) -> Objective:
             f"this model samples with {schedule.__name__} + {getattr(parametrisation, '__name__', '?')}{steps}; "
             "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL (a "
             "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3, FLUX.1 and "
-            "Chroma "
-            "(ModelSamplingDiscreteFlow, ModelSamplingFlux). Remove LCM/x0/EDM sampling patches from the MODEL you connect to Inject "
-            "LoRA, or load a checkpoint Kiln supports."
+            "Chroma (ModelSamplingDiscreteFlow, ModelSamplingFlux). Remove LCM/x0/EDM sampling patches from the MODEL "
+            "you connect to Inject LoRA, or load a checkpoint Kiln supports."
         )
     sigmas = sigmas.detach().float().cpu()
     return Objective(kinds[parametrisation], 1.0 / (sigmas**2 + 1.0), bool(getattr(sampling, "zsnr", False)))

@@ -55,7 +55,7 @@ def flux_files(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def chroma_files(tmp_path_factory) -> tuple[Path, Path]:
-    """A Chroma of one double- and one single-stream block (596 M parameters, bf16) for UNETLoader, and a 16-channel
+    """A Chroma of one double- and one single-stream block (631 M parameters, bf16) for UNETLoader, and a 16-channel
     TAESD for VAELoader. Its text encoder comes from the test-only TestTinyChromaCLIP node."""
     folder = tmp_path_factory.mktemp("chroma")
     unet, vae = folder / "tiny_chroma.safetensors", folder / "tiny_chroma_vae.safetensors"

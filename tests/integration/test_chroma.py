@@ -1,7 +1,7 @@
 """Chroma (FLUX.1-schnell's blocks, de-distilled, one modulation network, T5 only) end to end on a real ComfyUI server.
 
 The model is the smallest Chroma ComfyUI's detection accepts (nodes/tiny_checkpoint.py ``chroma``: one double- and one
-single-stream block at the real width plus the fixed-size modulation network, 596 M parameters) from the stock
+single-stream block at the real width plus the fixed-size modulation network, 631 M parameters) from the stock
 UNETLoader, with a 16-channel TAESD from the stock VAELoader. Its text encoder is the test-only TestTinyChromaCLIP node
 (ComfyUI's PixArt tokenizer and T5 classes, a one-layer T5): the stock CLIPLoader always builds the full T5-XXL. The
 LoRA is kohya's FLUX layout; ComfyUI's LoraLoader and diffusers' Chroma pipeline (its kohya FLUX converter) must apply

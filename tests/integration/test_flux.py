@@ -146,7 +146,8 @@ def assert_diffusers_applies_the_kohya_flux_file(pipeline, transformer, server, 
     kiln = load_file(str(checkpoint))
     for path, parts in DIFFUSERS_PARTS.items():
         prefix = "transformer_blocks.0." if path.startswith("double") else "single_transformer_blocks.0."
-        ours = alpha / rank * kiln[f"weights/unet.{path}.lora_up.weight"] @ kiln[f"weights/unet.{path}.lora_down.weight"]
+        up, down = kiln[f"weights/unet.{path}.lora_up.weight"], kiln[f"weights/unet.{path}.lora_down.weight"]
+        ours = alpha / rank * up @ down
         assert ours.abs().max() > 0, path
         theirs = torch.cat([delta(prefix + p) for p in parts])
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7, msg=path)

@@ -212,6 +212,21 @@ def test_a_checkpoint_graph_with_its_own_vae_or_clip_loader_is_still_a_checkpoin
     graph["90"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse-840000.safetensors"}}
     graph["91"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl_fp16.safetensors", "type": "sd3"}}
     assert config_from_graph(graph) == cfg and cfg.split_files == ()
+    graph["2"]["inputs"]["vae"] = ["90", 0]  # wired in: the config would silently train with the checkpoint's VAE
+    with pytest.raises(ValueError, match=r"Load Dataset's VAE comes from a VAELoader \('vae-ft-mse-840000.safetensors'"
+                                         r"\) beside Load Checkpoint.*kiln.py run WORKFLOW"):
+        config_from_graph(graph)
+
+
+def test_a_text_encoder_loader_of_another_type_is_not_exported_as_flux_or_chroma(tmp_path):
+    cfg = full_config(tmp_path.resolve() / "cat").replace(
+        base_model="Chroma1-HD.safetensors", t5xxl="t5xxl_fp16.safetensors", ae="ae.safetensors",
+        train_text_encoder=False)
+    graph = training_graph(cfg, 7, None, cfg.base_model, {"t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"})
+    assert config_from_graph(graph) == cfg
+    graph["6"]["inputs"]["type"] = "wan"
+    with pytest.raises(ValueError, match=r"Load Dataset's CLIP comes from a CLIPLoader of type 'wan'.*kiln.py run"):
+        config_from_graph(graph)
 
 
 def test_graph_paths_and_overrides(tmp_path, monkeypatch):

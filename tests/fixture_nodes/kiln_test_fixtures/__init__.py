@@ -9,8 +9,8 @@ class in a one-layer configuration of the real width (4096, what FLUX.1's txt_in
 the tests use 32: 48 instead of 272 tokens per 64 px image, five times faster steps on a CPU).
 ``TestTinyChromaCLIP`` is what ``CLIPLoader(t5xxl, "chroma")`` gives: ComfyUI's PixArt tokenizer and T5 model classes
 (unpadded captions, all-pad negatives), with the same one-layer T5.
-Real users load their encoders with DualCLIPLoader / CLIPLoader (README, "FLUX.1", "Chroma"). Never shipped: the integration harness links
-this folder into the test server's custom_nodes only.
+Real users load their encoders with DualCLIPLoader / CLIPLoader (README, "FLUX.1", "Chroma"). Never shipped: the
+integration harness links this folder into the test server's custom_nodes only.
 """
 
 from __future__ import annotations
