@@ -34,21 +34,13 @@ read -r SHORT LONG <<<"$STEPS"
 # shellcheck source=bench/gpu_env.sh
 source bench/gpu_env.sh
 
-status=0
-start=$SECONDS
 for row in $ROWS; do
     dtype=${row%@*}; cap=0; [ "$row" != "$dtype" ] && cap=${row#*@}
     log="$LOGS/flux_${SIZE}_${dtype}_cap${cap}.txt"
     cmd=("$PY" bench/bench_floor.py --size "$SIZE" --weight-dtype "$dtype" --vram-cap "$cap" --latent "$LATENT"
          --t5-tokens "$T5" --batch 1 --rank "$RANK" --dtype "$DTYPE" --targets attn+ff --no-peft --grad-ckpt
          --peak-tflops "$PEAK_TFLOPS" --short "$SHORT" --long "$LONG" --repeats "$REPEATS")
-    left=$(( BUDGET - (SECONDS - start) ))
-    limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
-    if [ "$limit" -lt 60 ]; then echo "!! skipped (budget spent): ${cmd[*]}" | tee "$log"; status=1; continue; fi
-    echo "== $(( SECONDS - start )) s, limit ${limit} s: ${cmd[*]}" | tee "$log"
-    timeout "$limit" "${cmd[@]}" 2>&1 | tee -a "$log"
-    rc=${PIPESTATUS[0]}
-    [ "$rc" -ne 0 ] && { echo "!! exit $rc (124: over its ${limit} s)" | tee -a "$log"; status=1; }
+    run_row "$log" 60 "${cmd[@]}"  # a row builds the 12 B model first: under a minute left is not enough
 done
 echo "== done in $(( SECONDS - start )) s; logs in $LOGS"
 exit $status

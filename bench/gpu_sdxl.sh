@@ -42,8 +42,6 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "(CPU only: a smoke test, not the GPU rows)")
 EOF
 
-status=0
-start=$SECONDS
 for batch in $BATCHES; do
     for ckpt in $CKPT_MODES; do
         flag=""; [ "$ckpt" = on ] && flag="--grad-ckpt"
@@ -52,13 +50,7 @@ for batch in $BATCHES; do
         cmd=("$PY" bench/bench_floor.py --size "$SIZE" --latent "$LATENT" --batch "$batch" --rank "$RANK"
              --dtype "$DTYPE" --targets $TARGETS --no-peft --native --peak-tflops "$PEAK_TFLOPS"
              --short "$SHORT" --long "$LONG" --repeats "$REPEATS" --checkpoint "$KILN_SDXL_CKPT" $flag)
-        left=$(( BUDGET - (SECONDS - start) ))
-        limit=$(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))
-        if [ "$limit" -lt 30 ]; then echo "!! skipped (budget spent): ${cmd[*]}" | tee "$log"; status=1; continue; fi
-        echo "== $(( SECONDS - start )) s, limit ${limit} s: ${cmd[*]}" | tee "$log"
-        timeout "$limit" "${cmd[@]}" 2>&1 | tee -a "$log"
-        rc=${PIPESTATUS[0]}
-        [ "$rc" -ne 0 ] && { echo "!! exit $rc (124: over its ${limit} s)" | tee -a "$log"; status=1; }
+        run_row "$log" 30 "${cmd[@]}"
     done
 done
 echo "== done in $(( SECONDS - start )) s; logs in $LOGS"
