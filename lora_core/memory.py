@@ -9,8 +9,9 @@ The estimate has four parts:
 - **activations**: what autograd keeps for the backward pass at this batch size and resolution. It is *measured*,
   not guessed: one forward pass of the training loss on the largest bucket with a ``saved_tensors_hooks`` pair that
   counts the bytes of every tensor autograd would keep and keeps none of them (so the measuring pass itself needs
-  inference memory plus the checkpointable blocks' inputs, which checkpointing keeps anyway). Blocks that gradient checkpointing would recompute are measured one by one, so the
-  checkpointed figure (block inputs + the largest block, recomputed one at a time) is known whether or not it is on.
+  inference memory plus the checkpointable blocks' inputs, which checkpointing keeps anyway). Blocks that gradient
+  checkpointing would recompute are measured one by one, so the checkpointed figure (block inputs + the largest
+  block, recomputed one at a time) is known whether or not it is on.
 
 :func:`advice` compares the total with what the device has and names the settings that would make the run fit,
 with their effect. No ComfyUI import: the host supplies the device's free memory.
@@ -257,9 +258,9 @@ def advice(estimate: MemoryEstimate, free: int | None, stored_bytes_per_weight: 
     would("half the resolution in Load Dataset (a quarter of the pixels)",
           replace(estimate, activations=estimate.activations.scaled(0.25)))
     if estimate.optimizer_name in ("adamw", "prodigy"):
-        would("optimizer adamw8bit", replace(estimate, optimizer=optimizer_bytes("adamw8bit", estimate.trainable_params),
-                                             optimizer_name="adamw8bit"))
+        eight_bit = optimizer_bytes("adamw8bit", estimate.trainable_params)
+        would("optimizer adamw8bit", replace(estimate, optimizer=eight_bit, optimizer_name="adamw8bit"))
     if stored_bytes_per_weight > 1:
-        out.append(f"fp8 weights (Load Diffusion Model weight_dtype fp8_e4m3fn, or ComfyUI's --fp8_e4m3fn-unet): frees about "
-                   f"{gib(estimate.weights * (1 - 1 / stored_bytes_per_weight))} GiB of weights")
+        out.append("fp8 weights (Load Diffusion Model weight_dtype fp8_e4m3fn, or ComfyUI's --fp8_e4m3fn-unet): "
+                   f"frees about {gib(estimate.weights * (1 - 1 / stored_bytes_per_weight))} GiB of weights")
     return out

@@ -300,7 +300,8 @@ def _check_exportable(api: Mapping[str, Any]) -> None:
     if checkpoint and vae.get("class_type") == settings.VAE_LOADER:
         raise ValueError(
             f"Load Dataset's VAE comes from a VAELoader ({vae['inputs'].get('vae_name')!r}) beside Load Checkpoint; a "
-            f"config trains with the checkpoint's own VAE: connect Load Checkpoint's VAE to export it, or {run_instead}")
+            "config trains with the checkpoint's own VAE: connect Load Checkpoint's VAE to export it, or "
+            f"{run_instead}")
     kind = clip.get("class_type")
     if kind in _CONFIG_CLIP_TYPES:
         clip_type = clip["inputs"].get("type")
