@@ -22,17 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
+import functools
 import importlib
+import importlib.util
 import itertools
 import logging
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parent
 log = logging.getLogger("kiln")
 
-# kiln.py's own options (nodes/headless.py's parser) -> how many values each takes; every other option must be
+# kiln.py's own options (headless/runner.py's parser) -> how many values each takes; every other option must be
 # one of ComfyUI's flags (comfy/cli_args.py), which go to ComfyUI.
 KILN_OPTIONS = {"--comfyui": 1, "--resume": 1, "--resume_from_checkpoint": 1, "--set": 1, "--output-dir": 1, "--retrain": 0,
                 "--steps": 1, "-h": 0, "--help": 0}
@@ -65,6 +68,16 @@ def find_comfyui(explicit: str | None = None) -> Path | None:
     return None
 
 
+@functools.cache
+def compat() -> ModuleType:
+    """``nodes/corridor/compat.py``: where ComfyUI versions differ. It imports nothing of the package, so it is loaded by
+    path here, before ComfyUI loads the package."""
+    spec = importlib.util.spec_from_file_location("kiln_comfy_compat", REPO / "nodes" / "corridor" / "compat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def comfy_parser(comfy_dir: Path) -> argparse.ArgumentParser:
     """ComfyUI's own command-line parser (comfy/cli_args.py), imported without parsing anything yet."""
     if sys.path[:1] != [str(comfy_dir)]:  # first: ComfyUI's nodes.py, not this package's nodes/
@@ -74,10 +87,12 @@ def comfy_parser(comfy_dir: Path) -> argparse.ArgumentParser:
     return comfy.cli_args.parser
 
 
-def _takes(action: argparse.Action, value: str) -> bool:
+def _takes(action: argparse.Action, value: str, parser: argparse.ArgumentParser | None = None) -> bool:
     """Whether an optional value of a ComfyUI flag (nargs ?, *, +) can be ``value``."""
     if value.startswith("-"):
         return False
+    if parser is not None and action.dest == "verbose" and (levels := compat().verbose_levels(parser)) is not None:
+        return value in levels
     if action.choices is not None:
         return value in {getattr(c, "value", c) for c in action.choices}
     if callable(action.type):
@@ -123,7 +138,7 @@ def split_argv(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
                 n += action.nargs
             elif action.nargs in ("?", "*", "+"):
                 taken = 0
-                while taken < len(rest) and _takes(action, rest[taken]) and (action.nargs != "?" or taken < 1):
+                while taken < len(rest) and _takes(action, rest[taken], parser) and (action.nargs != "?" or taken < 1):
                     taken += 1
                 n += max(taken, 1 if action.nargs == "+" and rest else 0)
         comfy_args += head[i:i + n]
@@ -162,9 +177,14 @@ def parse_comfy_flags(parser: argparse.ArgumentParser, flags: list[str]) -> argp
 
     parser.error = error  # type: ignore[method-assign]
     try:
-        return parser.parse_args(flags)
+        args = parser.parse_args(flags)
     finally:
         del parser.error
+    try:
+        compat().visible_devices(args.cuda_device)
+    except ValueError as exc:
+        raise FlagError(f"ComfyUI flag: {exc}") from None
+    return args
 
 
 def _has_accelerator(torch: object) -> bool:
@@ -177,12 +197,13 @@ def _has_accelerator(torch: object) -> bool:
 
 def _device_environment(args: argparse.Namespace) -> None:
     """What ComfyUI's main.py sets before torch is imported, for the device flags."""
-    if args.default_device is not None:
+    visible = compat().visible_devices(args.cuda_device)  # "all" (ComfyUI >= 0.3.7x): every device stays visible
+    if args.default_device is not None and (visible is not None or args.cuda_device is None):
         order = [args.default_device, *(d for d in range(32) if d != args.default_device)]
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["HIP_VISIBLE_DEVICES"] = ",".join(map(str, order))
-    if args.cuda_device is not None:
+    if visible is not None:
         for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES"):
-            os.environ[var] = str(args.cuda_device)
+            os.environ[var] = visible
     if args.oneapi_device_selector is not None:
         os.environ["ONEAPI_DEVICE_SELECTOR"] = args.oneapi_device_selector
     if args.deterministic:
@@ -238,7 +259,7 @@ def boot_comfyui(comfy_dir: Path, extras: bool, flags: list[str] | None = None) 
         importlib.reload(comfy.cli_args)
     args = comfy.cli_args.args
     if "--verbose" in flags or any(f.startswith("--verbose=") for f in flags):
-        logging.getLogger().setLevel(args.verbose)
+        logging.getLogger().setLevel(compat().log_level(args.verbose))
     _apply_paths(comfy_dir, args)
     import server  # noqa: F401  (the nodes report progress through server.PromptServer.instance)
 
@@ -249,7 +270,7 @@ def boot_comfyui(comfy_dir: Path, extras: bool, flags: list[str] | None = None) 
     if not asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
         raise SystemExit("kiln.py: could not load LoRA Kiln into ComfyUI (see the messages above)")
     package = str(REPO).replace(".", "_x_")
-    return importlib.import_module(f"{package}.nodes.headless")
+    return importlib.import_module(f"{package}.headless.runner")
 
 
 def _pop_comfyui(argv: list[str]) -> str | None:

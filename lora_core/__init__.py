@@ -13,7 +13,16 @@ Read it top-down:
 - :mod:`.progress`, :mod:`.tb`  progress/ETA arithmetic and TensorBoard event files
 """
 
-from .adapters import AdapterSet, AdapterSpec, AttachHandle, LoRAModule, find_targets
+from .adapters import (
+    AdapterSet,
+    AdapterSpec,
+    AttachHandle,
+    LoRAModule,
+    UnadaptableLayerError,
+    find_targets,
+    layer_kind,
+    target_counts,
+)
 from .config import AdapterConfig, TrainConfig
 from .data.latents import LatentDataset, LatentItem
 from .diffusion import DiffusionModel, diffusion_loss
@@ -41,4 +50,7 @@ __all__ = [
     "TrainingError",
     "diffusion_loss",
     "find_targets",
+    "layer_kind",
+    "target_counts",
+    "UnadaptableLayerError",
 ]

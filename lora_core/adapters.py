@@ -29,9 +29,6 @@ from .config import TARGET_PRESETS, AdapterConfig
 
 logger = logging.getLogger(__name__)
 
-ADAPTABLE = (nn.Linear, nn.Conv2d)
-
-
 @dataclass(frozen=True)
 class AdapterSpec:
     """Shape of one adapter: enough to rebuild it without the base model."""
@@ -164,35 +161,97 @@ def resolve_patterns(targets: str | tuple[str, ...]) -> tuple[str, ...] | None:
     return targets
 
 
+class UnadaptableLayerError(ValueError):
+    """A layer the targets name that no adapter can sit on: training it partly would be silent partial training."""
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"``, or ``None`` for a module that is not a layer an adapter can sit on.
+
+    Linear means what the layer computes, not its class: ``nn.Linear``, and any module that declares integer
+    ``in_features`` / ``out_features`` and carries a 2-D ``weight`` of shape ``(out_features, in_features)``, as
+    hosts' mixed-precision and quantized layers do (their weight may be a quantized tensor subclass; its logical
+    shape is what counts, and it is never read: the adapter only sees the layer's input and output).
+    """
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    weight = getattr(module, "weight", None)
+    if (isinstance(in_f, int) and isinstance(out_f, int) and isinstance(weight, torch.Tensor)
+            and tuple(weight.shape) == (out_f, in_f)):
+        return "linear"
+    return None
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A module holding a weight of its own (a layer of some kind, adaptable or not), not a container."""
+    return isinstance(module._parameters.get("weight"), torch.Tensor)
+
+
 def find_targets(
     root: nn.Module, component: str, targets: str | tuple[str, ...], config: AdapterConfig
 ) -> list[AdapterSpec]:
-    """Specs for every module of ``root`` the config targets, in ``named_modules`` order."""
+    """Specs for every module of ``root`` the config targets, in ``named_modules`` order.
+
+    A layer the targets name that no adapter can sit on (a grouped conv, a 3-D weight, an unknown layer class) is an
+    :class:`UnadaptableLayerError` naming it and its type: a LoRA never trains fewer layers than its targets say.
+    """
     patterns = resolve_patterns(targets)
     if patterns == ():
         return []
     specs: list[AdapterSpec] = []
+    refused: list[str] = []
     for name, module in root.named_modules():
-        if not name or not isinstance(module, ADAPTABLE):
+        if not name:
             continue
-        is_kxk_conv = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
-        # LoCon: every k x k conv on top of the chosen targets.
-        wanted = patterns is None or _matches(name, patterns) or (is_kxk_conv and config.algorithm == "locon")
+        kind = layer_kind(module)
+        is_kxk_conv = kind == "conv" and tuple(module.kernel_size) != (1, 1)
+        # "all" (no patterns) is every Linear and Conv2d; LoCon adds every k x k conv to the chosen targets.
+        wanted = (kind is not None if patterns is None else _matches(name, patterns)) or (
+            is_kxk_conv and config.algorithm == "locon")
         if not wanted:
             continue
-        spec = module_spec(module, f"{component}.{name}", config)
+        spec = module_spec(module, f"{component}.{name}", config) if kind is not None else None
         if spec is not None:
             specs.append(spec)
+        elif kind is not None or _is_layer(module):
+            refused.append(f"{component}.{name} ({_describe(module)})")
+    if refused:
+        raise UnadaptableLayerError(
+            f"{len(refused)} targeted layer(s) cannot take an adapter: {', '.join(refused[:6])}"
+            f"{' …' if len(refused) > 6 else ''}. Kiln adapts Linear layers (any weight type, quantized included) and "
+            "ungrouped Conv2d; choose targets that leave these out (another preset, or a pattern list)"
+        )
     return specs
+
+
+def _describe(module: nn.Module) -> str:
+    weight = getattr(module, "weight", None)
+    shape = f", weight {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""
+    return f"{type(module).__module__}.{type(module).__qualname__}{shape}"
+
+
+def target_counts(specs: list[AdapterSpec], targets: str | tuple[str, ...]) -> dict[str, int]:
+    """How many adapted layers each target pattern matched (``"all"``: per layer kind), in the patterns' order; a
+    pattern that matched nothing counts 0, so a report shows what a preset did not find in this model."""
+    patterns = resolve_patterns(targets)
+    if patterns is None:
+        counts: dict[str, int] = {}
+        for s in specs:
+            counts[s.kind] = counts.get(s.kind, 0) + 1
+        return counts
+    return {p: sum(1 for s in specs if _matches(s.name.partition(".")[2], (p,))) for p in patterns}
 
 
 def module_spec(
     module: nn.Module, name: str, config: AdapterConfig, rank: int | None = None, alpha: float | None = None
 ) -> AdapterSpec | None:
     """The adapter shape for ``module``; ``None`` for layers an adapter cannot sit on (grouped convs)."""
-    if isinstance(module, nn.Conv2d):
+    kind = layer_kind(module)
+    if kind == "conv":
         if module.groups != 1 or isinstance(module.padding, str):
-            logger.debug("skipping %s (grouped conv or string padding)", name)
             return None
         kxk = tuple(module.kernel_size) != (1, 1)
         return AdapterSpec(
@@ -207,7 +266,7 @@ def module_spec(
             padding=tuple(module.padding),
             dilation=tuple(module.dilation),
         )
-    if isinstance(module, nn.Linear):
+    if kind == "linear":
         return AdapterSpec(
             name=name,
             kind="linear",

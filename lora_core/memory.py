@@ -114,20 +114,35 @@ def optimizer_bytes(name: str, params: int) -> int:
     return OPTIMIZER_BYTES_PER_PARAM.get(name, 8) * params
 
 
+def _plain(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: ``t`` itself, or the inner tensors of a wrapper subclass (a quantized
+    weight: its packed data and scales), found through torch's ``__tensor_flatten__`` protocol."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    return [p for name in names if isinstance(inner := getattr(t, name), torch.Tensor) for p in _plain(inner)]
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    return [p.untyped_storage() for p in _plain(t) if p.device.type != "meta"]
+
+
 def module_bytes(roots: Sequence[nn.Module], device: torch.device | None = None) -> int:
-    """Parameters and buffers as stored (each storage once); with ``device``, only those on it (ComfyUI may keep
-    part of a big model offloaded)."""
+    """Parameters and buffers as stored (each storage once; a quantized weight as its packed data and scales); with
+    ``device``, only those on it (ComfyUI may keep part of a big model offloaded)."""
     seen: set[int] = set()
     total = 0
     for root in roots:
         for t in list(root.parameters()) + list(root.buffers()):
             if device is not None and t.device.type != device.type:
                 continue
-            key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
+            for p in _plain(t):
+                key = p.untyped_storage().data_ptr() if p.device.type != "meta" else id(p)
+                if key in seen:
+                    continue
+                seen.add(key)
+                total += p.numel() * p.element_size()
     return total
 
 
@@ -173,13 +188,12 @@ def _counting(blocks: Sequence[nn.Module], exclude: Iterable[torch.Tensor]) -> I
     """Count the bytes autograd would save (and save nothing); per block too, and the blocks' inputs. Tensors that
     share storage with ``exclude`` (the weights, counted on their own) are not activations."""
     counts = _Counts(len(blocks))
-    weights = [t.untyped_storage() for t in exclude if t.device.type != "meta"]  # alive throughout: ids are stable
+    weights = [s for t in exclude for s in _storages(t)]  # alive throughout: ids are stable
     weight_ids = {id(w) for w in weights}
     active: list[int] = []
 
     def pack(t: torch.Tensor) -> object:
-        if t.device.type != "meta":
-            storage = t.untyped_storage()
+        for storage in _storages(t):
             if id(storage) not in weight_ids:
                 counts.save(storage, active[-1] if active else counts.OUTSIDE)
         return None  # nothing is kept: the pass needs no memory for backward
@@ -192,8 +206,9 @@ def _counting(blocks: Sequence[nn.Module], exclude: Iterable[torch.Tensor]) -> I
         def pre(_m: nn.Module, args: tuple, kwargs: dict, _i: int = i) -> None:
             if not active:  # a block inside a block counts for the outer one
                 for a in (*args, *kwargs.values()):
-                    if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type != "meta":
-                        counts.block_input(a.untyped_storage())
+                    if isinstance(a, torch.Tensor) and a.is_floating_point():
+                        for storage in _storages(a):
+                            counts.block_input(storage)
             active.append(_i)
 
         def post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: object) -> None:

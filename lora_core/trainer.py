@@ -280,8 +280,12 @@ class Trainer:
         checkpoint_modules: Sequence[nn.Module] = (),
         estimate_memory: bool = False,
         free_memory: Callable[[torch.device], int | None] = device_free_bytes,
+        interrupts: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.model = model
+        # what the host raises inside the network's forward when the user cancels (ComfyUI's ops check for Cancel in
+        # every layer): the step it interrupts is discarded and the run ends with the state of the last whole step
+        self.interrupts = interrupts
         self.roots = dict(roots)
         self.device = torch.device(device)
         self.checkpoint_modules = list(checkpoint_modules)
@@ -348,7 +352,7 @@ class Trainer:
                 if report is not None:
                     cb.on_memory(report)
             stopped = run.loop(callbacks, save_every, preview_every)
-            final = run.snapshot()
+            final = run.snapshot(at_mark=run.interrupted)
         for cb in callbacks:
             cb.on_end(final, stopped)
         return TrainResult(final, stopped)
@@ -480,6 +484,7 @@ class _Run:
         self._scaler_mark = self._scaler_state()
         self._mark = (self.step, self.epoch, self.batch_index)
         self.memory_report: MemoryReport | None = None  # the estimate made before the first step, if any
+        self.interrupted = False  # a step was cut short by the host's interrupt: the state is the one before it
 
     def _scaler_state(self) -> dict[str, float | int] | None:
         return dict(self.scaler.state_dict()) if self.scaler.is_enabled() else self.start.scaler_state
@@ -566,6 +571,14 @@ class _Run:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            except self.t.interrupts:
+                # raised by the host inside a forward (or a checkpoint's recomputation in backward): nothing of this
+                # step reached the weights; its gradients go, and the run ends as it was when the step began
+                self.optimizer.zero_grad(set_to_none=True)
+                self.interrupted = True
+                logger.info("training interrupted during step %d: the state of step %d is kept", self.step + 1,
+                            self._mark[0])
+                return True
             except torch.OutOfMemoryError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
                 measured = f" Before the first step, {self.memory_report.describe()}." if self.memory_report else ""

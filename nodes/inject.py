@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from comfy_api.latest import io
 
-from ..lora_core import AdapterConfig, AdapterSet, TrainState
+from ..lora_core import AdapterConfig, AdapterSet, AdapterSpec, TrainState, target_counts
 from ..lora_core.config import ALGORITHMS, TARGET_PRESETS
 from ..lora_core.formats.kohya import load_lora_as_state
 from .corridor import families, folders, patching, text_encoders
@@ -17,6 +18,22 @@ from .objects import KilnRun
 from .sockets import CATEGORY, KilnStateType
 
 NO_LORA = "none"
+logger = logging.getLogger(__name__)
+
+
+def adapted_per_target(specs: tuple[AdapterSpec, ...] | list[AdapterSpec], config: AdapterConfig) -> str:
+    """``unet: to_q 16, to_k 16, …; te: q_proj 12, …``: how many layers each target matched in this model (the
+    presets name every family's layers; only the ones found here are listed), LoCon's k x k convs on their own."""
+    parts = []
+    for component, targets in (("unet", config.unet_targets), ("te", config.text_targets)):
+        mine = [s for s in specs if (s.name.startswith("unet.") if component == "unet" else not s.name.startswith("unet."))]
+        if not mine:
+            continue
+        counts = {k: v for k, v in target_counts(mine, targets).items() if v}
+        if config.algorithm == "locon" and isinstance(targets, str) and targets != "all":
+            counts["k x k conv (locon)"] = sum(1 for s in mine if s.kind == "conv" and s.kernel_size != (1, 1))
+        parts.append(f"{component}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return "; ".join(parts)
 
 
 class KilnInjectLoRA(io.ComfyNode):
@@ -120,5 +137,8 @@ class KilnInjectLoRA(io.ComfyNode):
         n_params = sum(w.numel() for w in state.weights.values())
         te = sum(1 for s in state.specs if not s.name.startswith("unet."))
         text = f"{len(state.specs)} adapters ({te} on the text encoder), {n_params / 1e6:.2f} M trainable parameters"
+        report = adapted_per_target(state.specs, config)
+        logger.info("LoRA Kiln: %s; adapted layers per target: %s", text, report)
+        text += f"\nadapted layers per target: {report}"
         out_clip = text_encoders.clip_with_lora(clip, state, naming) if clip is not None else None
         return io.NodeOutput(run, patching.with_adapters(base, state), out_clip, ui={"text": [text]})

@@ -18,7 +18,7 @@ from .file_names import check_file_name, scrub, shown_path
 from .model_source import model_file_name
 from .objects import KilnRun
 from .sockets import CATEGORY, KilnStateType
-from .train import save_checkpoint
+from .training_run import save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -43,6 +43,10 @@ for FLUX.1:
 The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
 configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
 ``taesd_decoder`` weights; 16 latent channels for SD3), all random.
+``--quant scaled_fp8`` stores every 2-D weight of the diffusion model (its Linear layers) as fp8 with a per-layer
+``scale_weight`` and the ``scaled_fp8`` marker, as the "fp8 scaled" checkpoints people share do (ComfyUI 0.3.64 runs them
+with ``scaled_fp8_ops``; newer versions convert them to their quantized format); ``--quant comfy_quant`` writes the
+newer per-layer format directly (``weight_scale`` + a ``comfy_quant`` JSON tensor per layer, ``float8_e4m3fn``).
 ``--vpred`` adds the ``v_pred`` key (ComfyUI then samples the model as v-prediction), ``--ztsnr`` also ``ztsnr``
 (zero-terminal SNR), as NoobAI-style v-prediction SDXL checkpoints ship them (not for ``sd3``, a flow model).
 
@@ -165,13 +169,14 @@ def build_flux(size: str = "flux", dtype=None):
     """ComfyUI's own FLUX.1 class in the ``size`` layout (the dimensions its detection fixes), randomly initialised
     (fp32, or ``dtype``: the GPU benchmark builds the 12 B layout in bf16 directly, half the memory and time)."""
     import comfy.ops
-    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.flux.model import Flux, FluxParams
 
     depth, single, guidance = FLUX_CONFIGS[size]
     flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single,
                 axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=guidance, patch_size=2,
-                dtype=dtype, operations=comfy.ops.manual_cast)
+                dtype=dtype, operations=comfy.ops.manual_cast,
+                **_newer_params(FluxParams, txt_ids_dims=[]))
     _init_(flux)
     return flux
 
@@ -180,15 +185,25 @@ def build_chroma(size: str = "chroma", dtype=None):
     """ComfyUI's own Chroma class in the ``size`` layout (what its detection fixes), randomly initialised (fp32, or
     ``dtype``)."""
     import comfy.ops
-    from comfy.ldm.chroma.model import Chroma
+    from comfy.ldm.chroma.model import Chroma, ChromaParams
 
     depth, single = CHROMA_CONFIGS[size]
     chroma = Chroma(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
                     mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
                     theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120, n_layers=5,
-                    dtype=dtype, operations=comfy.ops.manual_cast)
+                    dtype=dtype, operations=comfy.ops.manual_cast,
+                    **_newer_params(ChromaParams, txt_ids_dims=[], vec_in_dim=None))
     _init_(chroma)
     return chroma
+
+
+def _newer_params(params_class, **values) -> dict:
+    """The parameters newer ComfyUI versions added to a model's params dataclass (what their detection sets for
+    this layout), only where the class has them: FluxParams/ChromaParams grew ``txt_ids_dims`` and ``vec_in_dim``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(params_class)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def taesd_state_dict(latent_channels: int = 16, seed: int = 0) -> dict:
@@ -263,8 +278,44 @@ def _init_(module) -> None:
                 p.zero_()
 
 
-def write_checkpoint(path: str, size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> str:
-    return _write(path, build_state_dict(size, seed, vpred=vpred, ztsnr=ztsnr))
+QUANT_FORMATS = ("scaled_fp8", "comfy_quant")
+
+
+def quantize_state_dict(sd: dict, prefix: str, quant: str) -> dict:
+    """Every 2-D weight under ``prefix`` (the diffusion model's Linear layers) as fp8 e4m3 with a per-tensor scale:
+    ``scaled_fp8`` (legacy: ``<layer>.scale_weight`` + a ``<prefix>scaled_fp8`` marker) or ``comfy_quant``
+    (``<layer>.weight_scale`` + ``<layer>.comfy_quant``, the JSON of the layer's format as uint8)."""
+    import json
+
+    import torch
+
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"quant={quant!r}: choose one of {', '.join(QUANT_FORMATS)}")
+    out = dict(sd)
+    conf = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    for key, value in sd.items():
+        if not (key.startswith(prefix) and key.endswith(".weight") and value.ndim == 2 and value.is_floating_point()):
+            continue
+        layer = key[: -len(".weight")]
+        w = value.float()
+        scale = (w.abs().amax() / 448.0).clamp(min=1e-12)
+        out[key] = (w / scale).to(torch.float8_e4m3fn)
+        if quant == "scaled_fp8":
+            out[f"{layer}.scale_weight"] = scale.reshape(())
+        else:
+            out[f"{layer}.weight_scale"] = scale.reshape(())
+            out[f"{layer}.comfy_quant"] = conf.clone()
+    if quant == "scaled_fp8":
+        out[f"{prefix}scaled_fp8"] = torch.empty((0,), dtype=torch.float8_e4m3fn)
+    return out
+
+
+def write_checkpoint(path: str, size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False,
+                     quant: str | None = None) -> str:
+    sd = build_state_dict(size, seed, vpred=vpred, ztsnr=ztsnr)
+    if quant:
+        sd = quantize_state_dict(sd, "" if size in DIT_FILES else "model.diffusion_model.", quant)
+    return _write(path, sd)
 
 
 def _write(path: str, sd: dict) -> str:
@@ -284,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vpred", action="store_true", help="mark it v-prediction (the v_pred key)")
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
     parser.add_argument("--vae", help="also write a 16-channel TAESD VAE file here (for FLUX.1's VAELoader)")
+    parser.add_argument("--quant", choices=QUANT_FORMATS,
+                        help="store the diffusion model's Linear weights as fp8 (legacy scaled_fp8, or comfy_quant)")
     args = parser.parse_args(argv)
     if args.size in (*MMDIT_CONFIGS, *DIT_FILES) and (args.vpred or args.ztsnr):
         parser.error(f"--size {args.size} is a flow-matching model: --vpred/--ztsnr do not apply")
@@ -294,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    write_checkpoint(args.out, args.size, args.seed, vpred=args.vpred, ztsnr=args.ztsnr)
+    write_checkpoint(args.out, args.size, args.seed, vpred=args.vpred, ztsnr=args.ztsnr, quant=args.quant)
     logger.info("wrote %s", args.out)
     if args.vae:
         _write(args.vae, taesd_state_dict(16, args.seed))

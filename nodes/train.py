@@ -2,70 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..lora_core import TrainCallback, TrainConfig, Trainer, TrainingError, TrainResult, TrainState, settings
+from ..lora_core import TrainConfig, settings
 from ..lora_core.config import LOSS_WEIGHTINGS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TIMESTEP_SAMPLING
-from ..lora_core.fileio import NotEnoughSpace
 from ..lora_core.plot import loss_chart
-from ..lora_core.tb import TensorBoardCallback
-from . import requeue
-from .corridor import denoiser, devices, folders, patching, previews, reporting, text_encoders
+from .corridor import patching, reporting, text_encoders
 from .corridor.errors import KilnUserError
 from .objects import KilnDataset, KilnRun
 from .sockets import CATEGORY, KilnDatasetType, KilnStateType
-
-logger = logging.getLogger(__name__)
-
-
-def checkpoint_path(run: KilnRun, state: TrainState, tag: str) -> Path:
-    folder = folders.checkpoint_directory(run.name)
-    return folder / f"{folder.parent.name}_step{state.step:06d}{tag}.kiln.safetensors"
-
-
-def save_checkpoint(run: KilnRun, state: TrainState, tag: str = "", digest: str | None = None,
-                    target: int = 0) -> Path:
-    """A resumable checkpoint; with the run's ``digest`` (and ``target`` step) a re-queue of it resumes from here.
-    Too little free space is refused before writing, with the folder as the user sees it."""
-    try:
-        path = state.save(checkpoint_path(run, state, tag), extra_metadata={"kiln_name": run.name},
-                          plain_metadata=requeue.checkpoint_metadata_for(digest, target, state.step))
-    except NotEnoughSpace as exc:
-        raise KilnUserError(f"{exc.describe(folders.display_path(exc.folder))}. Checkpoints take less room with "
-                            "keep_checkpoints (the newest N only) or a larger save_every") from None
-    logger.info("LoRA Kiln: checkpoint written to %s", path)
-    return path
-
-
-class _Checkpoints(TrainCallback):
-    """Writes the ``save_every`` checkpoints; with ``keep`` > 0 only the newest ``keep`` of those this run wrote stay
-    (kohya's save_last_n_*: older ones are removed after the new one is safely written; Cancel's and Save LoRA's
-    checkpoints are never removed, nor anything another run wrote)."""
-
-    def __init__(self, run: KilnRun, digest: str | None = None, target: int = 0, keep: int = 0) -> None:
-        self.run = run
-        self.digest = digest
-        self.target = target
-        self.keep = keep
-        self.paths: list[Path] = []
-
-    def on_checkpoint(self, state: TrainState) -> None:
-        path = save_checkpoint(self.run, state, digest=self.digest, target=self.target)
-        self.paths = [p for p in self.paths if p != path] + [path]
-        if self.keep > 0:
-            for old in self.paths[: -self.keep]:
-                try:
-                    old.unlink(missing_ok=True)
-                except OSError as exc:
-                    logger.warning("LoRA Kiln: could not remove the old checkpoint %s: %s", old, exc)
-            self.paths = self.paths[-self.keep :]
+from .training_run import PreviewSettings, RunRequest, TrainingRun
 
 
 def image_from_pil(img: object) -> torch.Tensor:
@@ -167,121 +117,32 @@ class KilnTrainSteps(io.ComfyNode):
                 retrain: bool = False, timestep_sampling: str = "uniform", flow_shift: float = 0.0,
                 loss_weighting: str = "none", keep_checkpoints: int = 0, guidance: float = 1.0) -> io.NodeOutput:
         run = state
-        node_id = cls.hidden.unique_id
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
         config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, locals()))
         if not run.detected.guidance:  # only guidance-distilled models read it: changing it elsewhere is no new run
             config = dataclasses.replace(config, guidance=TrainConfig.guidance)
         if run.trains_text_encoder and run.clip is None:
             raise KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
-        clip = run.clip if run.clip is not None else dataset.clip
-        start = run.state.replace(info={**run.state.info, **dataset.run_info()})
         prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")
+        request = RunRequest(
+            run=run, dataset=dataset, config=config, steps=steps, save_every=save_every,
+            keep_checkpoints=keep_checkpoints, retrain=retrain, node_id=cls.hidden.unique_id,
+            preview=PreviewSettings(prompt, preview_seed, preview_size, preview_steps, preview_every),
+        )
+        outcome = TrainingRun(request).execute()
+        result_state = outcome.state
+        new_run = run.replace(state=result_state, train_settings=config.to_dict())
 
-        with torch.inference_mode(False), torch.enable_grad():
-            reporting.status(node_id, "Train Steps: loading the model for training")
-            device = patching.load_for_training(run.model)
-            roots = patching.unet_roots(run.model)
-            family = run.detected.family
-            text_encoder = None
-            if run.trains_text_encoder:
-                text_encoder = text_encoders.load_text_encoder_for_training(run.clip, family)
-                roots.update(text_encoder.roots)
-            encoding = reporting.ItemProgress(node_id, unit="captions", phase="Train Steps: encoding captions")
-            encoding.start(len(dataset.records))
-            latent_data, _ = dataset.encoded(text_encoder, size_conditioning=family.size_conditioning,
-                                             on_progress=encoding.advance)
-            network = denoiser.ComfyDiffusion(run.model, text_encoder, run.detected, guidance=config.guidance)
-            # estimate_memory: one measuring forward pass before the first step, reported (and quoted on an OOM)
-            trainer = Trainer(network, roots, device, checkpoint_modules=patching.checkpoint_blocks(run.model),
-                              estimate_memory=True, free_memory=devices.free_memory)
-            # the same training done before? reuse it, or resume it from its last checkpoint (nodes/requeue.py)
-            target = start.step + steps
-            digest = requeue.run_digest(run, latent_data, config, device, text_encoder)
-            plan = requeue.plan(run.name, digest, start, steps, retrain)
-            did = plan.describe(start.step, target)
-
-            preview_files: list[dict] = []  # temp PNGs of the previews, for the node's live view (web/js)
-
-            def preview(step: int, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-                """The model as training left it (adapters attached), or with a snapshot's adapter ``weights``."""
-                model, text_clip = run.model, clip
-                if weights is not None:
-                    snapshot = start.replace(weights=weights)
-                    model = patching.with_adapters(run.model, snapshot)
-                    if text_encoder is not None:
-                        text_clip = text_encoders.clip_with_lora(run.clip, snapshot, run.naming)
-                image = previews.sample_preview(model, text_clip, dataset.vae, prompt, preview_seed,
-                                                preview_size, preview_size, preview_steps, family.preview_cfg, family,
-                                                text_adapters=text_encoder is not None)
-                patching.load_for_training(run.model)  # the VAE may have displaced the UNet
-                try:
-                    ref = {**previews.save_temp_preview(image), "step": step}
-                except OSError as exc:  # a full temp disk must not stop training
-                    logger.warning("LoRA Kiln: could not save the preview of step %d: %s", step, exc)
-                else:
-                    preview_files.append(ref)
-                    reporting.send_event(reporting.PREVIEW_EVENT, {"node": node_id, **ref})
-                return image
-
-            begin = start.with_training_of(plan.found) if plan.found is not None else start
-            progress = reporting.NodeProgress(node_id, max(1, target - begin.step), preview if preview_every else None,
-                                              samples_dir=folders.samples_directory(run.name))
-            if plan.action == "reuse":
-                result = TrainResult(begin)
-            else:
-                if plan.action == "resume":
-                    reporting.status(node_id, f"Train Steps: resuming from step {begin.step} "
-                                              f"({folders.display_path(plan.source)})")
-                requeue.clear_snapshots(run.name, digest, after_step=begin.step if plan.found is not None else -1)
-                checkpoints = _Checkpoints(run, digest, target, keep_checkpoints)
-                tb = TensorBoardCallback(folders.logs_directory(run.name))
-                callbacks = [requeue.SnapshotWriter(run.name, digest), progress, checkpoints, tb]
-                inplace_safe = patching.norm_inputs_cloned([network.unet]) if family.inplace_residuals else \
-                    contextlib.nullcontext()
-                try:
-                    with inplace_safe, text_encoder.trainable() if text_encoder is not None else contextlib.nullcontext():
-                        result = trainer.run(begin, latent_data, dataclasses.replace(config, steps=target - begin.step),
-                                             callbacks, save_every=save_every, preview_every=preview_every)
-                except KilnUserError:  # a checkpoint that does not fit on the disk
-                    tb.close()
-                    raise
-                except TrainingError as exc:
-                    tb.close()
-                    path = save_checkpoint(run, exc.last_good_state, "_lastgood", digest, target)
-                    raise KilnUserError(
-                        f"{exc}\nCheckpoint of the last good state: {folders.display_path(path)}") from None
-                if not result.stopped_early and digest is not None:
-                    requeue.store_finished(run.name, digest, result.state)
-            # previews of the steps not trained now (a reused run; a resumed run's first part), rendered from the
-            # adapter snapshots kept at those steps, with the current preview settings
-            replay = [] if plan.action == "train" or result.stopped_early else requeue.previewed_steps(
-                start.step, target if plan.action == "reuse" else begin.step, preview_every)
-            known = {begin.step: begin.weights, result.state.step: result.state.weights}
-            missing = requeue.replay_previews(progress, run.name, digest, start, known, replay, preview)
-            if replay and progress.cancelled:
-                reporting.raise_if_interrupted()
-
-        new_run = run.replace(state=result.state, train_settings=config.to_dict())
-        if result.stopped_early:
-            path = save_checkpoint(run, result.state, "_cancelled", digest, target)
-            logger.info("LoRA Kiln: cancelled at step %d; checkpoint %s", result.state.step, path)
-            reporting.raise_if_interrupted()
-            raise KilnUserError(
-                f"training was cancelled at step {result.state.step}; checkpoint: {folders.display_path(path)}")
-
-        chart = image_from_pil(loss_chart(result.state.history))
-        progress.previews.sort(key=lambda p: p[0])
-        preview_files.sort(key=lambda ref: ref["step"])
-        preview_images = torch.cat([img for _, img in progress.previews], dim=0) if progress.previews else chart
-        last = result.state.history[-1] if result.state.history else (0, float("nan"), 0.0)
-        text = f"{did} · step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
-        if missing:
+        chart = image_from_pil(loss_chart(result_state.history))
+        preview_images = torch.cat([img for _, img in outcome.previews], dim=0) if outcome.previews else chart
+        last = result_state.history[-1] if result_state.history else (0, float("nan"), 0.0)
+        text = f"{outcome.did} · step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
+        if missing := outcome.missing_previews:
             text += f" · no snapshot kept for the previews of step {', '.join(map(str, missing))} (retrain renders them)"
-        reporting.send_text(node_id, did)
+        reporting.send_text(cls.hidden.unique_id, outcome.did)
         # For the live view (web/js/kiln_train_view.js), which redraws them after a page reload from the history.
         # Lists only (ComfyUI concatenates ui lists); nothing of this is stored in the workflow.
-        history = [list(h) for h in result.state.history[-2000:]]
-        ui = {"text": [text], "kiln_history": history, "kiln_previews": preview_files}
-        out_clip = text_encoders.clip_with_lora(run.clip, result.state, run.naming) if run.clip is not None else dataset.clip
-        return io.NodeOutput(new_run, patching.with_adapters(run.model, result.state), chart, preview_images, out_clip, ui=ui)
+        history = [list(h) for h in result_state.history[-2000:]]
+        ui = {"text": [text], "kiln_history": history, "kiln_previews": outcome.preview_files}
+        out_clip = text_encoders.clip_with_lora(run.clip, result_state, run.naming) if run.clip is not None else dataset.clip
+        return io.NodeOutput(new_run, patching.with_adapters(run.model, result_state), chart, preview_images, out_clip, ui=ui)

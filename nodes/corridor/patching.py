@@ -69,6 +69,39 @@ def _clone_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] |
     return None
 
 
+def _as_is(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+@contextlib.contextmanager
+def host_weights_copied(roots: Iterable[nn.Module]) -> Iterator[int]:
+    """While training runs, layers that manage their own parameters (quantized / mixed-precision layers, whose weights
+    stay ComfyUI's inference tensors, see :func:`make_autograd_safe`) compute with a fresh copy of their weight.
+
+    A ComfyUI layer with a ``weight_function`` copies (and dequantizes) its weight before applying the functions, so
+    a no-op function is enough: autograd then saves the copy, never the inference tensor, and the quantized weight
+    itself is neither changed nor dequantized in place. Yields how many layers it covers; restores them on exit.
+    """
+    changed: list[tuple[nn.Module, object]] = []
+    for root in roots:
+        for module in root.modules():
+            if _manages_own_parameters(module) and isinstance(getattr(module, "weight_function", None), list):
+                own = module.__dict__.get("weight_function", _NOT_SET)
+                module.weight_function = [*module.weight_function, _as_is]
+                changed.append((module, own))
+    try:
+        yield len(changed)
+    finally:
+        for module, own in changed:
+            if own is _NOT_SET:
+                del module.weight_function
+            else:
+                module.weight_function = own
+
+
+_NOT_SET = object()
+
+
 def lora_keys_loadable(patcher: Any, keys: list[str], clip: Any = None) -> list[str]:
     """The kohya base keys ComfyUI's LoraLoader would NOT map onto this model/CLIP (empty: all load)."""
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
@@ -77,15 +110,26 @@ def lora_keys_loadable(patcher: Any, keys: list[str], clip: Any = None) -> list[
     return [k for k in keys if k not in key_map]
 
 
+def _manages_own_parameters(module: nn.Module) -> bool:
+    """A layer that re-wraps its own parameters when moved (ComfyUI >= 0.3.7x's mixed-precision / quantized layers
+    override ``_apply``): it must keep the inference tensors ComfyUI loaded, or moving it inside ComfyUI's
+    inference mode fails ("Cannot set version_counter for inference tensor")."""
+    return type(module)._apply is not nn.Module._apply
+
+
 def make_autograd_safe(module: nn.Module) -> int:
     """Swap inference-mode parameters/buffers for equal normal tensors so autograd can save them.
 
     ComfyUI builds models inside ``torch.inference_mode()``; such tensors cannot be saved for backward.
     The values do not change, so every clone of the model renders exactly as before. Returns the count.
+    Layers that manage their own parameters are left as they are: :func:`host_weights_copied` covers them while
+    training runs.
     """
     swapped = 0
     with torch.inference_mode(False), torch.no_grad():
         for sub in module.modules():
+            if _manages_own_parameters(sub):
+                continue
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_inference():
                     sub._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
@@ -98,8 +142,12 @@ def make_autograd_safe(module: nn.Module) -> int:
 
 
 def load_for_training(patcher: Any) -> torch.device:
-    """Load the model fully on ComfyUI's compute device (GPU when there is one) and make it trainable."""
-    with torch.inference_mode(False):
+    """Load the model fully on ComfyUI's compute device (GPU when there is one) and make it trainable.
+
+    ComfyUI loads in inference mode, as it always does: moved outside it, its quantized layers (ComfyUI >= 0.3.7x)
+    would re-wrap their weights as normal tensors, which the next move inside inference mode (any sampler) refuses.
+    """
+    with torch.inference_mode():
         mm.load_models_gpu([patcher], force_full_load=True)
     swapped = make_autograd_safe(patcher.model.diffusion_model)
     if swapped:

@@ -31,14 +31,17 @@ def sample_preview(
             extra.update(width=width, height=height, target_width=width, target_height=height, crop_w=0, crop_h=0)
         return [[cond["context"][None], extra]]
 
-    latent = torch.zeros(1, family.latent_channels, height // 8, width // 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(
-        patcher, noise, steps, cfg, "euler", "normal", conditioning(prompt), conditioning(""), latent, seed=seed,
-        disable_pbar=True,
-    )
-    image = vae.decode(samples)
-    return image.reshape(-1, *image.shape[-3:])[:1].float().cpu()
+    # in inference mode, as every ComfyUI sampler runs (a preview mid-training included): ComfyUI's own loading and
+    # moving of models expects it (quantized layers re-wrap their weights otherwise)
+    with torch.inference_mode():
+        latent = torch.zeros(1, family.latent_channels, height // 8, width // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(
+            patcher, noise, steps, cfg, "euler", "normal", conditioning(prompt), conditioning(""), latent, seed=seed,
+            disable_pbar=True,
+        )
+        image = vae.decode(samples)
+        return image.reshape(-1, *image.shape[-3:])[:1].float().cpu().clone()
 
 
 def save_temp_preview(image: torch.Tensor, prefix: str = "lora_kiln/preview") -> dict[str, str]:

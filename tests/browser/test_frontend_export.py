@@ -1,6 +1,6 @@
 """kiln.py runs what the real frontend exports: ComfyUI's frontend in headless Chromium edits the shipped workflow
 (a Reroute, a Note, a bypassed ModelSamplingDiscrete in the MODEL path, a Primitive driving Train Steps' steps, a
-muted Preview Image), then ``nodes/workflow_format.ui_to_api`` must give exactly the prompt the frontend's own
+muted Preview Image), then ``headless/workflow_format.ui_to_api`` must give exactly the prompt the frontend's own
 ``graphToPrompt()`` queues, and ``kiln.py run`` trains from the saved file. A second graph turns Train Steps into a
 subgraph with a promoted widget and compares the two conversions again.
 """

@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_workflow_format():
-    """nodes/workflow_format.py has no ComfyUI import; load it by path (the package needs ComfyUI)."""
+    """headless/workflow_format.py has no ComfyUI import; load it by path (the package needs ComfyUI)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("kiln_workflow_format", REPO / "nodes" / "workflow_format.py")
+    spec = importlib.util.spec_from_file_location("kiln_workflow_format", REPO / "headless" / "workflow_format.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -94,7 +94,7 @@ class ComfyServer:
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
-             *self.extra_args],
+             *self.database_args(), *self.extra_args],
             cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + timeout
@@ -107,6 +107,13 @@ class ComfyServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)
         raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def database_args(self) -> list[str]:
+        """ComfyUI >= 0.3.7x keeps an SQLite database, by default inside the ComfyUI checkout (read-only for tests):
+        put it in the base directory when this ComfyUI has the flag."""
+        if "--database-url" in (self.comfy / "comfy" / "cli_args.py").read_text(encoding="utf-8"):
+            return ["--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}"]
+        return []
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -138,7 +138,9 @@ def test_cancel_keeps_the_captions_written_so_far(server, captioners):
 
     result = server.run(graph, on_message=on_message, timeout=300)
     assert result.status == "interrupted"
-    assert seen[:2] == [1, 2]  # one step per image (batch_size 1)
+    # one step per image (batch_size 1); ComfyUI >= 0.3.7x sends a bar update only every 100 ms or so, so the second
+    # message may already count more than 2
+    assert seen[0] == 1 and seen[1] >= 2 and seen == sorted(seen)
     texts = [d["text"] for d in result.of_type("progress_text") if d["node"] == "1"]
     assert texts and texts[0].startswith("1/24 images · ") and "images/s · ETA " in texts[0]
     written = sorted(folder.glob("*.txt"))

@@ -100,8 +100,9 @@ def test_example_workflow_trains_and_saves_a_kohya_lora(server, trained):
 
 
 def test_progress_text_and_previews_arrive_while_training(server, trained):
-    progress = [d for d in trained.of_type("progress") if d["node"] == "4"]
-    assert [d["value"] for d in progress][:3] == [1, 2, 3] and progress[-1] == {**progress[-1], "value": 12, "max": 12}
+    progress = [d for d in trained.of_type("progress") if d["node"] == "4" and d["max"] == 12]  # the training steps
+    steps = [d["value"] for d in progress]  # every step (v0.3.64), or those ComfyUI sends (v0.33: >= 100 ms apart)
+    assert steps[0] == 1 and steps == sorted(steps) and progress[-1] == {**progress[-1], "value": 12, "max": 12}
     live = [d for d in trained.of_type("kiln.train.progress") if d["node"] == "4"]
     assert live and live[-1]["step"] == 12 and live[-1]["loss"] is not None and "eta_seconds" in live[-1]
     texts = [d["text"] for d in trained.of_type("progress_text") if d["node"] == "4"]
@@ -175,30 +176,33 @@ def test_chained_train_steps_continue_and_requeue_reuses_the_first(server):
 
 
 def test_cancel_stops_within_a_step_and_keeps_a_checkpoint(server):
+    """Cancel mid-run: the node stops within a step (ComfyUI >= 0.3.7x raises the interrupt inside the step's
+    forward pass; the step is discarded) and writes a checkpoint of the last whole step."""
     wf = tiny_train_workflow("cancel", steps=100000, save_every=2)
-    seen = []
+    asked: list[tuple[float, int]] = []
 
     def on_message(kind, data):
-        # training steps only: Train Steps also reports its caption-encoding phase on the same node
-        if kind == "progress" and data.get("node") == "4" and data.get("max") == 100000:
-            seen.append((time.monotonic(), data["value"]))
-            if len(seen) == 5:
-                server.interrupt()
+        # Kiln's live event: every step reaches it (ComfyUI's own bar is throttled to every 0.5 % of 100000 in v0.33)
+        if kind == "kiln.train.progress" and data.get("node") == "4" and data["step"] >= 5 and not asked:
+            asked.append((time.monotonic(), data["step"]))
+            server.interrupt()
 
     result = server.run(wf, on_message=on_message, timeout=300)
     assert result.status == "interrupted"
     stopped_at = time.monotonic()
-    assert seen[-1][1] <= 7  # stopped within a step or two of the request
     folder = server.base / "output" / "lora_kiln" / "cancel" / "checkpoints"
     names = sorted(p.name for p in folder.iterdir())
     cancelled = [n for n in names if n.endswith("_cancelled.kiln.safetensors")]
     assert len(cancelled) == 1
+    step = int(cancelled[0].split("_step")[1][:6])
+    assert asked[0][1] <= step <= asked[0][1] + 40, (asked, step)  # the steps done before the request are kept
     assert "cancel_step000002.kiln.safetensors" in names and "cancel_step000004.kiln.safetensors" in names
     for name in names:
         with safe_open(str(folder / name), "pt") as f:
             assert f.metadata()["format"] == "lora-kiln.checkpoint/1"
+        assert int(name.split("_step")[1][:6]) <= step  # nothing after the cancelled step
     assert server.get("/system_stats")  # still serving
-    assert stopped_at - seen[-1][0] < 30
+    assert stopped_at - asked[0][0] < 30
 
 
 def test_resume_from_checkpoint_continues_the_step_count(server):

@@ -49,7 +49,10 @@ def test_load_dataset_reports_every_image_and_names_the_phase(server):
     result = server.run(load_dataset_graph("progress_set"))
     assert result.status == "success", result.error
     values = [(d["value"], d["max"]) for d in result.of_type("progress") if d["node"] == "2"]
-    assert values == [(i, 6) for i in range(1, 7)]  # one message per image
+    # one update per image, which ComfyUI sends on (v0.33 drops those closer than about 100 ms to the last one sent,
+    # keeping the first and the last)
+    assert values[0] == (1, 6) and values[-1] == (6, 6) and values == sorted(set(values))
+    assert set(values) <= {(i, 6) for i in range(1, 7)}
     texts = texts_of(result, "2")
     assert texts[0] == "Load Dataset: checking the images in progress_set…"
     counted = [t for t in texts if t.startswith(PHASE)]

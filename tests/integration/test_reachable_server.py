@@ -98,7 +98,7 @@ def test_auto_caption_writes_nothing_outside_and_says_why(reachable, places):
     graph = {"1": {"class_type": "KilnAutoCaption", "inputs": {
         "model": "tiny-blip", "folder": str(places["outside"]), "prompt": "", "max_tokens": 8, "batch_size": 2,
         "beams": 1, "trigger_word": "", "prefix": "", "suffix": "", "existing_captions": "overwrite",
-        "write_to": "both"}}}
+        "write_to": "sidecar + metadata.csv"}}}
     before = {p.name: p.read_bytes() for p in places["outside"].iterdir()}
     result = reachable.run(graph)
     assert result.status == "error"

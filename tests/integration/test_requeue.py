@@ -242,7 +242,7 @@ STORE = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import kiln
     headless = kiln.boot_comfyui(kiln.find_comfyui(), extras=False)
-    pkg = headless.__name__.rsplit(".nodes.", 1)[0]
+    pkg = headless.__name__.rsplit(".headless.", 1)[0]
     rq = importlib.import_module(pkg + ".nodes.requeue")
     folders = importlib.import_module(pkg + ".nodes.corridor.folders")
     core = importlib.import_module(pkg + ".lora_core")

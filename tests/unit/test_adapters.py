@@ -198,3 +198,82 @@ def test_dropout_applies_in_training_only():
     torch.manual_seed(0)
     mask_x = torch.nn.functional.dropout(x, 0.5, training=True)
     assert torch.allclose(dropped, module.eval()(mask_x))
+
+
+class HostLinear(nn.Module):
+    """A host's Linear that is not an ``nn.Linear``: ComfyUI >= 0.3.7x runs every Linear of a quantized checkpoint as
+    such a mixed-precision layer (its weight a quantized tensor subclass), declaring in/out features."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) * 0.1, requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _host_linear_unet():
+    """The tiny UNet with every nn.Linear swapped for a HostLinear carrying the same weights."""
+    unet = make_unet()
+    for name, module in list(unet.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                host = HostLinear(child.in_features, child.out_features)
+                host.weight.data.copy_(child.weight.data)
+                if child.bias is not None:
+                    host.bias.data.copy_(child.bias.data)
+                setattr(module, child_name, host)
+    return unet
+
+
+@pytest.mark.parametrize("targets", ["attn", "attn+ff", "all"])
+def test_layers_are_found_by_what_they_compute_not_their_class(targets):
+    """Every target of a plain model is found on the same model built from host (non-nn.Linear) layers: the same
+    names, kinds and shapes, so a quantized checkpoint trains every layer its targets name."""
+    plain = find_targets(make_unet(), "unet", targets, AdapterConfig())
+    host = find_targets(_host_linear_unet(), "unet", targets, AdapterConfig())
+    assert [(s.name, s.kind, s.in_features, s.out_features) for s in host] == \
+           [(s.name, s.kind, s.in_features, s.out_features) for s in plain]
+    assert any(s.kind == "linear" for s in host)
+
+
+def test_an_adapter_on_a_host_layer_gives_the_same_output_and_gradients_as_on_nn_linear():
+    torch.manual_seed(0)
+    plain, host = make_unet(), _host_linear_unet()
+    config = AdapterConfig(rank=4, alpha=4, unet_targets="attn+ff")
+    outs, grads = [], []
+    for unet in (plain, host):
+        adapters = AdapterSet.create({"unet": unet}, config, seed=7)
+        for m in adapters.adapters:  # a non-zero up, so the delta shows
+            nn.init.normal_(m.lora_up.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+        x, t, ctx = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 500]), \
+            torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(3))
+        with adapters.attach({"unet": unet}):
+            out = unet(x, t, ctx)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in adapters.parameters()])
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_a_targeted_layer_no_adapter_can_sit_on_is_an_error_naming_it_and_its_type():
+    from lora_core import UnadaptableLayerError
+
+    class Experts(nn.Module):  # a 3-D weight (mixture of experts): not a Linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 8, 16))
+
+    unet = make_unet()
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    block.attn1.to_q = Experts()
+    with pytest.raises(UnadaptableLayerError, match=r"attn1\.to_q \(.*Experts, weight \(4, 8, 16\)\)"):
+        find_targets(unet, "unet", "attn", AdapterConfig())
+    grouped = make_unet()
+    grouped.down_blocks[0].resnets[0].conv1 = nn.Conv2d(32, 32, 3, padding=1, groups=2)
+    with pytest.raises(UnadaptableLayerError, match=r"resnets\.0\.conv1 .*Conv2d"):
+        find_targets(grouped, "unet", "all", AdapterConfig())
+    assert find_targets(grouped, "unet", "attn", AdapterConfig())  # not targeted: no complaint

@@ -60,10 +60,10 @@ def test_no_module_shadows_the_standard_library():
     assert not offenders, f"rename these (they shadow the standard library): {offenders}"
 
 
-# Where ComfyUI may be imported: the corridor (its internals), the headless runner (ComfyUI's executor and server
-# stand-in) and the tiny-checkpoint builder (ComfyUI's own model classes). Node modules use only the public node
-# API (comfy_api) and the corridor.
-COMFY_IMPORTERS = {"nodes/headless.py", "nodes/tiny_checkpoint.py"}
+# Where ComfyUI may be imported under nodes/: the corridor (its internals) and the tiny-checkpoint builder (ComfyUI's
+# own model classes). Node modules use only the public node API (comfy_api) and the corridor. The headless runner
+# (ComfyUI's executor, a server stand-in) is kiln.py's room, headless/, not a node's.
+COMFY_IMPORTERS = {"nodes/tiny_checkpoint.py"}
 NODE_API = {"comfy_api"}
 
 
@@ -97,3 +97,27 @@ def test_test_file_names_are_unique():
 
     names = collections.Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
     assert not [n for n, c in names.items() if c > 1], names
+
+
+def test_nodes_never_reach_into_kilns_headless_room():
+    """headless/ (kiln.py's runner and workflow conversion) uses the nodes; no node module uses it."""
+    offenders = []
+    for path in sorted((ROOT / "nodes").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and (node.module or "").startswith("headless"):
+                offenders.append(path.relative_to(ROOT).as_posix())
+    assert not offenders, offenders
+
+
+def test_comfyui_version_differences_are_probed_in_one_place():
+    """Differences between ComfyUI versions live in nodes/corridor/compat.py, found by probing a capability; nothing
+    reads ComfyUI's version string to decide what to do."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(("tests/", ".", "test-artifacts/")):
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "comfyui_version" in text or "disable_dynamic" in text and rel != "nodes/corridor/compat.py":
+            offenders.append(rel)
+    assert not offenders, offenders

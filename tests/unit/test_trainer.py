@@ -335,3 +335,57 @@ def test_unequal_micro_batches_weigh_every_sample_equally(monkeypatch):
     start = TrainState.from_adapters(
         AdapterSet.create({"m": Regression().net}, AdapterConfig(rank=4, alpha=4, unet_targets="all"), seed=0))
     assert any(not torch.equal(w, start.weights[k]) for k, w in whole.weights.items())  # the step did move
+
+
+class HostInterrupt(BaseException):
+    """Like ComfyUI's InterruptProcessingException (a BaseException since ComfyUI 0.3.7x), raised inside a layer."""
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_interrupt_inside_a_step_discards_that_step_and_keeps_the_last_whole_one(tmp_path, checkpointing):
+    """The host's Cancel raised from a layer's forward (the 2nd micro-batch of step 7; with gradient checkpointing
+    also possible in backward's recomputation): the run ends at step 6 exactly, and resuming from it reproduces the
+    uninterrupted run bit for bit, so nothing of the interrupted step leaked into the weights, optimizer or RNG."""
+    data = make_dataset(n=5, sizes=((8, 8), (8, 12)), repeats=2)
+    cfg = dict(_resume_cfg(10).to_dict(), gradient_checkpointing=checkpointing)
+    _, trainer, state = _setup(seed=3)
+    straight = trainer.run(state, data, TrainConfig(**cfg)).state
+
+    unet, trainer2, state2 = _setup(seed=3)
+    trainer2.interrupts = (HostInterrupt,)
+    trainer2.checkpoint_modules = [unet.down_blocks[0]] if checkpointing else []
+    calls = {"n": 0}
+    per_step = 2 * 2 if checkpointing else 2  # grad_accum 2 micro-batches; checkpointing runs each block twice
+
+    def interrupt_in_step_7(module, args):
+        calls["n"] += 1
+        if calls["n"] == per_step * 6 + (per_step if checkpointing else 2):
+            raise HostInterrupt()
+
+    layer = unet.down_blocks[0].get_submodule("resnets.0.conv1")  # a layer inside the checkpointed block
+    handle = layer.register_forward_pre_hook(interrupt_in_step_7)
+    result = trainer2.run(state2, data, TrainConfig(**cfg))
+    handle.remove()
+    assert result.stopped_early and result.state.step == 6
+    assert [h[0] for h in result.state.history] == [1, 2, 3, 4, 5, 6]
+    result.state.save(tmp_path / "cut.safetensors")
+    _, trainer3, _ = _setup(seed=3)
+    resumed = trainer3.run(TrainState.load(tmp_path / "cut.safetensors"), data, TrainConfig(**{**cfg, "steps": 4}))
+    assert resumed.state.step == 10
+    assert [h[1] for h in resumed.state.history] == [h[1] for h in straight.history]
+    for k in straight.weights:
+        assert torch.equal(straight.weights[k], resumed.state.weights[k]), k
+
+
+def test_an_interrupt_the_host_did_not_declare_propagates():
+    unet, trainer, state = _setup()
+
+    def boom(module, args):
+        raise HostInterrupt()
+
+    handle = unet.down_blocks[0].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(HostInterrupt):
+            trainer.run(state, make_dataset(), TrainConfig(steps=2, learning_rate=1e-2))
+    finally:
+        handle.remove()

@@ -1,4 +1,4 @@
-"""UI -> API workflow conversion (``nodes/workflow_format.py``), on small hand-written graphs.
+"""UI -> API workflow conversion (``headless/workflow_format.py``), on small hand-written graphs.
 
 Each case is what ComfyUI's frontend (``graphToPrompt``, ``ExecutableNodeDTO.resolveInput/resolveOutput``) does
 with it; ``tests/browser/test_frontend_export.py`` checks the same conversion against the real frontend.

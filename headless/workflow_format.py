@@ -2,7 +2,7 @@
 
 ``ui_to_api`` does what the frontend does when you press Run, given ``/object_info``; the tests use it to
 check that each shipped UI workflow and its API twin describe the same graph. ``api_to_ui`` lays out a UI
-file from an API graph (a maintainer's tool: ``python nodes/workflow_format.py http://127.0.0.1:8188``).
+file from an API graph (a maintainer's tool: ``python headless/workflow_format.py http://127.0.0.1:8188``).
 """
 
 from __future__ import annotations

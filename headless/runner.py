@@ -32,8 +32,8 @@ from ..lora_core import runconfig, settings
 from ..lora_core.data import DatasetConfig, bucket_range, scan_dataset
 from ..lora_core.progress import PhaseText, format_eta, parse_phase_text
 from ..lora_core.runconfig import RunConfig
+from ..nodes.corridor import compat, folders, reporting
 from . import workflow_format
-from .corridor import folders, reporting
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def execute(prompt: dict[str, Any], server: TerminalServer) -> tuple[str, dict[s
             for err in info.get("errors", []):
                 details.append(f"node {nid} ({info.get('class_type')}): {err.get('message')} {err.get('details', '')}")
         raise KilnError("the graph is not valid:\n  " + "\n  ".join(details))
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = compat.prompt_executor(execution, server)
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -370,7 +370,7 @@ def apply_sets(api: dict[str, Any], sets: list[str]) -> None:
 def demo(out_dir: Path, steps: int, out: Any = None) -> int:
     """Build a tiny SD1.5-shaped model, train on the bundled images for about a minute on a CPU."""
     out = out or sys.stdout
-    from . import tiny_checkpoint
+    from ..nodes import tiny_checkpoint
 
     cache = out_dir / "_demo_model" / "tiny_sd15.safetensors"
     if not cache.exists():
