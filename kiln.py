@@ -56,12 +56,15 @@ class FlagError(ValueError):
 
 
 def find_comfyui(explicit: str | None = None) -> Path | None:
-    candidates = [Path(explicit).expanduser()] if explicit else []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if REPO.parent.name == "custom_nodes":
+    """``--comfyui``, else ``$COMFYUI_PATH``, else the ComfyUI this package is installed in, else ``~/comfy/ComfyUI``.
+    A path given explicitly (the option or the variable) is the only candidate: a wrong one is reported, never
+    silently replaced by another ComfyUI (possibly of another version)."""
+    given = explicit or os.environ.get("COMFYUI_PATH")
+    candidates = [Path(given).expanduser()] if given else []
+    if not given and REPO.parent.name == "custom_nodes":
         candidates.append(REPO.parent.parent)
-    candidates.append(Path("~/comfy/ComfyUI").expanduser())
+    if not given:
+        candidates.append(Path("~/comfy/ComfyUI").expanduser())
     for c in candidates:
         if (c / "main.py").is_file() and (c / "comfy").is_dir():
             return c.resolve()
@@ -292,7 +295,9 @@ def main(argv: list[str]) -> int:
     comfy_arg = _pop_comfyui(argv)
     comfy = find_comfyui(comfy_arg)
     if comfy is None:
-        print("kiln.py: ComfyUI not found. Pass --comfyui PATH, set COMFYUI_PATH, or install LoRA Kiln in "
+        where = comfy_arg or os.environ.get("COMFYUI_PATH")
+        print((f"kiln.py: no ComfyUI at {where} (no main.py and comfy/ there). " if where else
+               "kiln.py: ComfyUI not found. ") + "Pass --comfyui PATH, set COMFYUI_PATH, or install LoRA Kiln in "
               "ComfyUI/custom_nodes.", file=sys.stderr)
         return 2
     logging.basicConfig(level=os.environ.get("KILN_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")

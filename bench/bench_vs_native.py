@@ -15,6 +15,13 @@ per-pair ratios (the machine this was written on is shared, and its speed drifts
     python bench/bench_vs_native.py --models flux --short 2 --long 6 --batches 1 --repeats 2
                                                     # the 545 M FLUX.1-dev (1 + 1 blocks) from UNETLoader, fp32
                                                     # and fp8-stored weights; text encoder: the tests' tiny T5 node
+    python bench/bench_vs_native.py --models tiny_fp8 --bypass both    # the tiny UNet as an "fp8 scaled"
+                                                    # checkpoint (quantized weights on ComfyUI >= 0.3.7x); the native
+                                                    # trainer with bypass_mode off and on (ComfyUI >= 0.3.7x)
+
+The native trainer's inputs are read from the server's /object_info, so the same script measures ComfyUI 0.3.64's
+TrainLoraNode and v0.33's (list inputs, training_dtype, checkpoint_depth 2 = v0.3.64's per-block checkpointing,
+bypass_mode, offloading off); each row records the ComfyUI version and the native settings it used.
 
 Needs ComfyUI (found like the tests: $COMFYUI_PATH, custom_nodes/.., ~/comfy/ComfyUI).
 """
@@ -45,6 +52,7 @@ class Case:
     layers: str  # like  (every Linear/Conv on both sides) | defaults (each trainer's own defaults)
     res: int = 64  # image side in pixels (both trainers: latents of res / 8)
     weights: str = "default"  # FLUX: UNETLoader's weight_dtype (default = fp32 on the CPU, or fp8_e4m3fn)
+    bypass: bool = False  # the native trainer's bypass_mode (ComfyUI >= 0.3.7x: adapters by forward hooks)
 
 
 FLOW = ("sd3", "flux")
@@ -63,19 +71,40 @@ def loaders(case: Case) -> dict:
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2]}
 
 
+NATIVE: dict = {}  # the server's TrainLoraNode / SaveLoRA as /object_info describes them (native_probe)
+
+
+def native_probe(server: ComfyServer) -> dict:
+    """What this ComfyUI's native trainer takes and returns: v0.3.64 (SaveLoRANode; outputs model, lora, loss,
+    steps) or v0.33 (SaveLoRA; outputs lora, loss_map, steps; more required inputs, all list inputs)."""
+    info = server.get("/object_info")
+    train = info["TrainLoraNode"]
+    NATIVE.update(inputs={**train["input"]["required"], **train["input"].get("optional", {})},
+                  required=set(train["input"]["required"]), lora=train["output_name"].index("lora"),
+                  steps=train["output_name"].index("steps"), save="SaveLoRA" if "SaveLoRA" in info else "SaveLoRANode")
+    return NATIVE
+
+
 def native_graph(case: Case, steps: int, tag: str) -> dict:
     ld = loaders(case)
+    train = {"model": ld["model"], "latents": ["2", 0], "positive": ["3", 0], "batch_size": case.batch,
+             "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 1e-4, "rank": 8, "optimizer": "AdamW",
+             "loss_function": "MSE", "seed": 0, "training_dtype": case.dtype,
+             "lora_dtype": case.dtype if case.dtype == "bf16" else "fp32", "algorithm": "LoRA",
+             "gradient_checkpointing": case.ckpt, "existing_lora": "[None]"}
+    newer = {"quantized_backward": False, "offloading": False, "bucket_mode": False, "bypass_mode": case.bypass,
+             "checkpoint_depth": 2}  # depth 2 = one checkpoint per block, what v0.3.64 did (1 = the whole model)
+    train.update({k: v for k, v in newer.items() if k in NATIVE["inputs"]})
+    if missing := NATIVE["required"] - set(train):  # a ComfyUI newer than this script: say so, never guess
+        raise RuntimeError(f"this ComfyUI's TrainLoraNode needs inputs the bench does not set: {sorted(missing)}")
     return {
         **ld["nodes"],
         "2": {"class_type": "EmptySD3LatentImage" if case.model in FLOW else "EmptyLatentImage",
               "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ld["clip"]}},
-        "4": {"class_type": "TrainLoraNode", "inputs": {
-            "model": ld["model"], "latents": ["2", 0], "positive": ["3", 0], "batch_size": case.batch,
-            "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 1e-4, "rank": 8, "optimizer": "AdamW",
-            "loss_function": "MSE", "seed": 0, "training_dtype": case.dtype, "lora_dtype": case.dtype if case.dtype == "bf16" else "fp32",
-            "algorithm": "LoRA", "gradient_checkpointing": case.ckpt, "existing_lora": "[None]"}},
-        "5": {"class_type": "SaveLoRANode", "inputs": {"lora": ["4", 1], "prefix": f"loras/native_{tag}", "steps": ["4", 3]}},
+        "4": {"class_type": "TrainLoraNode", "inputs": train},
+        "5": {"class_type": NATIVE["save"], "inputs": {"lora": ["4", NATIVE["lora"]], "prefix": f"loras/native_{tag}",
+                                                       "steps": ["4", NATIVE["steps"]]}},
     }
 
 
@@ -145,7 +174,10 @@ def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "sdxl", "sd3", "flux"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"],
+                        choices=["tiny", "small", "tiny_fp8", "sdxl", "sd3", "flux"])
+    parser.add_argument("--bypass", default="off", choices=["off", "on", "both"],
+                        help="the native trainer's bypass_mode (ComfyUI >= 0.3.7x; ignored where it has none)")
     parser.add_argument("--res", type=int, default=64, help="image side in px (SD1.5 rows were all measured at 64)")
     parser.add_argument("--batches", type=int, nargs="+", help="SDXL/SD3 only: the batch sizes (default 1 2)")
     parser.add_argument("--no-defaults", action="store_true", help="skip the each-trainer's-defaults case")
@@ -185,13 +217,17 @@ def main() -> int:
                                                  (1, "fp32", True))]
         if not args.no_defaults and model != "flux":
             cases.append(Case(model, 1, "bf16", True, "defaults", args.res))  # TrainLoraNode's defaults vs Kiln's
+    bypass = {"off": (False,), "on": (True,), "both": (False, True)}[args.bypass]
+    cases = [Case(**{**c.__dict__, "bypass": b}) for c in cases for b in bypass]
     rows = []
     unit = "s/step" if args.clock == "wall" else "CPU-s/step"
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base.mkdir()
         checkpoints = [m for m in args.models if m != "flux"]
-        ckpts = {m: build_tiny_checkpoint(comfy, Path(tmp) / f"{m}.safetensors", size=m) for m in checkpoints or ["tiny"]}
+        ckpts = {m: build_tiny_checkpoint(comfy, Path(tmp) / f"{m}.safetensors", size=m.removesuffix("_fp8"),
+                                          flags=("--quant", "scaled_fp8") if m.endswith("_fp8") else ())
+                 for m in checkpoints or ["tiny"]}
         server = ComfyServer(comfy, base, next(iter(ckpts.values())))
         for m, path in ckpts.items():
             if m in checkpoints:
@@ -205,6 +241,10 @@ def main() -> int:
             (base / "models" / "vae" / "flux_vae.safetensors").symlink_to(vae)
         make_images(base / "input" / image_folder(args.res), n=4, size=(args.res, args.res))
         server.start()
+        native_probe(server)
+        version = server.get("/system_stats")["system"].get("comfyui_version", "?")
+        print(f"ComfyUI {version} at {comfy}; native trainer: {NATIVE['save']}, inputs {sorted(NATIVE['inputs'])}",
+              flush=True)
         try:
             for i, case in enumerate(cases):
                 try:  # loads and caches what a trainer does not redo
@@ -224,22 +264,24 @@ def main() -> int:
                 kiln = statistics.median(kilns)
                 native = statistics.median(natives) if natives else float("nan")
                 ratio = statistics.median(k / n for k, n in zip(kilns, natives)) if natives else float("nan")
-                row = {**case.__dict__, "clock": args.clock, "settle": args.settle, "native_s_per_step": native,
+                row = {**case.__dict__, "comfyui": version, "clock": args.clock, "settle": args.settle, "native_s_per_step": native,
                        "kiln_s_per_step": kiln, "ratio": ratio, "native_samples": natives, "kiln_samples": kilns,
                        "native_error": native_error}
                 rows.append(row)
                 print(f"{case.model:5} {case.res}px b{case.batch} {case.dtype} ckpt={str(case.ckpt):5} {case.layers:8} "
-                      f"weights={case.weights} "
+                      f"weights={case.weights} bypass={case.bypass} "
                       f"native {native:.3f} {unit}  kiln {kiln:.3f} {unit}  kiln/native {ratio:.2f} "
                       f"(pairs: {', '.join(f'{k / n:.2f}' for k, n in zip(kilns, natives))})", flush=True)
         finally:
             server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print(f"\n| UNet | px | batch | dtype | weights | grad ckpt | layers | TrainLoraNode {unit} | Kiln {unit} | Kiln / native |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| ComfyUI | UNet | px | batch | dtype | weights | grad ckpt | layers | native bypass | TrainLoraNode {unit} | "
+          f"Kiln {unit} | Kiln / native |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['res']} | {r['batch']} | {r['dtype']} | {r['weights']} | {'on' if r['ckpt'] else 'off'} | {r['layers']} | "
+        print(f"| {r['comfyui']} | {r['model']} | {r['res']} | {r['batch']} | {r['dtype']} | {r['weights']} | "
+              f"{'on' if r['ckpt'] else 'off'} | {r['layers']} | {'on' if r['bypass'] else 'off'} | "
               f"{r['native_s_per_step']:.3f} | {r['kiln_s_per_step']:.3f} | **{r['ratio']:.2f}** |")
     return 0
 

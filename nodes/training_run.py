@@ -207,7 +207,7 @@ class TrainingRun:
             contextlib.nullcontext()
         try:
             trained_roots = [network.unet, *(self.text_encoder.roots.values() if self.text_encoder is not None else ())]
-            with inplace_safe, patching.host_weights_copied(trained_roots), \
+            with inplace_safe, compat.training(), patching.host_weights_copied(trained_roots), \
                     self.text_encoder.trainable() if self.text_encoder is not None else contextlib.nullcontext():
                 result = trainer.run(begin, latent_data, config, callbacks, save_every=request.save_every,
                                      preview_every=request.preview.every)

@@ -32,13 +32,18 @@ Dynamic VRAM (comfy-aimdo)       absent                          ``ModelPatcherD
                                                                  (:func:`training_patcher`); previews and the
                                                                  output MODEL use the user's patcher as it is
 ``ModelPatcher.clone``           ``clone()``                     ``clone(disable_dynamic=, force_deepcopy=)``
+fused kernels without backward  none                            ``comfy_kitchen`` kernels (FLUX's rope, LTX's)
+                                                                unless ``model_management.in_training`` is set
+                                                                (:func:`training`)
 ===============================  ==============================  ================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -57,6 +62,24 @@ def interrupts() -> tuple[type[BaseException], ...]:
 
 def is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, _interrupt_types())
+
+
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """ComfyUI's "a trainer is running" flag (v0.33's ``model_management.in_training``), set for the duration: models
+    then take their differentiable code paths (FLUX's rope is a fused ``comfy_kitchen`` kernel without a backward
+    otherwise). Nothing to do where ComfyUI has no such flag."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
 
 
 # ---- the headless runner ----------------------------------------------------------------------------------------

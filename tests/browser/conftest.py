@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from comfy_harness import REPO, ComfyServer, find_comfyui, make_images  # noqa: E402
+from comfy_harness import REPO, ComfyServer, comfyui_skip_reason, find_comfyui, make_images  # noqa: E402
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = [
@@ -32,9 +32,8 @@ def find_chromium() -> str | None:
 
 
 def skip_reason() -> str | None:
-    if find_comfyui() is None:
-        return ("ComfyUI NOT FOUND (COMFYUI_PATH, custom_nodes/.., ~/comfy/ComfyUI): the browser tests of the live "
-                "view did not run")
+    if reason := comfyui_skip_reason(find_comfyui(), "The browser tests"):
+        return reason
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:

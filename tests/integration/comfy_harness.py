@@ -43,6 +43,41 @@ def find_comfyui() -> Path | None:
     return find()
 
 
+def missing_requirements(comfy: Path) -> list[str]:
+    """ComfyUI's requirements (its requirements.txt) that this Python lacks, by distribution name: a server started
+    without them dies at start-up, which would show as one error per test instead of one clear reason."""
+    import importlib.metadata
+    import re
+
+    missing = []
+    for line in (comfy / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+        if not name:
+            continue
+        try:
+            importlib.metadata.distribution(name.group(0))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name.group(0))
+    return missing
+
+
+def comfyui_skip_reason(comfy: Path | None, what: str = "The ComfyUI integration tests") -> str | None:
+    """Why the tests that need a ComfyUI server cannot run here (None: they can)."""
+    if comfy is None:
+        return (
+            "ComfyUI NOT FOUND: set COMFYUI_PATH, install this package under ComfyUI/custom_nodes, or extract ComfyUI "
+            f"into ~/comfy/ComfyUI (see README, 'Running the tests'). {what} did not run."
+        )
+    if missing := missing_requirements(comfy):
+        return (
+            f"ComfyUI at {comfy} cannot start in this Python: its requirements {', '.join(missing)} are not installed "
+            f"(bash .ci/comfyui_deps.sh {comfy} installs them for a CPU test machine; see README, 'Running the "
+            f"tests'). {what} did not run."
+        )
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_harness import REPO, ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402, F401
+from comfy_harness import (  # noqa: E402, F401
+    REPO,
+    ComfyServer,
+    build_tiny_checkpoint,
+    comfyui_skip_reason,
+    find_comfyui,
+    make_images,
+)
 
 COMFY = find_comfyui()
-SKIP_REASON = (
-    "ComfyUI NOT FOUND: set COMFYUI_PATH, install this package under ComfyUI/custom_nodes, or extract ComfyUI "
-    "into ~/comfy/ComfyUI (see README, 'Running the tests'). The ComfyUI integration tests did not run."
-)
+SKIP_REASON = comfyui_skip_reason(COMFY)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if Path(str(item.fspath)).parent == here:
             item.add_marker(pytest.mark.comfyui)
-            if COMFY is None:
+            if SKIP_REASON is not None:
                 item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import kiln
     headless = kiln.boot_comfyui(kiln.find_comfyui(), extras=False)
-    pkg = headless.__name__.rsplit(".nodes.", 1)[0]
+    pkg = headless.__name__.rsplit(".headless.", 1)[0]
     families = importlib.import_module(pkg + ".nodes.corridor.families")
     denoiser = importlib.import_module(pkg + ".nodes.corridor.denoiser")
     errors = importlib.import_module(pkg + ".nodes.corridor.errors")

@@ -153,6 +153,7 @@ def assert_diffusers_applies_the_kohya_flux_file(pipeline, transformer, server, 
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7, msg=path)
 
 
+@pytest.mark.compat
 def test_flux_trains_with_progress_and_previews_and_saves_kohya_flux_keys(flux, trained):
     _, result = trained
     steps = [d["value"] for d in result.of_type("progress") if d.get("node") == "4" and d.get("max") == 4]
@@ -171,6 +172,7 @@ def test_flux_trains_with_progress_and_previews_and_saves_kohya_flux_keys(flux, 
     assert "modelspec.prediction_type" not in meta  # modelspec has no word for flow
 
 
+@pytest.mark.compat
 def test_flux_lora_loads_every_key_in_the_stock_lora_loader_and_renders_like_train_steps_model(flux, trained):
     """Saved in fp32, the stock LoraLoaderModelOnly (W + B A merged) renders what Train Steps' MODEL (Kiln's
     unmerged adapters) renders, within rounding; the LoRA moves the image far more; the base renders as before."""

@@ -76,6 +76,7 @@ def trained(server):
     return result
 
 
+@pytest.mark.compat
 def test_example_workflow_trains_and_saves_a_kohya_lora(server, trained):
     path = lora_file(server, "e2e")
     assert path.is_file()
@@ -99,6 +100,7 @@ def test_example_workflow_trains_and_saves_a_kohya_lora(server, trained):
     assert list((server.base / "output" / "lora_kiln" / "e2e" / "logs").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.compat
 def test_progress_text_and_previews_arrive_while_training(server, trained):
     progress = [d for d in trained.of_type("progress") if d["node"] == "4" and d["max"] == 12]  # the training steps
     steps = [d["value"] for d in progress]  # every step (v0.3.64), or those ComfyUI sends (v0.33: >= 100 ms apart)
@@ -121,6 +123,7 @@ def test_progress_text_and_previews_arrive_while_training(server, trained):
     assert sorted(s for d in live for s, _, _ in d["points"]) == list(range(1, 13))  # no step lost to throttling
 
 
+@pytest.mark.compat
 def test_stock_lora_loader_loads_every_key_and_changes_the_image(server, trained):
     result, new_log = render_with_stock_lora(server, "e2e.safetensors", base_id=100, without_id=200)
     assert "lora key not loaded" not in new_log
@@ -130,6 +133,7 @@ def test_stock_lora_loader_loads_every_key_and_changes_the_image(server, trained
 
 
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
+@pytest.mark.compat
 def test_original_model_branch_renders_exactly_as_without_kiln(server, precision):
     """Also for bf16 on the CPU, where the trainer swaps bf16 copies of the frozen weights in for the run and the
     fp32 originals back around each preview and at the end."""
@@ -154,6 +158,7 @@ def test_original_model_branch_renders_exactly_as_without_kiln(server, precision
     assert not np.array_equal(saved_image(server, trained, "305"), base_img)
 
 
+@pytest.mark.compat
 def test_chained_train_steps_continue_and_requeue_reuses_the_first(server):
     wf = tiny_train_workflow("chain", steps=4)
     wf["7"] = {"class_type": "KilnTrainSteps", "inputs": {**wf["4"]["inputs"], "state": ["4", 0], "steps": 3}}
@@ -175,6 +180,7 @@ def test_chained_train_steps_continue_and_requeue_reuses_the_first(server):
     assert lora_file(server, "chain_00001").is_file()  # never overwritten silently
 
 
+@pytest.mark.compat
 def test_cancel_stops_within_a_step_and_keeps_a_checkpoint(server):
     """Cancel mid-run: the node stops within a step (ComfyUI >= 0.3.7x raises the interrupt inside the step's
     forward pass; the step is discarded) and writes a checkpoint of the last whole step."""
@@ -205,6 +211,7 @@ def test_cancel_stops_within_a_step_and_keeps_a_checkpoint(server):
     assert stopped_at - asked[0][0] < 30
 
 
+@pytest.mark.compat
 def test_resume_from_checkpoint_continues_the_step_count(server):
     graph = {**checkpoint_loader(),
              "2": tiny_train_workflow("x")["2"],

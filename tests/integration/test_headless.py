@@ -35,6 +35,7 @@ def write_config(path: Path, ckpt: Path, data: Path, out: Path, **extra) -> Path
     return path
 
 
+@pytest.mark.compat
 def test_demo_runs_end_to_end_and_says_where_everything_is(tmp_path, tiny_checkpoint):
     model = tmp_path / "_demo_model" / "tiny_sd15.safetensors"
     model.parent.mkdir()
@@ -100,6 +101,7 @@ def test_a_flux_config_in_separate_files_looks_each_file_up_in_its_own_models_fo
         in result.stderr
 
 
+@pytest.mark.compat
 def test_ctrl_c_leaves_a_resumable_checkpoint_and_resume_continues(tmp_path, tiny_checkpoint, data):
     cfg = write_config(tmp_path / "long.yaml", tiny_checkpoint, data, tmp_path / "out", max_steps=100000,
                        save_steps=0)

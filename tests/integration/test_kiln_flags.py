@@ -50,6 +50,7 @@ def split(*cases: list[str]) -> list:
     return json.loads(result.stdout)
 
 
+@pytest.mark.compat
 def test_comfyui_flags_are_told_apart_from_kilns_own_arguments():
     got = split(
         ["run", "wf.json", "--set", "steps=5", "--lowvram", "--set", "lr=-1e-4"],
@@ -79,6 +80,7 @@ def test_kilns_option_table_knows_every_option_of_the_headless_parser():
     assert options <= set(load_kiln().KILN_OPTIONS), options - set(load_kiln().KILN_OPTIONS)
 
 
+@pytest.mark.compat
 def test_unknown_flags_and_bad_values_stop_at_once_naming_the_flag(tmp_path):
     result = kiln("run", "wf.json", "--lowram", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr

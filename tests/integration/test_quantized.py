@@ -59,6 +59,7 @@ def _train(server, name: str, ckpt: str):
 
 
 @pytest.mark.parametrize("quant", FORMATS)
+@pytest.mark.compat
 def test_a_quantized_checkpoint_trains_every_targeted_layer_and_the_stock_loader_applies_every_key(
         server, quantized, quant):
     if quant not in quantized:

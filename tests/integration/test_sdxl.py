@@ -136,6 +136,7 @@ def xl_trained(sdxl):
     return before, result
 
 
+@pytest.mark.compat
 def test_sdxl_trains_with_progress_and_previews_and_saves_kohya_sdxl_keys(sdxl, xl_trained):
     _, result = xl_trained
     steps = [d["value"] for d in result.of_type("progress") if d.get("node") == "4" and d.get("max") == 2]
@@ -158,6 +159,7 @@ def test_sdxl_trains_with_progress_and_previews_and_saves_kohya_sdxl_keys(sdxl, 
     assert json.loads(meta["ss_resolution"].replace("(", "[").replace(")", "]")) == [64, 64]
 
 
+@pytest.mark.compat
 def test_stock_lora_loader_applies_every_sdxl_key_and_the_base_renders_as_before(sdxl, xl_trained):
     before, _ = xl_trained
     log_start = len(sdxl.log())

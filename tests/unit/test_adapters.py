@@ -217,7 +217,7 @@ class HostLinear(nn.Module):
 def _host_linear_unet():
     """The tiny UNet with every nn.Linear swapped for a HostLinear carrying the same weights."""
     unet = make_unet()
-    for name, module in list(unet.named_modules()):
+    for module in list(unet.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 host = HostLinear(child.in_features, child.out_features)

@@ -113,11 +113,10 @@ def test_comfyui_version_differences_are_probed_in_one_place():
     """Differences between ComfyUI versions live in nodes/corridor/compat.py, found by probing a capability; nothing
     reads ComfyUI's version string to decide what to do."""
     offenders = []
-    for path in sorted(ROOT.rglob("*.py")):
+    package = [ROOT / "kiln.py", *(p for d in ("nodes", "lora_core", "headless") for p in (ROOT / d).rglob("*.py"))]
+    for path in sorted(package):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(("tests/", ".", "test-artifacts/")):
-            continue
         text = path.read_text(encoding="utf-8")
-        if "comfyui_version" in text or "disable_dynamic" in text and rel != "nodes/corridor/compat.py":
+        if ("comfyui_version" in text or "disable_dynamic" in text) and rel != "nodes/corridor/compat.py":
             offenders.append(rel)
     assert not offenders, offenders
