@@ -102,8 +102,10 @@ class Result:
 
 
 class ComfyServer:
-    def __init__(self, comfy: Path, base: Path, checkpoint: Path, extra_args: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, comfy: Path, base: Path, checkpoint: Path, extra_args: tuple[str, ...] | list[str] = (),
+                 cpu: bool = True) -> None:
         self.comfy = comfy
+        self.cpu = cpu  # False: ComfyUI's own device choice (the GPU benchmarks)
         self.extra_args = list(extra_args)  # more main.py flags, e.g. ["--front-end-root", <static dir>]
         self.base = base
         self.port = free_port()
@@ -127,7 +129,7 @@ class ComfyServer:
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
              *self.database_args(), *self.extra_args],
             cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
