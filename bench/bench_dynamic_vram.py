@@ -83,7 +83,7 @@ def measure(comfy: Path, base: Path, ckpt: Path, flags: list[str], cpu: bool, re
     return {"flags": flags, "ups": ups, "s_per_step": (long - short) / 10,
             "peak_vram_mib": max(samples) if samples else None,
             "non_dynamic_copy": "training on a non-dynamic copy" in log,
-            "dynamic_vram_log": [line for line in log.splitlines() if "ynamic" in line][:5]}
+            "dynamic_vram_log": [line for line in log.splitlines() if "aimdo" in line.lower() or "dynamic vram" in line.lower()][:5]}
 
 
 def main() -> int:

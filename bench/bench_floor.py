@@ -51,7 +51,7 @@ def boot(size: str, tmp: Path, checkpoint: Path | None = None, weight_dtype: str
     if comfy_dir is None:
         raise SystemExit("ComfyUI not found (set COMFYUI_PATH)")
     headless = kiln.boot_comfyui(comfy_dir, extras=False)
-    pkg = sys.modules[headless.__name__.rsplit(".nodes.", 1)[0]]
+    pkg = sys.modules[headless.__name__.rsplit(".headless.", 1)[0]]
     from importlib import import_module
 
     tiny = import_module(pkg.__name__ + ".nodes.tiny_checkpoint")
@@ -238,9 +238,18 @@ def main() -> int:
         def run(n: int) -> float:
             sync()
             start = time.perf_counter()
+            inputs = dict(model=model, latents=latents, positive=positive, batch_size=b, steps=n,
+                          grad_accumulation_steps=1, learning_rate=1e-4, rank=args.rank, optimizer="AdamW",
+                          loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype=dtype, algorithm="LoRA",
+                          gradient_checkpointing=args.grad_ckpt, existing_lora="[None]")
             with torch.inference_mode():  # as ComfyUI's executor calls every node
-                TrainLoraNode().train(model, latents, positive, b, 1, n, 1e-4, args.rank, "AdamW", "MSE", 0,
-                                      dtype, dtype, "LoRA", args.grad_ckpt, "[None]")
+                if hasattr(TrainLoraNode, "train"):  # ComfyUI 0.3.64's node
+                    TrainLoraNode().train(**inputs)
+                else:  # v0.33's V3 node: list inputs, and what it added (checkpoint_depth 2 = one block at a time,
+                    # as v0.3.64 checkpointed; bypass_mode off = v0.3.64's weight wrappers)
+                    inputs.update(quantized_backward=False, checkpoint_depth=2, offloading=False, bucket_mode=False,
+                                  bypass_mode=False)
+                    TrainLoraNode.execute(**{k: [v] for k, v in inputs.items()})
             sync()
             elapsed = time.perf_counter() - start
             # TrainLoraNode returns its clone still loaded: its weight wrappers stay on the shared UNet's modules

@@ -21,9 +21,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from bench_vs_native import Case, kiln_graph, native_graph  # noqa: E402
+from bench_vs_native import Case, kiln_graph, native_graph, native_probe  # noqa: E402
 
-from comfy_harness import build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
+from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
 
 PROBE = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -70,6 +70,12 @@ def main() -> int:
         tmp = Path(tmp_s)
         ckpt = build_tiny_checkpoint(comfy, tmp / f"{args.size}.safetensors", size=args.size)
         make_images(tmp / "bench", n=4)
+        probe = ComfyServer(comfy, tmp / "probe", ckpt)  # the native trainer's inputs, as this ComfyUI has them
+        probe.start()
+        try:
+            native_probe(probe)
+        finally:
+            probe.stop()
 
         rows = []
         for label, g in (

@@ -34,7 +34,7 @@ def boot():
     if comfy_dir is None:
         raise SystemExit("ComfyUI not found (set COMFYUI_PATH)")
     headless = kiln.boot_comfyui(comfy_dir, extras=False)
-    return headless.__name__.rsplit(".nodes.", 1)[0]
+    return headless.__name__.rsplit(".headless.", 1)[0]
 
 
 def install_server():

@@ -256,3 +256,42 @@ def test_the_shipped_flux_example_workflow_trains_with_its_loaders_pointed_at_th
     _, meta = keys_and_metadata(flux, "flux_example")
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_steps"] == "2"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_gradient_checkpointing"] == "True"
+
+
+@pytest.fixture(scope="module")
+def flux_scaled_fp8(flux, tmp_path_factory):
+    """The tiny FLUX.1-dev as an "fp8 scaled" diffusion-model file (every Linear fp8 with its scale_weight and the
+    scaled_fp8 marker, as the fp8-scaled FLUX files people share): quantized layers on ComfyUI >= 0.3.7x."""
+    from comfy_harness import build_tiny_checkpoint, find_comfyui
+
+    path = build_tiny_checkpoint(find_comfyui(), tmp_path_factory.mktemp("flux_fp8") / "tiny_flux_scaled.safetensors",
+                                 size="flux", flags=("--quant", "scaled_fp8"))
+    install_checkpoint(flux, path, path.name, "diffusion_models")
+    return path.name
+
+
+@pytest.mark.compat
+def test_an_fp8_scaled_flux_trains_every_targeted_layer_and_the_stock_loader_applies_every_key(
+        flux, trained, flux_scaled_fp8):
+    graph = train_graph("flux_scaled", steps=2)
+    graph["1"]["inputs"]["unet_name"] = flux_scaled_fp8
+    graph["5"]["inputs"]["save_checkpoint"] = False
+    result = flux.run(graph, timeout=1200)
+    assert result.status == "success", result.error
+    assert result.history["outputs"]["7"]["text"][0] == trained[1].history["outputs"]["7"]["text"][0]  # same layers
+    scaled = load_file(str(flux.base / "models" / "loras" / "flux_scaled.safetensors"))
+    plain = load_file(str(flux.base / "models" / "loras" / "flux_lora.safetensors"))
+    assert set(scaled) == set(plain)
+    ups = [v for k, v in scaled.items() if k.endswith("lora_up.weight")]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # every adapter trained
+    log_start = len(flux.log())
+    lora = render("flux_scaled_lora", 500, lora="flux_scaled.safetensors")
+    lora["500"]["inputs"]["unet_name"] = flux_scaled_fp8
+    base = render("flux_scaled_base", 600)
+    base["600"]["inputs"]["unet_name"] = flux_scaled_fp8
+    stock = flux.run({**lora, **base})
+    assert stock.status == "success", stock.error
+    assert "lora key not loaded" not in flux.log()[log_start:]
+    from test_sdxl import image
+
+    assert np.abs(image(flux, stock, "509") - image(flux, stock, "609")).mean() > 1.0
