@@ -46,7 +46,8 @@ configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries 
 ``--quant scaled_fp8`` stores every 2-D weight of the diffusion model (its Linear layers) as fp8 with a per-layer
 ``scale_weight`` and the ``scaled_fp8`` marker, as the "fp8 scaled" checkpoints people share do (ComfyUI 0.3.64 runs them
 with ``scaled_fp8_ops``; newer versions convert them to their quantized format); ``--quant comfy_quant`` writes the
-newer per-layer format directly (``weight_scale`` + a ``comfy_quant`` JSON tensor per layer, ``float8_e4m3fn``).
+newer per-layer format directly (``weight_scale`` + a ``comfy_quant`` JSON tensor per layer, ``float8_e4m3fn``), and
+``--quant comfy_quant_int8`` the same with ``int8_tensorwise`` weights.
 ``--vpred`` adds the ``v_pred`` key (ComfyUI then samples the model as v-prediction), ``--ztsnr`` also ``ztsnr``
 (zero-terminal SNR), as NoobAI-style v-prediction SDXL checkpoints ship them (not for ``sd3``, a flow model).
 
@@ -278,28 +279,33 @@ def _init_(module) -> None:
                 p.zero_()
 
 
-QUANT_FORMATS = ("scaled_fp8", "comfy_quant")
+QUANT_FORMATS = ("scaled_fp8", "comfy_quant", "comfy_quant_int8")
 
 
 def quantize_state_dict(sd: dict, prefix: str, quant: str) -> dict:
-    """Every 2-D weight under ``prefix`` (the diffusion model's Linear layers) as fp8 e4m3 with a per-tensor scale:
-    ``scaled_fp8`` (legacy: ``<layer>.scale_weight`` + a ``<prefix>scaled_fp8`` marker) or ``comfy_quant``
-    (``<layer>.weight_scale`` + ``<layer>.comfy_quant``, the JSON of the layer's format as uint8)."""
+    """Every 2-D weight under ``prefix`` (the diffusion model's Linear layers) quantized with a per-tensor scale:
+    ``scaled_fp8`` (legacy fp8 e4m3: ``<layer>.scale_weight`` + a ``<prefix>scaled_fp8`` marker), ``comfy_quant``
+    (fp8 e4m3: ``<layer>.weight_scale`` + ``<layer>.comfy_quant``, the JSON of the layer's format as uint8) or
+    ``comfy_quant_int8`` (the same with int8 weights, format ``int8_tensorwise``)."""
     import json
 
     import torch
 
     if quant not in QUANT_FORMATS:
         raise ValueError(f"quant={quant!r}: choose one of {', '.join(QUANT_FORMATS)}")
+    int8 = quant == "comfy_quant_int8"
+    storage, top = (torch.int8, 127.0) if int8 else (torch.float8_e4m3fn, 448.0)
+    conf = torch.tensor(list(json.dumps({"format": "int8_tensorwise" if int8 else "float8_e4m3fn"}).encode()),
+                        dtype=torch.uint8)
     out = dict(sd)
-    conf = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
     for key, value in sd.items():
         if not (key.startswith(prefix) and key.endswith(".weight") and value.ndim == 2 and value.is_floating_point()):
             continue
         layer = key[: -len(".weight")]
         w = value.float()
-        scale = (w.abs().amax() / 448.0).clamp(min=1e-12)
-        out[key] = (w / scale).to(torch.float8_e4m3fn)
+        scale = (w.abs().amax() / top).clamp(min=1e-12)
+        q = w / scale
+        out[key] = (q.round().clamp(-127, 127) if int8 else q).to(storage)
         if quant == "scaled_fp8":
             out[f"{layer}.scale_weight"] = scale.reshape(())
         else:
@@ -336,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
     parser.add_argument("--vae", help="also write a 16-channel TAESD VAE file here (for FLUX.1's VAELoader)")
     parser.add_argument("--quant", choices=QUANT_FORMATS,
-                        help="store the diffusion model's Linear weights as fp8 (legacy scaled_fp8, or comfy_quant)")
+                        help="store the diffusion model's Linear weights quantized (legacy scaled_fp8, comfy_quant fp8 or int8)")
     args = parser.parse_args(argv)
     if args.size in (*MMDIT_CONFIGS, *DIT_FILES) and (args.vpred or args.ztsnr):
         parser.error(f"--size {args.size} is a flow-matching model: --vpred/--ztsnr do not apply")
