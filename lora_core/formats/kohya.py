@@ -180,8 +180,11 @@ def build_metadata(
     arch, impl = ARCHITECTURES.get(spec, (spec, KOHYA_IMPLEMENTATION))
     flow = prediction_type == "flow"
     network_args: dict[str, str] = {}
-    if cfg.algorithm == "locon":
-        network_args = {"conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
+    # k x k convs carry adapters with LoCon, and with the "all" targets under either algorithm: kohya-style readers
+    # learn that (and their rank) from conv_dim / conv_alpha, so write what was trained, not what was asked
+    kxk = [s for s in state.specs if s.kind == "conv" and tuple(s.kernel_size) != (1, 1)]
+    if kxk:
+        network_args = {"conv_dim": str(kxk[0].rank), "conv_alpha": str(kxk[0].alpha)}
     if cfg.use_rslora:
         network_args["rslora"] = "True"
     meta: dict[str, Any] = {
@@ -203,7 +206,8 @@ def build_metadata(
         "ss_seed": state.seed,
         "ss_learning_rate": train.get("learning_rate"),
         "ss_unet_lr": train.get("learning_rate"),
-        "ss_text_encoder_lr": train.get("text_encoder_lr", train.get("learning_rate")),
+        # 0 on the node means "the same as the UNet's": readers take the number literally, so write the effective one
+        "ss_text_encoder_lr": train.get("text_encoder_lr") or train.get("learning_rate"),
         "ss_optimizer": train.get("optimizer"),
         "ss_lr_scheduler": train.get("scheduler"),
         "ss_lr_warmup_steps": train.get("warmup_steps"),

@@ -167,3 +167,26 @@ def test_mixed_alphas_are_exported_as_one_alpha_with_the_same_effect(tmp_path):
         with st.build_adapters().attach({"unet": unet}):
             outs.append(unet(x, t, ctx))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize(("cfg", "expected"), [
+    (AdapterConfig(rank=4, alpha=2.0, unet_targets="attn"), None),  # no k x k conv trained
+    (AdapterConfig(rank=4, alpha=2.0, unet_targets="all"), {"conv_dim": "4", "conv_alpha": "2.0"}),  # all, lora
+    (AdapterConfig(rank=4, alpha=2.0, algorithm="locon", conv_rank=2, conv_alpha=1.0),
+     {"conv_dim": "2", "conv_alpha": "1.0"}),
+])
+def test_network_args_say_whether_and_how_3x3_convs_were_trained(cfg, expected):
+    """kohya-style readers learn from conv_dim that k x k convs carry adapters (and their rank): a LoRA whose `all`
+    targets adapted them must say so even with algorithm lora."""
+    _, state = _trained_state(cfg)
+    assert any(s.kind == "conv" and s.kernel_size != (1, 1) for s in state.specs) == (expected is not None)
+    args = build_metadata(state, title="t", train={"learning_rate": 1e-4}).get("ss_network_args")
+    assert (json.loads(args) if args else None) == expected
+
+
+@pytest.mark.parametrize(("te_lr", "recorded"), [(0.0, "0.0001"), (5e-5, "5e-05")])
+def test_the_text_encoder_learning_rate_is_the_effective_one(te_lr, recorded):
+    """The node's 0 means "the same as the UNet's"; the file says the rate that was used, which readers take as is."""
+    _, state = _trained_state()
+    meta = build_metadata(state, title="t", train={"learning_rate": 1e-4, "text_encoder_lr": te_lr})
+    assert meta["ss_text_encoder_lr"] == recorded
