@@ -165,7 +165,7 @@ def execute(prompt: dict[str, Any], server: TerminalServer) -> tuple[str, dict[s
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum: int, frame: Any) -> None:
-        server._print("Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)")
+        server._print("Ctrl-C: stopping and writing a checkpoint of the last finished step (Ctrl-C again to abort)")
         mm.interrupt_current_processing(True)
         signal.signal(signal.SIGINT, previous)
 

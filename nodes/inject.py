@@ -7,10 +7,10 @@ import time
 
 from comfy_api.latest import io
 
-from ..lora_core import AdapterConfig, AdapterSet, AdapterSpec, TrainState, target_counts
+from ..lora_core import AdapterConfig, AdapterSet, AdapterSpec, TrainState, UnadaptableLayerError, target_counts
 from ..lora_core.config import ALGORITHMS, TARGET_PRESETS
 from ..lora_core.formats.kohya import load_lora_as_state
-from .corridor import families, folders, patching, text_encoders
+from .corridor import compat, families, folders, patching, text_encoders
 from .corridor.errors import KilnUserError
 from .file_names import check_run_name
 from .model_source import model_file_name
@@ -99,6 +99,12 @@ class KilnInjectLoRA(io.ComfyNode):
             raise KilnUserError(
                 "train_text_encoder is on but no CLIP is connected: wire Load Checkpoint's CLIP into Inject LoRA"
             )
+        if train_text_encoder and compat.is_dynamic(clip.patcher):
+            raise KilnUserError(
+                "train_text_encoder is not offered while ComfyUI loads the text encoder with Dynamic VRAM (its weights "
+                "stream per layer and cannot be kept for backward): start ComfyUI with --disable-dynamic-vram, or "
+                "turn train_text_encoder off (the UNet LoRA trains either way)"
+            )
         config = AdapterConfig(rank=rank, alpha=alpha, unet_targets=targets, algorithm=algorithm,
                                conv_rank=conv_rank or None, dropout=dropout,
                                text_targets="text" if train_text_encoder else ())
@@ -129,7 +135,10 @@ class KilnInjectLoRA(io.ComfyNode):
                     ) from None
                 raise
         else:
-            state = TrainState.from_adapters(AdapterSet.create(roots, config, seed=seed), seed=seed)
+            try:
+                state = TrainState.from_adapters(AdapterSet.create(roots, config, seed=seed), seed=seed)
+            except UnadaptableLayerError as exc:
+                raise KilnUserError(f"{family.name}: {exc}") from None
         naming.names(s.name for s in state.specs)  # every adapter must have a kohya name: fail now, not at save
         state = state.replace(info={**state.info, "training_started_at": time.time()})
         run = KilnRun(state=state, model=base, name=name.strip(), naming=naming, detected=detected, clip=clip,

@@ -344,12 +344,13 @@ def load_snapshot(name: str, digest: str, step: int, start: TrainState) -> dict[
 
 # ---- the node's side: the digest of a run, previews rendered again ---------------------------------------------
 
-def run_digest(run: KilnRun, data: LatentDataset, config: TrainConfig, device: torch.device | str,
+def run_digest(run: KilnRun, model: Any, data: LatentDataset, config: TrainConfig, device: torch.device | str,
                text_encoder: Any = None) -> str | None:
-    """The run digest of a Train Steps node about to train (None, logged, if anything in it cannot be hashed:
-    then it simply trains, and nothing it writes can be matched later)."""
+    """The run digest of a Train Steps node about to train ``model`` (the training clone, loaded and patched: under
+    Dynamic VRAM the user's patcher is never loaded, so its weights would not show a LoraLoader upstream). None,
+    logged, if anything in it cannot be hashed: then it simply trains, and nothing it writes can be matched later."""
     try:
-        base = identity.base_identity(run.model, run.detected, device,
+        base = identity.base_identity(model, run.detected, device,
                                       text_encoder.roots if text_encoder is not None else None, run.clip)
         # run.state: ComfyUI hands the same object to each re-queue (its digest is memoised); ``info`` is not hashed
         parts = digests.run_digest_parts(start=run.state, dataset=data, config=config, base=base,

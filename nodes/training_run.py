@@ -115,14 +115,8 @@ class TrainingRun:
         self.run = request.run
         self.node_id = request.node_id
         self.family = self.run.detected.family
-        # the model training runs on: the user's, or a non-dynamic copy of a Dynamic VRAM one (corridor.compat)
-        try:
-            self.model = compat.training_patcher(self.run.model)
-        except compat.DynamicVramUnsupported as exc:
-            raise KilnUserError(
-                f"this model is loaded with ComfyUI's Dynamic VRAM and its loader cannot give Kiln an ordinary copy to "
-                f"train ({exc}); start ComfyUI with --disable-dynamic-vram") from None
         self.clip = self.run.clip if self.run.clip is not None else request.dataset.clip
+        self.model: Any = None  # the training clone of the user's MODEL (_load)
         self.text_encoder: text_encoders.TextEncoder | None = None
         self.preview_files: list[dict[str, Any]] = []
 
@@ -147,7 +141,7 @@ class TrainingRun:
                           estimate_memory=True, free_memory=devices.free_memory, interrupts=compat.interrupts())
         # the same training done before? reuse it, or resume it from its last checkpoint (nodes/requeue.py)
         target = start.step + request.steps
-        digest = requeue.run_digest(run, latent_data, config, device, self.text_encoder)
+        digest = requeue.run_digest(run, self.model, latent_data, config, device, self.text_encoder)
         plan = requeue.plan(run.name, digest, start, request.steps, request.retrain)
         did = plan.describe(start.step, target)
         begin = start.with_training_of(plan.found) if plan.found is not None else start
@@ -183,11 +177,26 @@ class TrainingRun:
                           sorted(self.preview_files, key=lambda ref: ref["step"]), missing)
 
     def _load(self) -> torch.device:
+        """The training clones, loaded: the user's MODEL (or a non-dynamic copy of a Dynamic VRAM one:
+        corridor.compat) and, when it trains, the text encoder; both with per-clone weight wrappers for quantized
+        layers (patching.copy_host_weights), so the user's patchers are never changed."""
         reporting.status(self.node_id, "Train Steps: loading the model for training")
-        device = patching.load_for_training(self.model)
+        try:
+            self.model = compat.training_patcher(self.run.model)
+        except compat.DynamicVramUnsupported as exc:
+            raise KilnUserError(
+                f"this model is loaded with ComfyUI's Dynamic VRAM and its loader cannot give Kiln an ordinary copy to "
+                f"train ({exc}); start ComfyUI with --disable-dynamic-vram") from None
+        patching.copy_host_weights(self.model)
         if self.run.trains_text_encoder:
             self.text_encoder = text_encoders.load_text_encoder_for_training(self.run.clip, self.family)
-        return device
+        return patching.load_for_training(self.model)
+
+    def _reload(self) -> None:
+        """After a preview (its sampler, VAE and text encoder may have displaced or re-patched the training clones)."""
+        if self.text_encoder is not None:
+            text_encoders.reload_text_encoder(self.text_encoder)
+        patching.load_for_training(self.model)
 
     def _encode(self) -> Any:
         dataset = self.request.dataset
@@ -206,8 +215,7 @@ class TrainingRun:
         inplace_safe = patching.norm_inputs_cloned([network.unet]) if self.family.inplace_residuals else \
             contextlib.nullcontext()
         try:
-            trained_roots = [network.unet, *(self.text_encoder.roots.values() if self.text_encoder is not None else ())]
-            with inplace_safe, compat.training(), patching.host_weights_copied(trained_roots), \
+            with inplace_safe, compat.training(), \
                     self.text_encoder.trainable() if self.text_encoder is not None else contextlib.nullcontext():
                 result = trainer.run(begin, latent_data, config, callbacks, save_every=request.save_every,
                                      preview_every=request.preview.every)
@@ -224,7 +232,8 @@ class TrainingRun:
                  start: TrainState | None = None) -> torch.Tensor:
         """The model as training left it (adapters attached), or with a snapshot's adapter ``weights``."""
         run, settings = self.run, self.request.preview
-        model, text_clip = self.model, self.clip
+        # live: the training clones, adapters attached by the trainer (the text encoder's clone shares its modules)
+        model, text_clip = self.model, self.text_encoder.clip if self.text_encoder is not None else self.clip
         if weights is not None:
             snapshot = (start or run.state).replace(weights=weights)
             model = patching.with_adapters(run.model, snapshot)
@@ -233,7 +242,7 @@ class TrainingRun:
         image = previews.sample_preview(model, text_clip, self.request.dataset.vae, settings.prompt, settings.seed,
                                         settings.size, settings.size, settings.steps, self.family.preview_cfg,
                                         self.family, text_adapters=self.text_encoder is not None)
-        patching.load_for_training(self.model)  # the VAE may have displaced the UNet
+        self._reload()
         try:
             ref = {**previews.save_temp_preview(image), "step": step}
         except OSError as exc:  # a full temp disk must not stop training

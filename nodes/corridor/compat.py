@@ -14,13 +14,17 @@ the prompt executor              ``PromptExecutor(server,        ``cache_args`` 
 Cancel inside a step             raised only by progress hooks   every comfy op's ``forward`` raises
                                                                  ``InterruptProcessingException``, now a
                                                                  ``BaseException``: the trainer is given
-                                                                 :data:`INTERRUPTS` and ends at the last whole
-                                                                 step; other phases catch it by
-                                                                 :func:`is_interrupt`
+                                                                 :func:`interrupts` and ends at the last whole
+                                                                 step; previews catch it by type
 quantized weights                ``scaled_fp8_ops.Linear``, an   ``mixed_precision_ops`` Linear, not an
 (scaled fp8, comfy_quant)        ``nn.Linear`` subclass          ``nn.Linear``, weights ``QuantizedTensor``:
                                                                  adapters find layers by structure
-                                                                 (``lora_core.layer_kind``), never by class
+                                                                 (``lora_core.layer_kind``), never by class;
+                                                                 such layers re-wrap their parameters when
+                                                                 moved (they override ``_apply``): models load
+                                                                 and sample in inference mode, and these layers
+                                                                 train on a copy of their weight
+                                                                 (``patching.copy_host_weights``)
 ``--verbose``                    one level name                  a list of level names (:func:`log_level`;
                                                                  :func:`verbose_levels` for kiln.py's parser)
 ``--cuda-device``                an int                          a string: ``"0,1"``, or ``"all"`` (no
@@ -28,9 +32,12 @@ quantized weights                ``scaled_fp8_ops.Linear``, an   ``mixed_precisi
 Dynamic VRAM (comfy-aimdo)       absent                          ``ModelPatcherDynamic`` on NVIDIA unless
                                                                  ``--disable-dynamic-vram``: weights stream per
                                                                  layer and are not Kiln's to keep for backward.
-                                                                 Training runs on a non-dynamic clone
-                                                                 (:func:`training_patcher`); previews and the
-                                                                 output MODEL use the user's patcher as it is
+                                                                 Training (and its live previews) run on a
+                                                                 non-dynamic clone (:func:`training_patcher`);
+                                                                 the output MODEL keeps the user's patcher.
+                                                                 Not yet checked on a GPU (bench/
+                                                                 gpu_dynamic_vram.sh); text-encoder training is
+                                                                 refused under it (:func:`is_dynamic`)
 ``ModelPatcher.clone``           ``clone()``                     ``clone(disable_dynamic=, force_deepcopy=)``
 fused kernels without backward  none                            ``comfy_kitchen`` kernels (FLUX's rope, LTX's)
                                                                 unless ``model_management.in_training`` is set
@@ -58,10 +65,6 @@ def _interrupt_types() -> tuple[type[BaseException], ...]:
 def interrupts() -> tuple[type[BaseException], ...]:
     """The exceptions ComfyUI raises for Cancel (an ``Exception`` in v0.3.64, a ``BaseException`` since)."""
     return _interrupt_types()
-
-
-def is_interrupt(exc: BaseException) -> bool:
-    return isinstance(exc, _interrupt_types())
 
 
 @contextlib.contextmanager
@@ -143,7 +146,8 @@ def can_clone_non_dynamic(patcher: Any) -> bool:
 
 
 def training_patcher(patcher: Any) -> Any:
-    """The patcher Kiln trains on: ``patcher`` itself, or a non-dynamic clone of a Dynamic VRAM one.
+    """The patcher Kiln trains on: a clone of ``patcher`` (sharing its modules), or a non-dynamic clone of a Dynamic
+    VRAM one.
 
     Dynamic VRAM streams each weight into a buffer that is reused by the next layer, so a weight autograd saved for
     backward may be overwritten before backward reads it, and ``load_models_gpu(force_full_load=True)`` loads nothing.
@@ -151,7 +155,7 @@ def training_patcher(patcher: Any) -> Any:
     whole, with the weights training saves staying put. It costs one more load of the model while training runs.
     """
     if not is_dynamic(patcher):
-        return patcher
+        return patcher.clone()
     if not can_clone_non_dynamic(patcher):  # pragma: no cover - a dynamic patcher always has it
         raise RuntimeError("this ComfyUI loads the model with Dynamic VRAM but cannot clone it without")
     try:

@@ -70,36 +70,28 @@ def _clone_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] |
 
 
 def _as_is(weight: torch.Tensor) -> torch.Tensor:
+    """A no-op weight function: its presence makes a ComfyUI layer compute with a fresh (dequantized) copy."""
     return weight
 
 
-@contextlib.contextmanager
-def host_weights_copied(roots: Iterable[nn.Module]) -> Iterator[int]:
-    """While training runs, layers that manage their own parameters (quantized / mixed-precision layers, whose weights
-    stay ComfyUI's inference tensors, see :func:`make_autograd_safe`) compute with a fresh copy of their weight.
+def copy_host_weights(patcher: Any) -> int:
+    """On ``patcher`` (a clone made for training), have every layer that manages its own parameters (quantized /
+    mixed-precision layers, whose weights stay ComfyUI's inference tensors, see :func:`make_autograd_safe`) compute
+    with a fresh copy of its weight, so autograd saves the copy, never the inference tensor, and the quantized weight
+    is neither changed nor dequantized in place.
 
-    A ComfyUI layer with a ``weight_function`` copies (and dequantizes) its weight before applying the functions, so
-    a no-op function is enough: autograd then saves the copy, never the inference tensor, and the quantized weight
-    itself is neither changed nor dequantized in place. Yields how many layers it covers; restores them on exit.
+    A ComfyUI layer with a ``weight_function`` copies (and dequantizes) its weight before applying the functions, so a
+    no-op function is enough. It is registered as a weight wrapper of this clone, which ComfyUI puts back on the
+    module at every load of the clone (a load wipes ``weight_function``) and never on other clones. Returns the count.
     """
-    changed: list[tuple[nn.Module, object]] = []
-    for root in roots:
-        for module in root.modules():
-            if _manages_own_parameters(module) and isinstance(getattr(module, "weight_function", None), list):
-                own = module.__dict__.get("weight_function", _NOT_SET)
-                module.weight_function = [*module.weight_function, _as_is]
-                changed.append((module, own))
-    try:
-        yield len(changed)
-    finally:
-        for module, own in changed:
-            if own is _NOT_SET:
-                del module.weight_function
-            else:
-                module.weight_function = own
-
-
-_NOT_SET = object()
+    count = 0
+    for name, module in patcher.model.named_modules():
+        if name and _manages_own_parameters(module) and isinstance(getattr(module, "weight_function", None), list):
+            key = f"{name}.weight"
+            if _as_is not in patcher.weight_wrapper_patches.get(key, []):
+                patcher.add_weight_wrapper(key, _as_is)
+            count += 1
+    return count
 
 
 def lora_keys_loadable(patcher: Any, keys: list[str], clip: Any = None) -> list[str]:
@@ -122,8 +114,8 @@ def make_autograd_safe(module: nn.Module) -> int:
 
     ComfyUI builds models inside ``torch.inference_mode()``; such tensors cannot be saved for backward.
     The values do not change, so every clone of the model renders exactly as before. Returns the count.
-    Layers that manage their own parameters are left as they are: :func:`host_weights_copied` covers them while
-    training runs.
+    Layers that manage their own parameters are left as they are: :func:`copy_host_weights` covers them on the
+    training clone.
     """
     swapped = 0
     with torch.inference_mode(False), torch.no_grad():
@@ -141,18 +133,28 @@ def make_autograd_safe(module: nn.Module) -> int:
     return swapped
 
 
-def load_for_training(patcher: Any) -> torch.device:
-    """Load the model fully on ComfyUI's compute device (GPU when there is one) and make it trainable.
+def load_for_training(patcher: Any, root: nn.Module | None = None) -> torch.device:
+    """Load ``patcher`` (the training clone: :func:`training_clone`) fully on ComfyUI's compute device (GPU when there
+    is one) and make ``root`` (default: its diffusion model) trainable.
 
     ComfyUI loads in inference mode, as it always does: moved outside it, its quantized layers (ComfyUI >= 0.3.7x)
     would re-wrap their weights as normal tensors, which the next move inside inference mode (any sampler) refuses.
+    Call it again after anything else may have loaded the same modules (a preview's sampler, VAE, text encoder).
     """
     with torch.inference_mode():
         mm.load_models_gpu([patcher], force_full_load=True)
-    swapped = make_autograd_safe(patcher.model.diffusion_model)
+    swapped = make_autograd_safe(root if root is not None else patcher.model.diffusion_model)
     if swapped:
         logger.debug("made %d base tensors autograd-safe", swapped)
     return patcher.load_device
+
+
+def training_clone(patcher: Any) -> Any:
+    """The clone of a UNet or text-encoder patcher that training loads: per-clone weight wrappers for the layers
+    that manage their own parameters (:func:`copy_host_weights`); the user's patcher is never changed."""
+    clone = patcher.clone()
+    copy_host_weights(clone)
+    return clone
 
 
 def with_adapters(patcher: Any, state: TrainState) -> Any:

@@ -41,7 +41,8 @@ def sample_preview(
             disable_pbar=True,
         )
         image = vae.decode(samples)
-        return image.reshape(-1, *image.shape[-3:])[:1].float().cpu().clone()
+    # an inference tensor: fine for the IMAGE output and the temp file, never fed back into training
+    return image.reshape(-1, *image.shape[-3:])[:1].float().cpu()
 
 
 def save_temp_preview(image: torch.Tensor, prefix: str = "lora_kiln/preview") -> dict[str, str]:

@@ -20,7 +20,7 @@ from ...lora_core.formats.kohya import KohyaNaming, export_tensors
 from .caches import normal_tensor, text_cache
 from .errors import KilnUserError
 from .families import Family, TextEncoderRoot
-from .patching import make_autograd_safe, norm_inputs_cloned
+from .patching import copy_host_weights, make_autograd_safe, norm_inputs_cloned
 
 TOKENS = "tokens."  # cond keys "tokens.l", "tokens.g": token ids per encoder, for text-encoder training
 
@@ -115,12 +115,21 @@ def text_roots(clip: Any, family: Family) -> dict[str, nn.Module]:
 
 
 def load_text_encoder_for_training(clip: Any, family: Family) -> TextEncoder:
-    with torch.inference_mode(False):
-        mm.load_models_gpu([clip.patcher], force_full_load=True)
-    encoder = TextEncoder(clip, family)
+    """The text encoders of a training clone of ``clip`` (its patcher cloned, its modules shared; layers that manage
+    their own parameters compute with a copy of their weight: :func:`.patching.copy_host_weights`), loaded as
+    ComfyUI loads (inference mode) and made trainable. :func:`reload_text_encoder` after anything else loaded it."""
+    trainee = clip.clone()
+    copy_host_weights(trainee.patcher)
+    encoder = TextEncoder(trainee, family)
+    reload_text_encoder(encoder)
+    return encoder
+
+
+def reload_text_encoder(encoder: TextEncoder) -> None:
+    with torch.inference_mode():
+        mm.load_models_gpu([encoder.clip.patcher], force_full_load=True)
     for root in encoder.roots.values():
         make_autograd_safe(root)
-    return encoder
 
 
 def clip_with_lora(clip: Any, state: TrainState, naming: KohyaNaming) -> Any:

@@ -31,10 +31,12 @@ class Patcher:  # ComfyUI 0.33
         return clone
 
 
-def test_training_runs_on_the_model_itself_unless_comfyui_streams_its_weights():
+def test_training_runs_on_a_plain_clone_unless_comfyui_streams_its_weights():
+    """A clone (its own patches, for the per-clone weight wrappers; the same modules), never the user's patcher."""
     old, static = OldPatcher(), Patcher(dynamic=False)
-    assert compat.training_patcher(old) is old
-    assert compat.training_patcher(static) is static
+    assert isinstance(compat.training_patcher(old), OldPatcher) and compat.training_patcher(old) is not old
+    trainee = compat.training_patcher(static)
+    assert trainee is not static and trainee.cloned_with == {"disable_dynamic": False, "force_deepcopy": False}
 
 
 def test_a_dynamic_vram_model_trains_on_a_non_dynamic_clone():
