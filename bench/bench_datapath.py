@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui  # noqa: E402
+from comfy_harness import ComfyServer, build_tiny_checkpoint, require_comfyui  # noqa: E402
 
 
 def graph(folder: str, steps: int) -> dict:
@@ -65,10 +65,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
-    comfy = find_comfyui()
-    if comfy is None:
-        print("ComfyUI not found (set COMFYUI_PATH)", file=sys.stderr)
-        return 2
+    comfy = require_comfyui()
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:

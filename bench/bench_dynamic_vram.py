@@ -31,8 +31,8 @@ sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 from comfy_harness import (  # noqa: E402
     ComfyServer,
     build_tiny_checkpoint,
-    find_comfyui,
     make_images,
+    require_comfyui,
     tiny_train_workflow,
 )
 
@@ -94,10 +94,7 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="a CPU smoke test (both servers run --cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "dynamic_vram.json")
     args = parser.parse_args()
-    comfy = find_comfyui()
-    if comfy is None:
-        print("ComfyUI not found (set COMFYUI_PATH)", file=sys.stderr)
-        return 2
+    comfy = require_comfyui()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_tiny_checkpoint(comfy, Path(tmp) / f"{args.size}.safetensors", size=args.size)
         runs = {}

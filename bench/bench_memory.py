@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from bench_vs_native import Case, kiln_graph, native_graph, native_probe  # noqa: E402
 
-from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
+from comfy_harness import ComfyServer, build_tiny_checkpoint, make_images, require_comfyui  # noqa: E402
 
 PROBE = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -62,10 +62,7 @@ def main() -> int:
     parser.add_argument("--size", default="small", choices=["tiny", "small", "sdxl", "sd3"])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    comfy = find_comfyui()
-    if comfy is None:
-        print("ComfyUI not found (set COMFYUI_PATH)", file=sys.stderr)
-        return 2
+    comfy = require_comfyui()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         ckpt = build_tiny_checkpoint(comfy, tmp / f"{args.size}.safetensors", size=args.size)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-from comfy_harness import ComfyServer, build_tiny_checkpoint, find_comfyui, make_images  # noqa: E402
+from comfy_harness import ComfyServer, build_tiny_checkpoint, make_images, require_comfyui  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,7 @@ def main() -> int:
         # TrainLoraNode's inputs do not change with the tag: a 1-step run after the 1-step warm-up (or settle run)
         # would be ComfyUI's cached result, not a run
         parser.error("need 2 <= --short < --long")
-    comfy = find_comfyui()
-    if comfy is None:
-        print("ComfyUI not found (set COMFYUI_PATH)", file=sys.stderr)
-        return 2
+    comfy = require_comfyui()
     cases: list[Case] = []
     for model in args.models:
         if model == "flux":  # fp32 compute, checkpointing on; fp32- and fp8-stored weights

@@ -43,6 +43,15 @@ def find_comfyui() -> Path | None:
     return find()
 
 
+def require_comfyui() -> Path:
+    """The ComfyUI to benchmark on (found like the tests), or exit 2 saying how to point at one (the bench scripts)."""
+    comfy = find_comfyui()
+    if comfy is None:
+        raise SystemExit("ComfyUI not found: set COMFYUI_PATH (or install this package in ComfyUI/custom_nodes, or "
+                         "extract ComfyUI into ~/comfy/ComfyUI)")
+    return comfy
+
+
 def missing_requirements(comfy: Path) -> list[str]:
     """ComfyUI's requirements (its requirements.txt) that this Python lacks, by distribution name: a server started
     without them dies at start-up, which would show as one error per test instead of one clear reason."""
