@@ -188,9 +188,10 @@ class TrainingRun:
                 f"this model is loaded with ComfyUI's Dynamic VRAM and its loader cannot give Kiln an ordinary copy to "
                 f"train ({exc}); start ComfyUI with --disable-dynamic-vram") from None
         patching.copy_host_weights(self.model)
+        device = patching.load_for_training(self.model)
         if self.run.trains_text_encoder:
             self.text_encoder = text_encoders.load_text_encoder_for_training(self.run.clip, self.family)
-        return patching.load_for_training(self.model)
+        return device
 
     def _reload(self) -> None:
         """After a preview (its sampler, VAE and text encoder may have displaced or re-patched the training clones)."""
