@@ -117,6 +117,7 @@ class TrainingRun:
         self.family = self.run.detected.family
         self.clip = self.run.clip if self.run.clip is not None else request.dataset.clip
         self.model: Any = None  # the training clone of the user's MODEL (_load)
+        self.start: TrainState = self.run.state  # the run's start state, with this dataset's facts (_execute)
         self.text_encoder: text_encoders.TextEncoder | None = None
         self.preview_files: list[dict[str, Any]] = []
 
@@ -129,7 +130,7 @@ class TrainingRun:
     def _execute(self) -> RunOutcome:
         request, run = self.request, self.run
         config = request.config
-        start = run.state.replace(info={**run.state.info, **request.dataset.run_info()})
+        start = self.start = run.state.replace(info={**run.state.info, **request.dataset.run_info()})
         device = self._load()
         latent_data = self._encode()
         network = denoiser.ComfyDiffusion(self.model, self.text_encoder, run.detected, guidance=config.guidance)
@@ -163,8 +164,7 @@ class TrainingRun:
         replay = [] if plan.action == "train" or result.stopped_early else requeue.previewed_steps(
             start.step, target if plan.action == "reuse" else begin.step, preview_every)
         known = {begin.step: begin.weights, result.state.step: result.state.weights}
-        missing = requeue.replay_previews(progress, run.name, digest, start, known, replay,
-                                          lambda step, weights=None: self._preview(step, weights, start))
+        missing = requeue.replay_previews(progress, run.name, digest, start, known, replay, self._preview)
         if replay and progress.cancelled:
             reporting.stop()
         if result.stopped_early:  # Cancel (or Ctrl-C headless): keep the last whole step, then stop the graph
@@ -229,14 +229,13 @@ class TrainingRun:
             requeue.store_finished(run.name, digest, result.state)
         return result
 
-    def _preview(self, step: int, weights: dict[str, torch.Tensor] | None = None,
-                 start: TrainState | None = None) -> torch.Tensor:
+    def _preview(self, step: int, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The model as training left it (adapters attached), or with a snapshot's adapter ``weights``."""
         run, settings = self.run, self.request.preview
         # live: the training clones, adapters attached by the trainer (the text encoder's clone shares its modules)
         model, text_clip = self.model, self.text_encoder.clip if self.text_encoder is not None else self.clip
         if weights is not None:
-            snapshot = (start or run.state).replace(weights=weights)
+            snapshot = self.start.replace(weights=weights)
             model = patching.with_adapters(run.model, snapshot)
             if self.text_encoder is not None:
                 text_clip = text_encoders.clip_with_lora(run.clip, snapshot, run.naming)

@@ -56,15 +56,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def _interrupt_types() -> tuple[type[BaseException], ...]:
+def interrupts() -> tuple[type[BaseException], ...]:
+    """The exceptions ComfyUI raises for Cancel (an ``Exception`` in v0.3.64, a ``BaseException`` since)."""
     import comfy.model_management as mm
 
     return (mm.InterruptProcessingException,)
-
-
-def interrupts() -> tuple[type[BaseException], ...]:
-    """The exceptions ComfyUI raises for Cancel (an ``Exception`` in v0.3.64, a ``BaseException`` since)."""
-    return _interrupt_types()
 
 
 @contextlib.contextmanager
