@@ -6,7 +6,7 @@ Every dataclass validates itself on construction, so a bad value fails where it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ._validate import check_choice, check_int, check_range
@@ -31,7 +31,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("mse", "l1", "huber")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+AUTO = "auto"  # a setting whose right value depends on the model: resolved by :meth:`TrainConfig.resolved`
+AUTO_GAMMA = -1.0  # min_snr_gamma's "auto" (a number field: ComfyUI's Float inputs and kohya configs carry numbers)
+TIMESTEP_SAMPLING = (AUTO, "uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")  # flow-matching models (diffusers' SD3/Flux trainers)
 
 
@@ -155,7 +157,8 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("loss", self.loss, LOSSES)
         check_range("huber_delta", self.huber_delta, 0.0, 100.0, lo_inclusive=False)
-        check_range("min_snr_gamma", self.min_snr_gamma, 0.0, 100.0)
+        if self.min_snr_gamma != AUTO_GAMMA:
+            check_range("min_snr_gamma (-1 = auto)", self.min_snr_gamma, 0.0, 100.0)
         check_range("noise_offset", self.noise_offset, 0.0, 1.0)
         check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         check_range("logit_mean", self.logit_mean, -10.0, 10.0)
@@ -173,9 +176,48 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def auto_fields(self) -> tuple[str, ...]:
+        """The settings still at ``auto`` (they must be resolved for a model before it trains)."""
+        return tuple(name for name, value in (("min_snr_gamma", self.min_snr_gamma == AUTO_GAMMA),
+                                              ("timestep_sampling", self.timestep_sampling == AUTO)) if value)
+
+    def resolved(self, defaults: AutoDefaults) -> TrainConfig:
+        """This config with every ``auto`` setting replaced by the model's default (explicit values stay)."""
+        changes: dict[str, Any] = {name: getattr(defaults, name) for name in self.auto_fields}
+        return replace(self, **changes) if changes else self
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class AutoDefaults:
+    """What ``auto`` means for one model: the settings whose right value depends on its objective and family.
+
+    ``source`` says where the values come from (shown to the user next to them).
+    """
+
+    min_snr_gamma: float
+    timestep_sampling: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        check_range("min_snr_gamma", self.min_snr_gamma, 0.0, 100.0)
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING[1:])
+
+
+# Min-SNR-gamma 5 (Hang et al. 2023, kohya's recommended value) is a weighting of DDPM objectives; flow models train
+# unweighted with logit-normal noise levels (the SD3 paper; diffusers' SD3 trainer, kohya's "sigmoid"/"shift" and
+# ai-toolkit's "sigmoid" timestep sampling are all logit-normal, shifted as the model samples)
+DDPM_DEFAULTS = AutoDefaults(5.0, "uniform", "min-SNR 5 (Hang et al. 2023, kohya)")
+FLOW_DEFAULTS = AutoDefaults(0.0, "logit_normal", "logit-normal noise levels, no min-SNR (SD3 paper, kohya, ai-toolkit)")
+
+
+def auto_defaults(prediction_type: str) -> AutoDefaults:
+    """The engine's ``auto`` for an objective: flow models one way, DDPM (epsilon / v) the other."""
+    return FLOW_DEFAULTS if prediction_type == "flow" else DDPM_DEFAULTS
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:

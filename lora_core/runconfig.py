@@ -63,10 +63,10 @@ class RunConfig:
     optimizer: str = "adamw"
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float | str = "auto"  # "auto": 5 on DDPM (SD1/SD2/SDXL) models, 0 on flow models; or a number
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
-    timestep_sampling: str = "uniform"  # uniform | logit_normal
+    timestep_sampling: str = "auto"  # auto (the family's) | uniform | logit_normal
     discrete_flow_shift: float = 0.0  # flow models (SD3, Flux): 0 = the model's own shift
     weighting_scheme: str = "none"  # flow models: none | sigma_sqrt | cosmap
     guidance_scale: float = 1.0  # guidance-distilled models (Flux.1-dev): the guidance while training
@@ -78,7 +78,7 @@ class RunConfig:
     sample_prompts: tuple[str, ...] = field(default_factory=tuple)
     sample_every: int = 0
     sample_size: int = 512
-    sample_steps: int = 20
+    sample_steps: int = 0  # 0: the family's usual count (auto)
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_prompts, str):
@@ -93,6 +93,8 @@ class RunConfig:
                 f"output_name={self.output_name!r} may only use letters, digits, '-', '_', '.' and spaces"
             )
         check_choice("caption_extension", self.caption_extension, (".txt", ".caption"))
+        if self.min_snr_gamma != "auto" and not isinstance(self.min_snr_gamma, (int, float)):
+            raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} must be a number (0 = off) or \"auto\"")
         check_int("repeats", self.repeats, 1, 1000)
         check_int("resolution", self.resolution, 64, 4096)
         if self.resolution % 64:
@@ -125,7 +127,7 @@ class RunConfig:
         check_choice("save_precision", self.save_precision, ("fp16", "bf16", "fp32"))
         check_int("sample_every", self.sample_every, 0, 10_000_000)
         check_int("sample_size", self.sample_size, 64, 2048)
-        check_int("sample_steps", self.sample_steps, 1, 200)
+        check_int("sample_steps", self.sample_steps, 0, 200)
         check_range("dropout", self.dropout, 0.0, 0.9)
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every is set but sample_prompts is empty: give at least one prompt")

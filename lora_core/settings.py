@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import AdapterConfig, TrainConfig
+from .config import AUTO, AUTO_GAMMA, AdapterConfig, TrainConfig
 from .data.config import DatasetConfig
 
 CHECKPOINT_LOADER = "CheckpointLoaderSimple"
@@ -67,6 +67,14 @@ def _prompt_list(prompt: str) -> list[str]:
 
 def _zero_is_none(value: int) -> int | None:
     return value or None
+
+
+def _gamma_to_number(value: float | str) -> float:
+    return AUTO_GAMMA if value == AUTO else float(value)
+
+
+def _gamma_from_number(value: float) -> float | str:
+    return AUTO if value == AUTO_GAMMA else value
 
 
 def _weight_dtype(fp8_base: bool) -> str:
@@ -194,7 +202,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("gradient_accumulation_steps", (f"{_T}.grad_accum",), "TrainConfig.grad_accum"),
     S("mixed_precision", (f"{_T}.precision",), "TrainConfig.precision"),
     S("gradient_checkpointing", (f"{_T}.gradient_checkpointing",), "TrainConfig.gradient_checkpointing"),
-    S("min_snr_gamma", (f"{_T}.min_snr_gamma",), "TrainConfig.min_snr_gamma"),
+    S("min_snr_gamma", (f"{_T}.min_snr_gamma",), "TrainConfig.min_snr_gamma", to_node=_gamma_to_number,
+      from_node=_gamma_from_number, to_engine=_gamma_to_number),  # config "auto" <-> node/engine -1
     S("noise_offset", (f"{_T}.noise_offset",), "TrainConfig.noise_offset"),
     S("max_grad_norm", (f"{_T}.max_grad_norm",), "TrainConfig.max_grad_norm"),
     S("timestep_sampling", (f"{_T}.timestep_sampling",), "TrainConfig.timestep_sampling"),

@@ -9,7 +9,15 @@ import torch
 from comfy_api.latest import io
 
 from ..lora_core import TrainConfig, settings
-from ..lora_core.config import LOSS_WEIGHTINGS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TIMESTEP_SAMPLING
+from ..lora_core.config import (
+    AUTO,
+    AUTO_GAMMA,
+    LOSS_WEIGHTINGS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    TIMESTEP_SAMPLING,
+)
 from ..lora_core.plot import loss_chart
 from .corridor import patching, reporting, text_encoders
 from .corridor.errors import KilnUserError
@@ -55,8 +63,9 @@ class KilnTrainSteps(io.ComfyNode):
                     "auto: bf16 on GPUs that support it, fp32 on CPU. fp16 uses loss scaling.")),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip=(
                     "Recompute activations in the backward pass: much less memory, about 30% slower.")),
-                io.Float.Input("min_snr_gamma", default=5.0, min=0.0, max=20.0, step=0.5, tooltip=(
-                    "Min-SNR-gamma loss weighting (5 is common; 0 = off).")),
+                io.Float.Input("min_snr_gamma", default=AUTO_GAMMA, min=AUTO_GAMMA, max=20.0, step=0.5, tooltip=(
+                    "Min-SNR-gamma loss weighting of DDPM models (SD1/SD2/SDXL; 5 is common; 0 = off). -1 = auto: "
+                    "5 on SD1/SD2/SDXL, off on flow models (SD3, FLUX, Z-Image, ...), which refuse any other value.")),
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=0.5, step=0.01, tooltip=(
                     "Offset noise for darker darks / brighter brights (0.05-0.1 typical; 0 = off).")),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000, tooltip=(
@@ -68,7 +77,9 @@ class KilnTrainSteps(io.ComfyNode):
                 io.Int.Input("preview_seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seed for the preview images (same seed = comparable previews)."),
                 io.Int.Input("preview_size", default=512, min=64, max=2048, step=64, tooltip="Preview width and height."),
-                io.Int.Input("preview_steps", default=20, min=1, max=200, tooltip="Sampler steps for each preview."),
+                io.Int.Input("preview_steps", default=0, min=0, max=200, tooltip=(
+                    "Sampler steps for each preview. 0 = auto: the model's usual count (20; fewer for step-distilled "
+                    "models).")),
                 io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, round=False, optional=True, tooltip=(
                     "Learning rate of the text-encoder adapters (when Inject LoRA trains them); 0 = learning_rate. "
                     "kohya's usual choice is half the UNet's, e.g. 5e-5.")),
@@ -78,10 +89,10 @@ class KilnTrainSteps(io.ComfyNode):
                     "Train again from the start state. Off: a run identical to one already finished (same start "
                     "state, data, settings and base model) is reused with 0 steps, and an interrupted one resumes "
                     "from its last checkpoint; preview and save_every changes never retrain.")),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="uniform", optional=True,
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default=AUTO, optional=True,
                                tooltip=(
                     "How training noise levels are drawn. uniform: evenly. logit_normal: more often in the middle "
-                    "(the SD3 paper's choice; recommended for SD3/Flux).")),
+                    "(the SD3 paper's choice). auto: uniform on SD1/SD2/SDXL, logit_normal on flow models.")),
                 io.Float.Input("flow_shift", default=0.0, min=0.0, max=100.0, step=0.05, optional=True, tooltip=(
                     "Flow-matching models (SD3, Flux) only: the time shift of the noise levels; higher trains at "
                     "noisier levels. 0 = the model's own (SD3: 3.0, or a ModelSamplingSD3 node's). Keep 0 for SD1/SDXL.")),
@@ -114,13 +125,17 @@ class KilnTrainSteps(io.ComfyNode):
                 precision: str, gradient_checkpointing: bool, min_snr_gamma: float, noise_offset: float,
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
                 preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0,
-                retrain: bool = False, timestep_sampling: str = "uniform", flow_shift: float = 0.0,
+                retrain: bool = False, timestep_sampling: str = AUTO, flow_shift: float = 0.0,
                 loss_weighting: str = "none", keep_checkpoints: int = 0, guidance: float = 1.0) -> io.NodeOutput:
         run = state
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
         config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, locals()))
         if not run.detected.guidance:  # only guidance-distilled models read it: changing it elsewhere is no new run
             config = dataclasses.replace(config, guidance=TrainConfig.guidance)
+        auto = run.detected.auto_defaults
+        resolved = {name: getattr(auto, name) for name in config.auto_fields}
+        config = config.resolved(auto)  # the run (and its digest) sees the values, never "auto"
+        preview_steps = preview_steps or run.detected.family.preview_steps
         if run.trains_text_encoder and run.clip is None:
             raise KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
         prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")
@@ -137,6 +152,9 @@ class KilnTrainSteps(io.ComfyNode):
         preview_images = torch.cat([img for _, img in outcome.previews], dim=0) if outcome.previews else chart
         last = result_state.history[-1] if result_state.history else (0, float("nan"), 0.0)
         text = f"{outcome.did} · step {last[0]} · loss {last[1]:.4f} · lr {last[2]:.3g}"
+        if resolved:
+            text += f" · auto for {run.detected.family.name}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float)
+                                                                         else f"{k} {v}" for k, v in resolved.items())
         if missing := outcome.missing_previews:
             text += f" · no snapshot kept for the previews of step {', '.join(map(str, missing))} (retrain renders them)"
         reporting.send_text(cls.hidden.unique_id, outcome.did)

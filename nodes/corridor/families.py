@@ -18,7 +18,7 @@ import comfy.model_sampling
 import comfy.utils
 import torch
 
-from ...lora_core.config import TARGET_PRESETS
+from ...lora_core.config import TARGET_PRESETS, AutoDefaults, auto_defaults
 from ...lora_core.formats.kohya import KohyaNaming
 from ...lora_core.formats.peft import PeftNaming, Piece
 from .errors import KilnUserError
@@ -49,6 +49,8 @@ class Family:
     preview_cfg: float = 7.0  # CFG for previews; 1.0 for guidance-distilled models (no negative pass)
     inplace_residuals: bool = False  # its blocks add residuals in place (FLUX): LayerNorm inputs copied while training
     in_channels: int = 0  # the network's own input channels where they differ from the latent's (Chroma: 2x2 packed)
+    preview_steps: int = 20  # sampler steps of a preview when Train Steps' preview_steps is 0 (auto)
+    auto: AutoDefaults | None = None  # what Train Steps' "auto" settings mean for it; None: by its objective
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -139,6 +141,11 @@ class Detected:
     @property
     def v_prediction(self) -> bool:
         return self.objective.prediction_type == "v_prediction"
+
+    @property
+    def auto_defaults(self) -> AutoDefaults:
+        """What Train Steps' ``auto`` settings are for this model (the family's, else its objective's)."""
+        return self.family.auto or auto_defaults(self.objective.prediction_type)
 
 
 def model_type_name(patcher: Any) -> str:

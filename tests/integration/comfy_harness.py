@@ -193,6 +193,13 @@ class ComfyServer:
     def interrupt(self) -> None:
         self.post("/interrupt", {})
 
+    def defaults(self, node_type: str) -> dict[str, Any]:
+        """The inputs a freshly placed ``node_type`` has (every input with a default, from /object_info)."""
+        info = self.get(f"/object_info/{node_type}")[node_type]["input"]
+        return {name: spec[1]["default"] for group in ("required", "optional")
+                for name, spec in info.get(group, {}).items()
+                if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
+
     # ---- running workflows ----
     def run(self, prompt: dict[str, Any], timeout: float = 600, on_message: Any = None,
             extra_data: dict[str, Any] | None = None) -> Result:

@@ -204,6 +204,24 @@ def test_flux_refuses_min_snr_and_text_encoder_training_by_name(flux):
     assert "train_text_encoder is not offered for FLUX.1" in result.error["exception_message"]
 
 
+def test_a_freshly_placed_train_steps_trains_flux_on_its_auto_defaults(flux):
+    """Train Steps as placed (every input at its /object_info default: min_snr_gamma and timestep_sampling auto)
+    trains FLUX.1; the node says what auto chose, and the run trains what an explicit flow setting trains."""
+    defaults = flux.defaults("KilnTrainSteps")
+    assert defaults["min_snr_gamma"] == -1.0 and defaults["timestep_sampling"] == "auto"
+    graph = train_graph("flux_auto", steps=1)
+    graph["4"]["inputs"] = {**defaults, "state": ["7", 0], "dataset": ["6", 0], "steps": 1, "precision": "fp32"}
+    graph["8"] = {"class_type": "KilnTrainSteps", "inputs": {**graph["4"]["inputs"], "min_snr_gamma": 0.0,
+                                                            "timestep_sampling": "logit_normal"}}
+    graph["9"] = {"class_type": "KilnSaveLoRA", "inputs": {**graph["5"]["inputs"], "state": ["8", 0],
+                                                           "filename": "flux_explicit"}}
+    result = flux.run(graph, timeout=1200)
+    assert result.status == "success", result.error
+    auto, explicit = result.history["outputs"]["4"], result.history["outputs"]["8"]
+    assert "auto for FLUX.1: min_snr_gamma 0, timestep_sampling logit_normal" in auto["text"][0]
+    assert auto["kiln_history"] == explicit["kiln_history"]
+
+
 def test_flux_trains_on_fp8_stored_weights_and_chained_steps_continue_exactly(flux, trained):
     """UNETLoader with weight_dtype fp8_e4m3fn keeps the weights in fp8 (ComfyUI casts them per layer; nothing
     dequantises the model): 1 + 1 chained Train Steps and one 2-step node, from one Inject LoRA, give bit-identical

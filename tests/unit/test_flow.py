@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lora_core import AdapterConfig, AdapterSet, TrainConfig, Trainer, TrainState
+from lora_core.config import AUTO_GAMMA, auto_defaults
 from lora_core.data.latents import LatentDataset, LatentItem
 from lora_core.diffusion import (
     check_objective,
@@ -193,3 +194,37 @@ def test_ddpm_settings_on_a_flow_model_and_flow_settings_on_a_ddpm_model_are_ref
     with pytest.raises(ValueError, match="min_snr_gamma"):
         Trainer(model, {"m": model.net}).run(TrainState.from_adapters(adapters), LatentDataset(items),
                                              TrainConfig(steps=1, min_snr_gamma=5.0))
+
+
+def test_auto_settings_resolve_per_objective_and_explicit_ones_stay():
+    """``auto`` (the node's default) is min-SNR 5 + uniform on DDPM models and no min-SNR + logit-normal on flow
+    models; an explicit value is kept, so a wrong one is still refused by name."""
+    auto = TrainConfig(min_snr_gamma=AUTO_GAMMA, timestep_sampling="auto")
+    assert auto.auto_fields == ("min_snr_gamma", "timestep_sampling")
+    flow = auto.resolved(auto_defaults("flow"))
+    ddpm = auto.resolved(auto_defaults("v_prediction"))
+    assert (flow.min_snr_gamma, flow.timestep_sampling, flow.auto_fields) == (0.0, "logit_normal", ())
+    assert (ddpm.min_snr_gamma, ddpm.timestep_sampling) == (5.0, "uniform")
+    check_objective(flow, "flow")
+    explicit = TrainConfig(min_snr_gamma=5.0, timestep_sampling="auto").resolved(auto_defaults("flow"))
+    assert explicit.min_snr_gamma == 5.0 and explicit.timestep_sampling == "logit_normal"
+    with pytest.raises(ValueError, match=r"min_snr_gamma=5 .* set min_snr_gamma to 0"):
+        check_objective(explicit, "flow")
+    with pytest.raises(ValueError, match=r"min_snr_gamma \(-1 = auto\)=-2"):
+        TrainConfig(min_snr_gamma=-2.0)
+
+
+def test_a_flow_model_trains_on_the_auto_defaults_without_a_change():
+    """A freshly placed Train Steps (auto settings) on a flow model trains: the trainer resolves what the host left
+    at auto, and draws the logit-normal sigmas (the same first loss as an explicit logit_normal run)."""
+    model = FlowRegression()
+    items = tuple(LatentItem(torch.zeros(4, 2, 2), {"c": torch.zeros(1)}) for _ in range(2))
+
+    def first_loss(cfg: TrainConfig) -> float:
+        adapters = AdapterSet.create({"m": model.net}, AdapterConfig(rank=2, alpha=2, unet_targets="all"), seed=0)
+        state = Trainer(model, {"m": model.net}).run(TrainState.from_adapters(adapters), LatentDataset(items), cfg).state
+        return state.history[0][1]
+
+    auto = first_loss(TrainConfig(steps=1, min_snr_gamma=AUTO_GAMMA, timestep_sampling="auto"))
+    assert auto == first_loss(TrainConfig(steps=1, timestep_sampling="logit_normal"))
+    assert auto != first_loss(TrainConfig(steps=1, timestep_sampling="uniform"))
