@@ -16,10 +16,17 @@ from ._validate import check_choice, check_int, check_range
 # The UNet families' names (to_q ... proj_out), the MMDiT's (SD3: attn.qkv, attn.proj, mlp.fc1 ...) and FLUX.1's
 # (img_attn.qkv ... txt_mlp.2; a single-stream block's linear1/linear2 are its fused qkv+MLP-in / out+MLP-out, so they
 # count as attention): a model has only one set of names, so one preset serves all. Modulation layers only in "all".
+# Z-Image's NextDiT: attention.qkv / attention.out and the SwiGLU feed_forward.w1/w2/w3 (its refiners' too); Qwen-Image
+# (diffusers' names): to_q ... to_out.0 and the text stream's add_q_proj ... to_add_out, img_mlp / txt_mlp. FLUX.2
+# uses FLUX.1's names.
 ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj",
-                                 "img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
-FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "mlp.fc1", "mlp.fc2",
-                               "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")
+                                 "img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2",
+                                 "attention.qkv", "attention.out", "add_q_proj", "add_k_proj", "add_v_proj",
+                                 "to_add_out")
+FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", r"re:.+\.proj_in", r"re:.+\.proj_out", "mlp.fc1", "mlp.fc2",
+                               "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2", "feed_forward.w1",
+                               "feed_forward.w2", "feed_forward.w3", "img_mlp.net.0.proj", "img_mlp.net.2",
+                               "txt_mlp.net.0.proj", "txt_mlp.net.2")
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
     "attn": ATTN_TARGETS,

@@ -42,7 +42,7 @@ DIGEST_FORMAT = "lora-kiln.run-digest/1"
 # Train Steps inputs that only change what is shown or written: never part of the digest (unit-tested against the
 # node's inputs: every other input must reach TrainConfig through the settings table).
 PRESENTATION_INPUTS = frozenset({"save_every", "preview_every", "preview_prompt", "preview_seed", "preview_size",
-                                 "preview_steps", "retrain", "keep_checkpoints"})
+                                 "preview_steps", "preview_cfg", "retrain", "keep_checkpoints"})
 
 SAMPLES_PER_TENSOR = 1024  # values sampled from each tensor of a base model (all of a smaller tensor)
 

@@ -79,6 +79,7 @@ class RunConfig:
     sample_every: int = 0
     sample_size: int = 512
     sample_steps: int = 0  # 0: the family's usual count (auto)
+    sample_cfg: float = 0.0  # 0: the family's usual CFG (auto)
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_prompts, str):
@@ -128,6 +129,7 @@ class RunConfig:
         check_int("sample_every", self.sample_every, 0, 10_000_000)
         check_int("sample_size", self.sample_size, 64, 2048)
         check_int("sample_steps", self.sample_steps, 0, 200)
+        check_range("sample_cfg", self.sample_cfg, 0.0, 30.0)
         check_range("dropout", self.dropout, 0.0, 0.9)
         if self.sample_every and not self.sample_prompts:
             raise ValueError("sample_every is set but sample_prompts is empty: give at least one prompt")

@@ -218,6 +218,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("sample_every", (f"{_T}.preview_every",)),
     S("sample_size", (f"{_T}.preview_size",)),
     S("sample_steps", (f"{_T}.preview_steps",)),
+    S("sample_cfg", (f"{_T}.preview_cfg",)),  # kohya's per-prompt --l; 0: the family's (auto)
     S(None, (f"{_T}.retrain",)),  # graph only: a finished run with the same digest is reused unless this is on
     S("save_precision", (f"{_S}.dtype",)),
     S(None, (f"{_S}.save_checkpoint",), fixed=True),

@@ -40,6 +40,18 @@ for FLUX.1:
 - ``chroma``: 1 + 1 blocks (631 M parameters, 278 M of them the modulation network); ``chroma_full``: 19 + 38
   blocks (8.9 B), for GPU benchmarks
 
+FLUX.2 (ComfyUI v0.33+) is detected from real shapes (hidden size from ``img_in``, 128-wide heads, the context width
+from ``txt_in``, block counts, ``guidance_in``), so it can be tiny; its text encoder and VAE are loaded separately:
+
+- ``flux2``: Klein-like (no guidance input), hidden 128 (one head), context 192 (three stacked layers of a 64-wide
+  Qwen3: the tests' tiny encoder), 1 + 1 blocks (1 M parameters); ``flux2_dev``: the same with a guidance input
+- ``flux2_klein4b_full``: the FLUX.2 Klein 4B layout (hidden 3072, context 7680, 5 + 20 blocks), for GPU benchmarks
+
+``--vae-kind`` picks the ``--vae`` file: ``taesd16`` (FLUX.1, Chroma, Z-Image), ``taef2`` (FLUX.2's tiny autoencoder:
+128 packed channels at 1/16; ``--vae DIR/taef2`` writes ``taef2_encoder`` / ``taef2_decoder`` files for
+models/vae_approx, which VAELoader offers as ``taef2``) or ``wan21`` (a tiny Wan 2.1 video VAE, dim 8: Qwen-Image's
+and Wan's latent space).
+
 The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
 configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
 ``taesd_decoder`` weights; 16 latent channels for SD3), all random.
@@ -92,8 +104,12 @@ MMDIT_CONFIGS = {
 FLUX_CONFIGS = {"flux": (1, 1, True), "flux_schnell": (1, 1, False), "flux_full": (19, 38, True)}
 # Chroma: (double blocks, single blocks)
 CHROMA_CONFIGS = {"chroma": (1, 1), "chroma_full": (19, 38)}
-SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS)
-DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS)  # diffusion-model files for UNETLoader (bf16), flow models
+# FLUX.2: (hidden size, context width, double blocks, single blocks, guidance input)
+FLUX2_CONFIGS = {"flux2": (128, 192, 1, 1, False), "flux2_dev": (128, 192, 1, 1, True),
+                 "flux2_klein4b_full": (3072, 7680, 5, 20, False)}
+SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS)
+DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS)  # diffusion-model files for UNETLoader (bf16), flow models
+VAE_KINDS = ("taesd16", "taef2", "wan21")
 
 
 def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> dict:
@@ -106,7 +122,8 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
     if size in DIT_FILES:
         if vpred or ztsnr:
             raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
-        model = build_flux(size) if size in FLUX_CONFIGS else build_chroma(size)
+        model = build_flux(size) if size in FLUX_CONFIGS else build_flux2(size) if size in FLUX2_CONFIGS else \
+            build_chroma(size)
         return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     if size in MMDIT_CONFIGS:
         if vpred or ztsnr:
@@ -196,6 +213,54 @@ def build_chroma(size: str = "chroma", dtype=None):
                     **_newer_params(ChromaParams, txt_ids_dims=[], vec_in_dim=None))
     _init_(chroma)
     return chroma
+
+
+def build_flux2(size: str = "flux2", dtype=None):
+    """ComfyUI's own FLUX.2 network (``supported_models.Flux2``'s model, as its detection configures it for these
+    shapes), randomly initialised. ComfyUI v0.33+ only."""
+    import torch
+    from comfy import supported_models
+
+    hidden, context, depth, single, guidance = FLUX2_CONFIGS[size]
+    config = supported_models.Flux2({
+        "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": hidden // 128, "mlp_ratio": 3.0,
+        "theta": 2000, "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False,
+        "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0, "txt_ids_dims": [3],
+        "patch_size": 1, "in_channels": 128, "hidden_size": hidden, "context_in_dim": context, "vec_in_dim": None,
+        "depth": depth, "depth_single_blocks": single, "guidance_embed": guidance, "yak_mlp": False, "txt_norm": False})
+    config.set_inference_dtype(dtype or torch.float32, None)
+    model = config.get_model({}).diffusion_model
+    _init_(model)
+    return model
+
+
+def wan21_vae_state_dict(seed: int = 0, dim: int = 8) -> dict:
+    """A random Wan 2.1 VAE (what VAELoader builds for ``decoder.middle.0.residual.0.gamma`` & co) of width ``dim``:
+    16 latent channels at 1/8, images as one-frame videos (Qwen-Image's latent space)."""
+    import torch
+    from comfy.ldm.wan.vae import WanVAE
+
+    torch.manual_seed(seed)
+    vae = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
+    _init_(vae)
+    return {k: v.float() for k, v in vae.state_dict().items()}
+
+
+def vae_state_dict(kind: str = "taesd16", seed: int = 0) -> dict:
+    if kind == "wan21":
+        return wan21_vae_state_dict(seed)
+    return taesd_state_dict(128 if kind == "taef2" else 16, seed)
+
+
+def write_vae(path: str, kind: str = "taesd16", seed: int = 0) -> None:
+    sd = vae_state_dict(kind, seed)
+    if kind != "taef2":
+        _write(path, sd)
+        return
+    for half in ("encoder", "decoder"):  # VAELoader's load_taesd: <name>_encoder / <name>_decoder in vae_approx
+        prefix = f"taesd_{half}."
+        _write(f"{path}_{half}.safetensors", {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
 
 
 def _newer_params(params_class, **values) -> dict:
@@ -340,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vpred", action="store_true", help="mark it v-prediction (the v_pred key)")
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
-    parser.add_argument("--vae", help="also write a 16-channel TAESD VAE file here (for FLUX.1's VAELoader)")
+    parser.add_argument("--vae", help="also write a VAE file here (for VAELoader; --vae-kind picks which)")
+    parser.add_argument("--vae-kind", choices=VAE_KINDS, default="taesd16",
+                        help="taesd16 (FLUX.1, Chroma, Z-Image), taef2 (FLUX.2; --vae DIR/taef2), wan21 (Qwen-Image)")
     parser.add_argument("--quant", choices=QUANT_FORMATS,
                         help="store the diffusion model's Linear weights quantized (legacy scaled_fp8, comfy_quant fp8 or int8)")
     args = parser.parse_args(argv)
@@ -356,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     write_checkpoint(args.out, args.size, args.seed, vpred=args.vpred, ztsnr=args.ztsnr, quant=args.quant)
     logger.info("wrote %s", args.out)
     if args.vae:
-        _write(args.vae, taesd_state_dict(16, args.seed))
+        write_vae(args.vae, args.vae_kind, args.seed)
         logger.info("wrote %s", args.vae)
     return 0
 

@@ -103,6 +103,10 @@ class KilnTrainSteps(io.ComfyNode):
                 io.Int.Input("keep_checkpoints", default=0, min=0, max=10_000, optional=True, tooltip=(
                     "Keep only the newest N save_every checkpoints of this run (0 = keep all). The checkpoint "
                     "written on Cancel is always kept; an old one is removed only after the new one is written.")),
+                io.Float.Input("preview_cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True, tooltip=(
+                    "CFG of the previews. 0 = auto: the model's usual value (7 for SD1/SDXL, 1 for guidance- or "
+                    "step-distilled models such as FLUX.1-dev and Z-Image Turbo, 4 for Chroma, Qwen-Image and "
+                    "others). Z-Image Base wants about 4 with 30 steps.")),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True, tooltip=(
                     "Flux.1-dev only (a guidance-distilled model): the guidance value the model is given while "
                     "training. 1.0 is kohya's recommendation for LoRAs; sample them with a FluxGuidance of about "
@@ -126,7 +130,8 @@ class KilnTrainSteps(io.ComfyNode):
                 save_every: int, preview_every: int, preview_prompt: str, preview_seed: int, preview_size: int,
                 preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0,
                 retrain: bool = False, timestep_sampling: str = AUTO, flow_shift: float = 0.0,
-                loss_weighting: str = "none", keep_checkpoints: int = 0, guidance: float = 1.0) -> io.NodeOutput:
+                loss_weighting: str = "none", keep_checkpoints: int = 0, guidance: float = 1.0,
+                preview_cfg: float = 0.0) -> io.NodeOutput:
         run = state
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
         config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, locals()))
@@ -142,7 +147,7 @@ class KilnTrainSteps(io.ComfyNode):
         request = RunRequest(
             run=run, dataset=dataset, config=config, steps=steps, save_every=save_every,
             keep_checkpoints=keep_checkpoints, retrain=retrain, node_id=cls.hidden.unique_id,
-            preview=PreviewSettings(prompt, preview_seed, preview_size, preview_steps, preview_every),
+            preview=PreviewSettings(prompt, preview_seed, preview_size, preview_steps, preview_every, preview_cfg),
         )
         outcome = TrainingRun(request).execute()
         result_state = outcome.state

@@ -144,6 +144,12 @@ ARCHITECTURES = {
     "flux1-dev": ("flux-1-dev", BFL_IMPLEMENTATION),
     "flux1-schnell": ("flux-1-schnell", BFL_IMPLEMENTATION),
     "chroma": ("chroma", CHROMA_IMPLEMENTATION),  # kohya: ss_base_model_version flux1, modelspec chroma
+    # the 2026 families: ss_base_model_version as ai-toolkit writes it, modelspec as musubi-tuner's sai_model_spec
+    "zimage": ("Z-Image", "https://github.com/Tongyi-MAI/Z-Image"),
+    "flux2": ("Flux.2-dev", "https://github.com/black-forest-labs/flux2"),
+    "flux2_klein_4b": ("Flux.2-klein-4b", "https://github.com/black-forest-labs/flux2"),
+    "flux2_klein_9b": ("Flux.2-klein-9b", "https://github.com/black-forest-labs/flux2"),
+    "qwen_image": ("Qwen-Image", "https://github.com/QwenLM/Qwen-Image"),
 }
 
 

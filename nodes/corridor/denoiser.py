@@ -46,6 +46,8 @@ class ComfyDiffusion:
         self.compute_dtype: torch.dtype | None = None  # set by the trainer for a run (its frozen-weight copies' dtype)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if getattr(self.base.latent_format, "latent_dimensions", 2) == 3 and latents.ndim == 4:
+            latents = latents.unsqueeze(2)  # an image as a one-frame video latent (Qwen-Image's Wan VAE space)
         return self.base.process_latent_in(latents)
 
     def conditioning(self, cond: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -57,6 +59,8 @@ class ComfyDiffusion:
         else:
             context, pooled = cond["context"], cond.get("pooled")
         names = self.family.extra_inputs
+        if names is None:
+            return self._extra_conds(context, pooled, device)
         if not names:
             return context, {}
         if pooled is None and "y" in names:
@@ -79,13 +83,44 @@ class ComfyDiffusion:
                 rows[name].append(conds[name].cond)
         return context, {name: torch.cat(r).to(device) for name, r in rows.items()}
 
+    def _extra_conds(self, context: torch.Tensor, pooled: torch.Tensor | None,
+                     device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Every input ComfyUI's ``extra_conds`` gives for each sample's text conditioning, as its sampler passes them:
+        the context it returns (a family may pad it: FLUX.2 to 512 tokens), tensors batched, constants (Z-Image's
+        ``num_tokens``) once (a batch holds captions of one length: the dataset batches by shape)."""
+        contexts: list[torch.Tensor] = []
+        rows: dict[str, list[Any]] = {}
+        for i in range(context.shape[0]):
+            kwargs: dict[str, Any] = {"device": device, "cross_attn": context[i : i + 1].to(device),
+                                      "pooled_output": None if pooled is None else pooled[i : i + 1].to(device)}
+            if self.detected.guidance:
+                kwargs["guidance"] = self.guidance
+            conds = self.base.extra_conds(**kwargs)
+            if "c_concat" in conds:
+                raise KilnUserError(f"{self.family.name} asks for a concatenated image input (c_concat), which a "
+                                    "text-to-image dataset lacks: load the plain text-to-image model")
+            contexts.append(conds.pop("c_crossattn").cond if "c_crossattn" in conds else kwargs["cross_attn"])
+            for name, value in conds.items():
+                rows.setdefault(name, []).append(value.cond)
+        extra: dict[str, Any] = {}
+        for name, values in rows.items():
+            if isinstance(values[0], torch.Tensor):
+                extra[name] = torch.cat(values).to(device)
+            elif all(v == values[0] for v in values):
+                extra[name] = values[0]
+            else:
+                raise KilnUserError(f"{self.family.name}: the samples of one batch differ in {name} ({values}); "
+                                    "train with batch_size 1")
+        return torch.cat(contexts), extra
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             dtype = x.dtype  # autocast picks each op's dtype
         else:
             dtype = self.compute_dtype or self.dtype  # fp32 when the trainer swapped fp32 copies in
         context, extra = self.conditioning(cond, x.device)
-        extra = {k: v.to(x.device, dtype) for k, v in extra.items()}
+        extra = {k: v.to(x.device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in extra.items()}
         # DDPM: integer timesteps as ComfyUI passes them; flow: the engine's sigmas on the network's timestep scale
         # (ComfyUI's model_sampling.timestep: sigma * multiplier, 1000 for SD3)
         timesteps = t.float() * self._timestep_scale

@@ -45,12 +45,20 @@ class Family:
     latent_channels: int = 4
     objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # what its model_sampling may be (else refused)
     export_format: str = "kohya"  # "kohya": lora_<prefix>_<path>.lora_down/up + alpha; "diffusers": peft keys
-    extra_inputs: tuple[str, ...] = ()  # the extra_conds outputs its network takes besides the context ("y", ...)
+    # the extra_conds outputs its network takes besides the context ("y", ...); None: every one ComfyUI's extra_conds
+    # gives for a text-to-image conditioning, as ComfyUI's sampler passes them (num_tokens, guidance, ...)
+    extra_inputs: tuple[str, ...] | None = ()
     preview_cfg: float = 7.0  # CFG for previews; 1.0 for guidance-distilled models (no negative pass)
     inplace_residuals: bool = False  # its blocks add residuals in place (FLUX): LayerNorm inputs copied while training
     in_channels: int = 0  # the network's own input channels where they differ from the latent's (Chroma: 2x2 packed)
     preview_steps: int = 20  # sampler steps of a preview when Train Steps' preview_steps is 0 (auto)
     auto: AutoDefaults | None = None  # what Train Steps' "auto" settings mean for it; None: by its objective
+    # ModelSamplingFlux models as loaded: the shift follows each bucket's size, (base mu, max mu or None = the
+    # model's own, latent pixels per token side); None: the shift ComfyUI samples the loaded model with
+    size_shift: tuple[float, float | None, int] | None = None
+    diffusers_map: str = ""  # export_format "diffusers": the comfy.utils function mapping diffusers keys to its layers
+    file_prefix: str = "transformer"  # export_format "diffusers": the key prefix of the file
+    generic: bool = False  # built from what ComfyUI knows of the model (no family entry)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -89,6 +97,7 @@ SD3 = Family(
     name="SD3/SD3.5", model_configs=("SD3",), text_encoders=(), unet_naming="mmdit",
     base_model_versions=("sd3", "sd3"),
     default_resolution=1024, latent_channels=16, objectives=("flow",), export_format="diffusers", extra_inputs=("y",),
+    diffusers_map="mmdit_to_diffusers",
 )
 # FLUX.1 dev and schnell (ComfyUI's Flux / FluxSchnell): a rectified-flow DiT of double- and single-stream blocks, fed
 # the T5 context, CLIP-L's pooled output (y) and, for dev (guidance-distilled), a guidance value. kohya's FLUX LoRA
@@ -98,7 +107,7 @@ SD3 = Family(
 FLUX = Family(
     name="FLUX.1", model_configs=("Flux", "FluxSchnell"), text_encoders=(), unet_naming="ldm",
     base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
-    extra_inputs=("y", "guidance"), preview_cfg=1.0, inplace_residuals=True,
+    extra_inputs=("y", "guidance"), preview_cfg=1.0, inplace_residuals=True, size_shift=(0.5, None, 2),
 )
 # Chroma (ComfyUI's Chroma): FLUX.1-schnell's double/single-stream blocks, de-distilled, with one small network (the
 # distilled_guidance_layer) computing every block's modulation instead of per-block modulation layers; T5-XXL alone
@@ -108,11 +117,39 @@ FLUX = Family(
 CHROMA = Family(
     name="Chroma", model_configs=("Chroma",), text_encoders=(), unet_naming="ldm",
     base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
-    extra_inputs=("guidance",), preview_cfg=4.0, inplace_residuals=True, in_channels=64,
+    extra_inputs=("guidance",), preview_cfg=4.0, inplace_residuals=True, in_channels=64, size_shift=(0.5, None, 2),
 )
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX, CHROMA)
-FLUX_BASE_SHIFT = 0.5  # ComfyUI's ModelSamplingFlux node: mu from 0.5 at 256 image tokens to max_shift at 4096
-FLUX_PATCH = 2  # FLUX.1 packs 2 x 2 latent pixels into one token
+# Z-Image Turbo and Base (ComfyUI's ZImage: a Lumina 2 NextDiT at width 3840, 30 layers + 2 + 2 refiners), Qwen3-4B as
+# its text encoder (CLIPLoader type lumina2), FLUX.1's 16-channel VAE, rectified flow with shift 3 (timestep = sigma;
+# the network reverses time and negates its output itself). The file is the layout ai-toolkit writes and diffusers'
+# ZImageLoraLoaderMixin reads: diffusion_model.<diffusers path>.lora_A/B, the fused qkv written as to_q/to_k/to_v rows
+# (ComfyUI maps them back through comfy.utils.z_image_to_diffusers). Previews as Turbo samples (8 steps, cfg 1).
+ZIMAGE = Family(
+    name="Z-Image", model_configs=("ZImage",), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("zimage", "zimage"), default_resolution=1024, latent_channels=16, objectives=("flow",),
+    export_format="diffusers", diffusers_map="z_image_to_diffusers", file_prefix="diffusion_model",
+    extra_inputs=None, preview_cfg=1.0, preview_steps=8,
+)
+# FLUX.2 dev (Mistral-3 24B text encoder, guidance-distilled) and Klein 4B / 9B (Qwen3 4B / 8B, CLIPLoader type flux2;
+# no guidance input): FLUX.1's double/single-stream blocks with global modulation, 128-channel latents (the VAE's 32
+# channels packed 2 x 2: one token per latent pixel), residuals added in place. Trained with musubi-tuner's flux2_shift
+# (mu from 0.5 at 256 tokens to 1.15 at 4096, per bucket); the file is kohya's FLUX layout (lora_unet_double_blocks_0_
+# img_attn_qkv ...), as musubi writes it: ComfyUI maps it directly, diffusers' Flux2LoraLoaderMixin converts it.
+FLUX2 = Family(
+    name="FLUX.2", model_configs=("Flux2",), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("flux2", "flux2"), default_resolution=1024, latent_channels=128, objectives=("flow",),
+    extra_inputs=None, preview_cfg=1.0, inplace_residuals=True, size_shift=(0.5, 1.15, 1),
+)
+# Qwen-Image (ComfyUI's QwenImage: a 20 B MMDiT with diffusers' own module names, Qwen2.5-VL 7B via CLIPLoader type
+# qwen_image, the Wan 2.1 VAE: latents [16, 1, h, w]), rectified flow at the shift ComfyUI samples it with. kohya
+# file layout (lora_unet_transformer_blocks_0_attn_to_q ...) as musubi-tuner writes it; ComfyUI and diffusers'
+# QwenImageLoraLoaderMixin load it. Qwen-Image-Edit (reference images) is a different model class and refused.
+QWEN_IMAGE = Family(
+    name="Qwen-Image", model_configs=("QwenImage",), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("qwen_image", "qwen_image"), default_resolution=1024, latent_channels=16,
+    objectives=("flow",), extra_inputs=None, preview_cfg=4.0, in_channels=64,
+)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX, CHROMA, ZIMAGE, FLUX2, QWEN_IMAGE)
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
 
 
@@ -152,30 +189,96 @@ def model_type_name(patcher: Any) -> str:
     return type(patcher.model.model_config).__name__
 
 
+# Models no family entry claims and the generic path must not train: ComfyUI's class name -> why (shown to the user).
+# Everything else ComfyUI loads trains through the generic path when its sampling is one Kiln trains (:func:`objective`).
+_PIXELS = "works in pixel space (no VAE latents); LoRA Kiln trains latent diffusion models"
+_VIDEO = "is a video model: video LoRAs are not supported yet (train an image model)"
+_AUDIO = "is an audio model; LoRA Kiln trains image models"
+_THREE_D = "generates 3D assets or views; LoRA Kiln trains text-to-image models"
+_NOT_DIFFUSION = "is not a diffusion model (detection / segmentation / depth); there is nothing to train a LoRA for"
+_NEEDS_IMAGE = "needs an input image per sample (edit / inpaint / image-conditioned), which a text-to-image dataset lacks"
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(("ChromaRadiance", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "HiDreamO1"), _PIXELS),
+    **dict.fromkeys(("SVD_img2vid", "GenmoMochi", "LTXV", "LTXAV", "MiniMaxH3", "HunyuanVideo", "HunyuanVideoI2V",
+                     "HunyuanVideoSkyreelsI2V", "HunyuanVideo15", "HunyuanVideo15_SR_Distilled", "CosmosT2V",
+                     "CosmosI2V", "CosmosI2VPredict2", "Kandinsky5", "CogVideoX_T2V", "CogVideoX_I2V",
+                     "CogVideoX_Inpaint", "SeedVR2"), _VIDEO),
+    **dict.fromkeys(("StableAudio", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3"), _AUDIO),
+    **dict.fromkeys(("Stable_Zero123", "SV3D_u", "SV3D_p", "Hunyuan3Dv2", "Hunyuan3Dv2_1", "Hunyuan3Dv2mini",
+                     "Trellis2", "TripoSplat"), _THREE_D),
+    **dict.fromkeys(("RT_DETR_v4", "DepthAnything3", "SAM3", "SAM31", "LotusD"), _NOT_DIFFUSION),
+    **dict.fromkeys(("SD15_instructpix2pix", "SDXL_instructpix2pix", "FluxInpaint", "SD21UnclipL", "SD21UnclipH",
+                     "SD_X4Upscaler"), _NEEDS_IMAGE),
+    "SDXLRefiner": "is the SDXL refiner (aesthetic-score conditioning, applied after the base): train the SDXL base",
+    "HunyuanImage21Refiner": "is HunyuanImage 2.1's refiner, applied after the base: train the base model",
+    "Stable_Cascade_C": "is Stable Cascade's two-stage Wuerstchen prior, whose sampling LoRA Kiln does not train",
+    "Stable_Cascade_B": "is Stable Cascade's two-stage Wuerstchen decoder, whose sampling LoRA Kiln does not train",
+}
+
+
+def _is_video(config_name: str) -> bool:
+    return config_name.startswith(("WAN", "Wan", "CogVideo", "HunyuanVideo", "Cosmos")) or "2V" in config_name
+
+
+def refusal(config_name: str) -> str | None:
+    """Why ``config_name`` (a ComfyUI supported_models class) is refused, or None when Kiln trains it."""
+    if any(config_name in f.model_configs for f in FAMILIES):
+        return None
+    if config_name in REFUSED:
+        return REFUSED[config_name]
+    return _VIDEO if _is_video(config_name) else None
+
+
+def generic_family(patcher: Any) -> Family:
+    """A :class:`Family` built from what ComfyUI knows of a model no entry claims: its latent format, every extra
+    input its own ``extra_conds`` gives (as ComfyUI's sampler passes them), the kohya layout of its own module paths
+    (``lora_unet_<path>``, which ComfyUI's LoraLoader maps for every model), LayerNorm inputs copied while training
+    (a block may add residuals in place). The objective is still read from its ``model_sampling``."""
+    base = patcher.model
+    name = model_type_name(patcher)
+    latent = base.latent_format
+    return Family(
+        name=name, model_configs=(name,), text_encoders=(), unet_naming="ldm",
+        base_model_versions=(name.lower(), name.lower()), default_resolution=1024,
+        latent_channels=int(latent.latent_channels), objectives=("epsilon", "v_prediction", "flow"),
+        extra_inputs=None, preview_cfg=4.0, inplace_residuals=True,
+        in_channels=int(base.model_config.unet_config.get("in_channels") or latent.latent_channels), generic=True,
+    )
+
+
 def detect(patcher: Any) -> Detected:
-    """The family and objective of a MODEL, or a :class:`KilnUserError` naming the model and what is supported."""
+    """The family and objective of a MODEL, or a :class:`KilnUserError` naming the model and why it is refused."""
     base = patcher.model
     config_name = model_type_name(patcher)
     family = next((f for f in FAMILIES if config_name in f.model_configs), None)
-    if family is None:
+    why = refusal(config_name)
+    if why is not None:
         raise KilnUserError(
-            f"LoRA Kiln cannot train {config_name} models yet (model class {type(base).__name__}); it trains "
-            f"{SUPPORTED}. Load a checkpoint of one of those."
+            f"LoRA Kiln cannot train {config_name} models (model class {type(base).__name__}): it {why}. Kiln trains "
+            f"{SUPPORTED} with their own entries and other image models ComfyUI loads generically (README, Model "
+            "families)."
         )
-    if getattr(base, "concat_keys", ()) or _in_channels(base) != (family.in_channels or family.latent_channels):
+    if family is None:
+        family = generic_family(patcher)
+    if getattr(base, "concat_keys", ()) or _in_channels(base, family) != (family.in_channels or family.latent_channels):
         raise KilnUserError(
-            f"this {family.name} checkpoint is an inpainting/depth/instruct variant ({_in_channels(base)} input "
+            f"this {family.name} checkpoint is an inpainting/depth/instruct variant ({_in_channels(base, family)} input "
             f"channels, extra inputs {list(getattr(base, 'concat_keys', ()))}); LoRA Kiln trains the plain "
             f"text-to-image {family.name} model. Load the base checkpoint."
         )
-    found = objective(patcher)
+    unet_config = base.model_config.unet_config
+    if family is QWEN_IMAGE and (unet_config.get("default_ref_method") or unet_config.get("use_additional_t_cond")):
+        raise KilnUserError(
+            "this Qwen-Image checkpoint is an edit / layered variant (Qwen-Image-Edit-2511, Qwen-Image-Layered): it "
+            "needs a reference image per sample, which Load Dataset does not carry yet. Train the Qwen-Image base model."
+        )
+    found = objective(patcher, family)
     if found.prediction_type not in family.objectives:
         raise KilnUserError(
             f"this {family.name} model samples as {found.prediction_type}, but {family.name} trains as "
             f"{' / '.join(family.objectives)}: remove the sampling patch (ModelSampling* node) between the loader and "
             "Inject LoRA"
         )
-    unet_config = base.model_config.unet_config
     if family is SD3:
         return Detected(family, found, sd3_variant(unet_config))
     if family is FLUX:
@@ -184,14 +287,23 @@ def detect(patcher: Any) -> Detected:
                         guidance=guidance)
     if family is CHROMA:
         return Detected(family, found, "flux1", model_spec="chroma")
+    if family is FLUX2:
+        guidance = bool(unet_config.get("guidance_embed"))
+        return Detected(family, found, flux2_variant(unet_config), guidance=guidance)
     return Detected(family, found, family.base_model_versions[found.prediction_type == "v_prediction"])
 
 
-def _in_channels(base: Any) -> int:
-    return int(base.model_config.unet_config.get("in_channels", 4))
+def flux2_variant(unet_config: dict[str, Any]) -> str:
+    """ai-toolkit's ss_base_model_version for a FLUX.2 model, told apart by the width of its text input: Klein 4B
+    (Qwen3 4B: 3 x 2560), Klein 9B (Qwen3 8B: 3 x 4096), else dev (Mistral-3 24B)."""
+    return {7680: "flux2_klein_4b", 12288: "flux2_klein_9b"}.get(int(unet_config.get("context_in_dim", 0)), "flux2")
 
 
-def objective(patcher: Any) -> Objective:
+def _in_channels(base: Any, family: Family) -> int:
+    return int(base.model_config.unet_config.get("in_channels") or family.in_channels or family.latent_channels)
+
+
+def objective(patcher: Any, family: Family | None = None) -> Objective:
     """The parametrisation and noise schedule ComfyUI samples this model with, or a refusal naming it.
 
     Accepted: ComfyUI's discrete 1000-step schedule with an exactly epsilon or v parametrisation (SD1/SD2/SDXL, its
@@ -212,10 +324,12 @@ def objective(patcher: Any) -> Objective:
     if schedule is ms.ModelSamplingFlux and parametrisation is ms.CONST:
         # FLUX.1-dev: sigma = e^mu / (e^mu + 1/t - 1), the network's timestep is sigma itself. As loaded, mu is the
         # 1024 px value and ComfyUI's ModelSamplingFlux node would set it per image size: trained the same way,
-        # per batch; a ModelSamplingFlux node before Inject LoRA fixes it (its shift is then trained with)
+        # per batch (the family's size_shift); a ModelSamplingFlux node before Inject LoRA fixes it (its shift is
+        # then trained with). Families without a size_shift train at the shift the loaded model samples with.
         mu = float(sampling.shift)
         patched = "model_sampling" in getattr(patcher, "object_patches", {})
-        by_size = None if patched else (FLUX_BASE_SHIFT, mu, FLUX_PATCH)
+        size_shift = family.size_shift if family is not None else None
+        by_size = None if patched or size_shift is None else (size_shift[0], size_shift[1] or mu, size_shift[2])
         return Objective("flow", torch.empty(0), flow_shift=math.exp(mu), timestep_multiplier=1.0,
                          flow_shift_by_size=by_size)
     kinds = {ms.EPS: "epsilon", ms.V_PREDICTION: "v_prediction"}
@@ -226,8 +340,8 @@ def objective(patcher: Any) -> Objective:
         raise KilnUserError(
             f"this model samples with {schedule.__name__} + {getattr(parametrisation, '__name__', '?')}{steps}; "
             "LoRA Kiln trains the discrete 1000-step epsilon or v-prediction schedule of SD1.x/SD2.x/SDXL (a "
-            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and the rectified flow of SD3, FLUX.1 and "
-            "Chroma (ModelSamplingDiscreteFlow, ModelSamplingFlux). Remove LCM/x0/EDM sampling patches from the MODEL "
+            "ModelSamplingDiscrete node set to eps or v_prediction is fine) and rectified flow (ModelSamplingDiscreteFlow, "
+            "ModelSamplingFlux: SD3, FLUX, Z-Image, Qwen-Image, ...). Remove LCM/x0/EDM sampling patches from the MODEL "
             "you connect to Inject LoRA, or load a checkpoint Kiln supports."
         )
     sigmas = sigmas.detach().float().cpu()
@@ -236,11 +350,11 @@ def objective(patcher: Any) -> Objective:
 
 def lora_naming(patcher: Any, family: Family | None = None) -> KohyaNaming | PeftNaming:
     """The file names of a family's layers: kohya names with diffusers paths for SD1/SD2 UNets (ComfyUI's own LDM ->
-    diffusers map), kohya names with LDM paths for SDXL, diffusers' SD3 layout for the MMDiT (ComfyUI's own MMDiT ->
-    diffusers map: fused qkv -> to_q/to_k/to_v rows, adaLN outputs in diffusers' order)."""
+    diffusers map), kohya names with the model's own paths for SDXL, FLUX, Qwen-Image and every generic model,
+    diffusers' layout for SD3 and Z-Image (ComfyUI's own diffusers maps: fused qkv -> to_q/to_k/to_v rows)."""
     family = family or detect(patcher).family
     if family.export_format == "diffusers":
-        return _mmdit_naming(patcher)
+        return _diffusers_naming(patcher, family)
     prefixes = {"unet": "lora_unet", **{t.component: t.kohya_prefix for t in family.text_encoders}}
     if family.unet_naming == "ldm":
         return KohyaNaming(path_maps={}, prefixes=prefixes)
@@ -253,9 +367,12 @@ def lora_naming(patcher: Any, family: Family | None = None) -> KohyaNaming | Pef
     return KohyaNaming(path_maps={"unet": ldm_to_diffusers}, prefixes=prefixes)
 
 
-def _mmdit_naming(patcher: Any) -> PeftNaming:
+def _diffusers_naming(patcher: Any, family: Family) -> PeftNaming:
+    """The family's diffusers layout from ComfyUI's own diffusers -> model key map (the one its LoraLoader uses):
+    a fused layer written as its row pieces (qkv -> to_q/to_k/to_v), adaLN outputs in diffusers' order."""
     inner = "diffusion_model."
-    mapping = comfy.utils.mmdit_to_diffusers(patcher.model.model_config.unet_config, output_prefix=inner)
+    to_diffusers = getattr(comfy.utils, family.diffusers_map)
+    mapping = to_diffusers(patcher.model.model_config.unet_config, output_prefix=inner)
     present = set(patcher.model.diffusion_model.state_dict())
     pieces: dict[str, list[Piece]] = {}
     for diffusers_key, target in mapping.items():
@@ -277,7 +394,8 @@ def _mmdit_naming(patcher: Any) -> PeftNaming:
             continue  # a layer this variant has not got (attn2, qk-norm, ...)
         pieces.setdefault(f"unet.{path[: -len('.weight')]}", []).append(
             Piece(diffusers_key[: -len(".weight")], rows, swap))
-    return PeftNaming({name: tuple(sorted(p, key=lambda x: x.rows or (0, 0))) for name, p in pieces.items()})
+    return PeftNaming({name: tuple(sorted(p, key=lambda x: x.rows or (0, 0))) for name, p in pieces.items()},
+                      prefix=family.file_prefix)
 
 
 def sd3_variant(unet_config: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import comfy.sample
 import folder_paths
 import torch
 
+from . import compat
 from .families import Family
 from .text_encoders import encode_caption
 
@@ -34,7 +35,12 @@ def sample_preview(
     # in inference mode, as every ComfyUI sampler runs (a preview mid-training included): ComfyUI's own loading and
     # moving of models expects it (quantized layers re-wrap their weights otherwise)
     with torch.inference_mode():
-        latent = torch.zeros(1, family.latent_channels, height // 8, width // 8)
+        # the empty latent ComfyUI's own Empty*LatentImage node gives this VAE (FLUX.2: 128 channels at 1/16; Qwen-Image:
+        # a one-frame video latent)
+        down = compat.vae_downscale(vae)
+        channels = int(getattr(vae, "latent_channels", family.latent_channels))
+        frames = (1,) if getattr(vae, "latent_dim", 2) == 3 else ()
+        latent = torch.zeros(1, channels, *frames, height // down, width // down)
         noise = comfy.sample.prepare_noise(latent, seed)
         samples = comfy.sample.sample(
             patcher, noise, steps, cfg, "euler", "normal", conditioning(prompt), conditioning(""), latent, seed=seed,

@@ -113,7 +113,7 @@ def full_config(folder: Path) -> RunConfig:
         "max_steps": 7, "learning_rate": 2e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 5, "optimizer": "lion",
         "mixed_precision": "bf16", "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05,
         "max_grad_norm": 2.5, "save_steps": 9, "save_precision": "bf16", "seed": 42, "sample_prompts": ["a cat"],
-        "sample_every": 10, "sample_size": 256, "sample_steps": 12, "timestep_sampling": "logit_normal",
+        "sample_every": 10, "sample_size": 256, "sample_steps": 12, "sample_cfg": 3.5, "timestep_sampling": "logit_normal",
         "discrete_flow_shift": 3.5, "weighting_scheme": "cosmap", "keep_checkpoints": 2, "guidance_scale": 3.5,
     })
     defaults = RunConfig.from_mapping({"base_model": "x", "train_data_dir": "y", "max_steps": 1})
@@ -140,7 +140,7 @@ def test_graph_is_the_hand_wired_graph(tmp_path):
               "precision": "bf16", "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05,
               "save_every": 9, "preview_every": 10, "preview_prompt": "a cat", "preview_seed": 42, "preview_size": 256,
               "preview_steps": 12, "text_encoder_lr": 5e-5, "max_grad_norm": 2.5, "timestep_sampling": "logit_normal",
-              "flow_shift": 3.5, "loss_weighting": "cosmap", "keep_checkpoints": 2, "guidance": 3.5},
+              "flow_shift": 3.5, "loss_weighting": "cosmap", "keep_checkpoints": 2, "guidance": 3.5, "preview_cfg": 3.5},
         "5": {"state": ["4", 0], "filename": "cat", "dtype": "bf16", "save_checkpoint": True},
     }
 

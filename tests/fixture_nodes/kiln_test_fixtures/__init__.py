@@ -11,6 +11,20 @@ the tests use 32: 48 instead of 272 tokens per 64 px image, five times faster st
 (unpadded captions, all-pad negatives), with the same one-layer T5.
 Real users load their encoders with DualCLIPLoader / CLIPLoader (README, "FLUX.1", "Chroma"). Never shipped: the
 integration harness links this folder into the test server's custom_nodes only.
+
+The 2026 families (ComfyUI v0.33+):
+
+- ``TestTinyQwenCLIP`` is what ``CLIPLoader(<Qwen file>, type)`` gives for Z-Image (``lumina2``: Qwen3-4B, the
+  second-to-last layer), FLUX.2 Klein (``flux2``: Qwen3-4B, layers 9/18/27 stacked, padded to 512 tokens) and
+  Qwen-Image (``qwen_image``: Qwen2.5-VL 7B's last layer, the system prompt cut off): ComfyUI's own tokenizers and
+  encoder classes, in a 64-wide configuration (``<model>_model_config``, which ComfyUI's SDClipModel merges into the
+  config; Qwen-Image's vision tower is shrunk the same way). CLIPLoader cannot load a tiny one: its type detection
+  reads the 2560 / 3584 widths of the real files.
+- ``TestTinyDiffusionModel`` loads a tiny Z-Image or Qwen-Image through ComfyUI's own
+  ``load_diffusion_model_state_dict`` (dtype choice, model patcher, fp8 weights as UNETLoader gives them) with the
+  detection step answered for it: ComfyUI detects Z-Image only at its real width 3840 (909 M parameters for one
+  layer) and Qwen-Image at fixed widths (380 M for one block), too big for CPU tests. FLUX.2 needs no fixture: its
+  detection reads real shapes, so ``nodes/tiny_checkpoint.py --size flux2`` writes a file UNETLoader loads.
 """
 
 from __future__ import annotations
@@ -111,4 +125,94 @@ class TestTinyChromaCLIP:
         return (clip,)
 
 
-NODE_CLASS_MAPPINGS = {"TestTinyFluxCLIP": TestTinyFluxCLIP, "TestTinyChromaCLIP": TestTinyChromaCLIP}
+TINY_QWEN = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+# CLIPLoader type -> (te factory, tokenizer, model name, layers): Z-Image reads layer -2 (3+), Klein layer 27 (28+)
+QWEN_KINDS = ("lumina2", "flux2", "qwen_image")
+
+
+def _qwen_target(kind: str):
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.z_image
+
+    if kind == "lumina2":
+        return comfy.text_encoders.z_image.te(), comfy.text_encoders.z_image.ZImageTokenizer, "qwen3_4b", 3
+    if kind == "flux2":
+        return (comfy.text_encoders.flux.klein_te(model_type="qwen3_4b"), comfy.text_encoders.flux.KleinTokenizer,
+                "qwen3_4b", 28)
+    return comfy.text_encoders.qwen_image.te(), comfy.text_encoders.qwen_image.QwenImageTokenizer, "qwen25_7b", 2
+
+
+class TestTinyQwenCLIP:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"type": (list(QWEN_KINDS),), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, type: str, seed: int):  # noqa: A002 (CLIPLoader's input name)
+        import comfy.text_encoders.qwen_vl
+
+        te, tokenizer, model_name, layers = _qwen_target(type)
+        cpu = torch.device("cpu")
+        options = {f"{model_name}_model_config": {**TINY_QWEN, "num_hidden_layers": layers}, "dtype": torch.float32,
+                   "load_device": cpu, "offload_device": cpu, "initial_device": cpu}
+        vision = comfy.text_encoders.qwen_vl.Qwen2VLVisionTransformer
+        if type == "qwen_image":  # Qwen2.5-VL always builds its 0.67 B vision tower: a 32-wide one-layer one here
+            def tiny_vision(**kw):
+                return vision(**{**kw, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "num_layers": 1})
+            comfy.text_encoders.qwen_vl.Qwen2VLVisionTransformer = tiny_vision
+        try:
+            clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer, te), model_options=options)
+        finally:
+            comfy.text_encoders.qwen_vl.Qwen2VLVisionTransformer = vision
+        _init_(clip.cond_stage_model, seed)
+        return (clip,)
+
+
+# ComfyUI supported_models class -> the tiny unet_config its model is built with (context width 64: the tiny Qwen)
+TINY_DIFFUSION = {
+    "ZImage": {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 384, "cap_feat_dim": 64,
+               "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 3, "n_kv_heads": 3,
+               "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+               "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+               "pad_tokens_multiple": 32},
+    "QwenImage": {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
+                  "num_attention_heads": 2, "attention_head_dim": 64, "axes_dims_rope": (8, 28, 28),
+                  "joint_attention_dim": 64},
+}
+
+
+class TestTinyDiffusionModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": (list(TINY_DIFFUSION),), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "weight_dtype": (["default", "fp8_e4m3fn"],)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, model: str, seed: int, weight_dtype: str = "default"):
+        from unittest import mock
+
+        import comfy.model_detection
+        import comfy.supported_models
+
+        config_class = getattr(comfy.supported_models, model)
+        builder = config_class(dict(TINY_DIFFUSION[model]))
+        builder.set_inference_dtype(torch.float32, None)
+        network = builder.get_model({}).diffusion_model
+        _init_(network, seed)
+        sd = {k: v.to(torch.bfloat16) for k, v in network.state_dict().items()}  # as files ship: bf16
+        options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
+        detected = config_class(dict(TINY_DIFFUSION[model]))
+        with mock.patch.object(comfy.model_detection, "model_config_from_unet", lambda *a, **k: detected):
+            patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        return (patcher,)
+
+
+NODE_CLASS_MAPPINGS = {"TestTinyFluxCLIP": TestTinyFluxCLIP, "TestTinyChromaCLIP": TestTinyChromaCLIP,
+                       "TestTinyQwenCLIP": TestTinyQwenCLIP, "TestTinyDiffusionModel": TestTinyDiffusionModel}
