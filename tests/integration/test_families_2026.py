@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import COMFY
 from safetensors.torch import load_file
 from test_sdxl import (
     assert_stock_lora_renders_like_train_steps,
@@ -27,6 +26,8 @@ from test_sdxl import (
     install_checkpoint,
     keys_and_metadata,
 )
+
+from conftest import COMFY
 
 pytestmark = pytest.mark.skipif(
     COMFY is None or "class ZImage" not in (COMFY / "comfy" / "supported_models.py").read_text(),
