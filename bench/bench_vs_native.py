@@ -15,6 +15,10 @@ per-pair ratios (the machine this was written on is shared, and its speed drifts
     python bench/bench_vs_native.py --models flux --short 2 --long 6 --batches 1 --repeats 2
                                                     # the 545 M FLUX.1-dev (1 + 1 blocks) from UNETLoader, fp32
                                                     # and fp8-stored weights; text encoder: the tests' tiny T5 node
+    python bench/bench_vs_native.py --models zimage flux2 qwen_image --short 3 --long 23 --batches 1
+                                                    # ComfyUI v0.33+: the tests' tiny Z-Image, FLUX.2 (Klein-like)
+                                                    # and Qwen-Image, fp32 and fp8-stored weights; text encoders:
+                                                    # the tests' tiny Qwen3 / Qwen2.5-VL node
     python bench/bench_vs_native.py --models tiny_fp8 --bypass both    # the tiny UNet as an "fp8 scaled"
                                                     # checkpoint (quantized weights on ComfyUI >= 0.3.7x); the native
                                                     # trainer with bypass_mode off and on (ComfyUI >= 0.3.7x)
@@ -55,12 +59,27 @@ class Case:
     bypass: bool = False  # the native trainer's bypass_mode (ComfyUI >= 0.3.7x: adapters by forward hooks)
 
 
-FLOW = ("sd3", "flux")
+FLOW = ("sd3", "flux", "zimage", "flux2", "qwen_image")
+# the 2026 families (ComfyUI v0.33+): (model node, TestTinyQwenCLIP type, VAELoader name); tiny models as the tests'
+FAMILIES_2026 = {
+    "zimage": ({"class_type": "TestTinyDiffusionModel", "inputs": {"model": "ZImage", "seed": 0}}, "lumina2",
+               "taesd16.safetensors"),
+    "flux2": ({"class_type": "UNETLoader", "inputs": {"unet_name": "flux2.safetensors"}}, "flux2", "taef2"),
+    "qwen_image": ({"class_type": "TestTinyDiffusionModel", "inputs": {"model": "QwenImage", "seed": 0}}, "qwen_image",
+                   "wan21.safetensors"),
+}
 
 
 def loaders(case: Case) -> dict:
     """Nodes "1" (MODEL at 0, CLIP at 1, VAE at 2 of a checkpoint) or, for FLUX, "1" UNETLoader, "6" the tests'
     tiny FLUX text encoder, "7" VAELoader; returns the links {model, clip, vae} too."""
+    if case.model in FAMILIES_2026:
+        model, clip_type, vae = FAMILIES_2026[case.model]
+        model = {"class_type": model["class_type"], "inputs": {**model["inputs"], "weight_dtype": case.weights}}
+        return {"nodes": {
+            "1": model, "6": {"class_type": "TestTinyQwenCLIP", "inputs": {"type": clip_type, "seed": 0}},
+            "7": {"class_type": "VAELoader", "inputs": {"vae_name": vae}}},
+            "model": ["1", 0], "clip": ["6", 0], "vae": ["7", 0]}
     if case.model == "flux":
         return {"nodes": {
             "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux.safetensors", "weight_dtype": case.weights}},
@@ -99,7 +118,8 @@ def native_graph(case: Case, steps: int, tag: str) -> dict:
         raise RuntimeError(f"this ComfyUI's TrainLoraNode needs inputs the bench does not set: {sorted(missing)}")
     return {
         **ld["nodes"],
-        "2": {"class_type": "EmptySD3LatentImage" if case.model in FLOW else "EmptyLatentImage",
+        "2": {"class_type": "EmptyFlux2LatentImage" if case.model == "flux2" else
+              "EmptySD3LatentImage" if case.model in FLOW else "EmptyLatentImage",
               "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ld["clip"]}},
         "4": {"class_type": "TrainLoraNode", "inputs": train},
@@ -131,6 +151,7 @@ def kiln_graph(case: Case, steps: int, tag: str) -> dict:
             "scheduler": "constant", "warmup_steps": 0, "schedule_steps": 0, "batch_size": case.batch, "grad_accum": 1,
             "precision": case.dtype if like else "auto", "gradient_checkpointing": case.ckpt if like else False,
             "min_snr_gamma": 0.0 if case.model in FLOW else 5.0, "noise_offset": 0.0, "save_every": 0,
+            "timestep_sampling": "uniform",
             "preview_every": 0, "preview_prompt": "",
             "preview_seed": 0, "preview_size": 64, "preview_steps": 2,
             "retrain": True}},  # every run trains: a repeat must not reuse the identical earlier run (issue 15)
@@ -175,7 +196,7 @@ def sec_per_step(server: ComfyServer, build, case: Case, short: int, long: int, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "small"],
-                        choices=["tiny", "small", "tiny_fp8", "sdxl", "sd3", "flux"])
+                        choices=["tiny", "small", "tiny_fp8", "sdxl", "sd3", "flux", *FAMILIES_2026])
     parser.add_argument("--bypass", default="off", choices=["off", "on", "both"],
                         help="the native trainer's bypass_mode (ComfyUI >= 0.3.7x; ignored where it has none)")
     parser.add_argument("--res", type=int, default=64, help="image side in px (SD1.5 rows were all measured at 64)")
@@ -199,7 +220,7 @@ def main() -> int:
     comfy = require_comfyui()
     cases: list[Case] = []
     for model in args.models:
-        if model == "flux":  # fp32 compute, checkpointing on; fp32- and fp8-stored weights
+        if model == "flux" or model in FAMILIES_2026:  # fp32 compute, checkpointing on; fp32- and fp8-stored weights
             for batch, weights in itertools.product(args.batches or (1,), ("default", "fp8_e4m3fn")):
                 cases.append(Case(model, batch, "fp32", True, "like", args.res, weights))
         elif model in ("sdxl", "sd3"):  # fp32 (the fast path on a CPU for both), checkpointing off and on
@@ -212,7 +233,7 @@ def main() -> int:
             cases += [Case(model, batch, dtype, ckpt, "like", args.res)
                       for batch, dtype, ckpt in ((1, "fp32", False), (4, "fp32", False), (1, "bf16", False),
                                                  (1, "fp32", True))]
-        if not args.no_defaults and model != "flux":
+        if not args.no_defaults and model != "flux" and model not in FAMILIES_2026:
             cases.append(Case(model, 1, "bf16", True, "defaults", args.res))  # TrainLoraNode's defaults vs Kiln's
     bypass = {"off": (False,), "on": (True,), "both": (False, True)}[args.bypass]
     cases = [Case(**{**c.__dict__, "bypass": b}) for c in cases for b in bypass]
@@ -221,7 +242,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base.mkdir()
-        checkpoints = [m for m in args.models if m != "flux"]
+        checkpoints = [m for m in args.models if m != "flux" and m not in FAMILIES_2026]
         ckpts = {m: build_tiny_checkpoint(comfy, Path(tmp) / f"{m}.safetensors", size=m.removesuffix("_fp8"),
                                           flags=("--quant", "scaled_fp8") if m.endswith("_fp8") else ())
                  for m in checkpoints or ["tiny"]}
@@ -236,6 +257,19 @@ def main() -> int:
             build_tiny_checkpoint(comfy, Path(tmp) / "flux.safetensors", size="flux", flags=("--vae", str(vae)))
             (base / "models" / "diffusion_models" / "flux.safetensors").symlink_to(Path(tmp) / "flux.safetensors")
             (base / "models" / "vae" / "flux_vae.safetensors").symlink_to(vae)
+        if set(args.models) & set(FAMILIES_2026):  # the tests' tiny FLUX.2 file and the three VAEs
+            for folder in ("diffusion_models", "vae", "vae_approx"):
+                (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            build_tiny_checkpoint(comfy, Path(tmp) / "flux2.safetensors", size="flux2",
+                                  flags=("--vae", str(Path(tmp) / "taef2"), "--vae-kind", "taef2"))
+            (base / "models" / "diffusion_models" / "flux2.safetensors").symlink_to(Path(tmp) / "flux2.safetensors")
+            for half in ("encoder", "decoder"):
+                (base / "models" / "vae_approx" / f"taef2_{half}.safetensors").symlink_to(
+                    Path(tmp) / f"taef2_{half}.safetensors")
+            for kind in ("taesd16", "wan21"):
+                build_tiny_checkpoint(comfy, Path(tmp) / f"unused_{kind}.safetensors", size="flux2",
+                                      flags=("--vae", str(Path(tmp) / f"{kind}.safetensors"), "--vae-kind", kind))
+                (base / "models" / "vae" / f"{kind}.safetensors").symlink_to(Path(tmp) / f"{kind}.safetensors")
         make_images(base / "input" / image_folder(args.res), n=4, size=(args.res, args.res))
         server.start()
         native_probe(server)

@@ -74,6 +74,7 @@ class Spec:
     architecture: str
     parts: dict[str, list[str]]
     mixin: str  # diffusers' LoRA loader mixin for the family
+    example: str  # the shipped example workflow (example_workflows/api)
     dead: frozenset[str] = frozenset()  # adapters no gradient reaches in a one-block model (the last block's text side)
     learning_rate: float = 5e-3
 
@@ -92,12 +93,12 @@ def _kohya(prefix_paths) -> frozenset[str]:
 SPECS = {
     "zimage": Spec("Z-Image", "ZImage", "lumina2", "taesd16",
                    frozenset(f"diffusion_model.{b}.{m}" for b in BLOCKS_Z for m in ATTN_FF),
-                   "zimage", "Z-Image/lora", ZIMAGE_PARTS, "ZImageLoraLoaderMixin"),
+                   "zimage", "Z-Image/lora", ZIMAGE_PARTS, "ZImageLoraLoaderMixin", "train_zimage_lora"),
     "flux2": Spec("FLUX.2", "", "flux2", "taef2", _kohya(FLUX2_PARTS), "flux2", "Flux.2-dev/lora", FLUX2_PARTS,
-                  "Flux2LoraLoaderMixin"),
+                  "Flux2LoraLoaderMixin", "train_flux2_klein_lora"),
     # the text stream's queries, output and MLP only feed text tokens, which the last block's output drops
     "qwen_image": Spec("Qwen-Image", "QwenImage", "qwen_image", "wan21", _kohya(QWEN_PARTS), "qwen_image",
-                       "Qwen-Image/lora", QWEN_PARTS, "QwenImageLoraLoaderMixin",
+                       "Qwen-Image/lora", QWEN_PARTS, "QwenImageLoraLoaderMixin", "train_qwen_image_lora",
                        dead=frozenset(f"transformer_blocks.0.{m}" for m in ("attn.add_q_proj", "attn.to_add_out",
                                                                              "txt_mlp.net.0.proj", "txt_mlp.net.2")),
                        learning_rate=5e-2),
@@ -293,3 +294,28 @@ def test_explicit_min_snr_on_these_flow_models_is_refused_by_name(installed):
     assert result.status == "error"
     assert "min_snr_gamma=5" in result.error["exception_message"]
     assert "set min_snr_gamma to 0" in result.error["exception_message"]
+
+
+@pytest.mark.parametrize("key", list(SPECS))
+def test_the_shipped_example_workflow_trains_with_its_loaders_pointed_at_the_tiny_model(installed, key):
+    """example_workflows/api/<family>.json as shipped (UNETLoader, CLIPLoader of the family's type, VAELoader; auto
+    settings, gradient checkpointing, previews): only the loaders (the tiny model, encoder and VAE in their place),
+    the sizes and the step counts change."""
+    from comfy_harness import load_api
+
+    spec = SPECS[key]
+    wf = load_api(spec.example)
+    assert wf["1"]["class_type"] == "UNETLoader" and wf["7"]["class_type"] == "CLIPLoader"
+    assert wf["7"]["inputs"]["type"] == spec.clip_type
+    assert wf["4"]["inputs"]["min_snr_gamma"] == -1.0 and wf["4"]["inputs"]["timestep_sampling"] == "auto"
+    tiny = loaders(spec, 1)
+    wf["1"], wf["8"] = tiny["1"], tiny["3"]
+    wf["7"] = tiny["2"]
+    wf["2"]["inputs"].update(folder="shapes", resolution=64)
+    wf["3"]["inputs"].update(name=f"{key}_example", rank=4, alpha=4.0)
+    wf["4"]["inputs"].update(steps=2, preview_every=2, preview_size=64, save_every=0, warmup_steps=0)
+    result = installed.run(wf, timeout=1200)
+    assert result.status == "success", result.error
+    out = result.history["outputs"]["4"]
+    assert [h[0] for h in out["kiln_history"]] == [1, 2] and len(out["kiln_previews"]) == 1
+    assert (installed.base / "models" / "loras" / f"{key}_example.safetensors").exists()
