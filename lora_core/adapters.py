@@ -161,6 +161,63 @@ def resolve_patterns(targets: str | tuple[str, ...]) -> tuple[str, ...] | None:
     return targets
 
 
+_ATTENTION_CLASSES = re.compile(r"attn|attention", re.IGNORECASE)
+_MLP_CLASSES = re.compile(r"mlp|feedforward|feed_forward|ffn|swiglu|geglu", re.IGNORECASE)
+_ATTENTION_LEAVES = re.compile(r"(to_)?(q|k|v|qkv|out|o)(_proj)?|(q|k|v|kv|qkv|out|o)_?(linear|proj)|proj|add_[qkv]_proj|"
+                               r"to_add_out|to_out")
+_MLP_LEAVES = re.compile(r"fc\d|w\d|(gate|up|down)_proj|linear_(in|out)|c_fc|c_proj")
+
+
+def _block_pattern(name: str, modules: Mapping[str, nn.Module]) -> str:
+    """``blocks.3.attn.qkv`` -> ``re:blocks\\.\\d+\\.attn\\.qkv``: the layer in every block of its stack. An index
+    is a block index where its container holds blocks of one class (a ModuleList of blocks); a Sequential's mixed
+    children (Linear, GELU, Linear) keep their literal index."""
+    parts = name.split(".")
+    out = []
+    for i, part in enumerate(parts):
+        container = modules.get(".".join(parts[:i]))
+        children = list(container.children()) if container is not None and part.isdigit() else []
+        same = len(children) > 1 and len({type(c) for c in children}) == 1
+        out.append(r"\d+" if same else re.escape(part))
+    return "re:" + r"\.".join(out)
+
+
+def structural_targets(root: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The ``attn`` and ``attn+ff`` targets of a network whose names no preset knows, found by structure: a Linear
+    layer inside a module whose class is an attention (``*Attention*``, ``*Attn*``) counts as attention, one inside an
+    MLP / feed-forward class as feed-forward; where the classes do not say (an attention module of another name),
+    the layer's own name does (q/k/v/out projections; fc1/fc2, w1/w2/w3, gate/up/down projections). Modulation,
+    embedding and output layers are neither (``all`` trains them). Each found layer is written as a pattern over
+    the block index, so the targets read like a preset: ``re:blocks\\.\\d+\\.attn\\.qkv``."""
+    kinds: dict[str, str] = {}
+    modules = dict(root.named_modules())
+    classes = {name: type(module).__name__ for name, module in modules.items()}
+    for name, module in root.named_modules():
+        if not name or layer_kind(module) != "linear":
+            continue
+        parents = [".".join(name.split(".")[:i]) for i in range(len(name.split(".")) - 1, 0, -1)]
+        owners = [classes.get(p, "") for p in parents]
+        leaf = name.rsplit(".", 1)[-1]
+        path = name.lower()
+        kind = None
+        for owner in owners:  # the nearest enclosing module that says what it is
+            if _MLP_CLASSES.search(owner):
+                kind = "ff"
+                break
+            if _ATTENTION_CLASSES.search(owner):
+                kind = "attn"
+                break
+        if kind is None and not re.search(r"mod(ulation)?|norm|embed|adaln", path):
+            if _ATTENTION_LEAVES.fullmatch(leaf) and re.search(r"attn|attention", path):
+                kind = "attn"
+            elif _MLP_LEAVES.fullmatch(leaf) or re.search(r"(^|\.)(mlp|ff|ffn|feed_forward)(\.|$)", path):
+                kind = "ff"
+        if kind is not None:
+            kinds.setdefault(_block_pattern(name, modules), kind)
+    attn = tuple(p for p, k in kinds.items() if k == "attn")
+    return {"attn": attn, "attn+ff": attn + tuple(p for p, k in kinds.items() if k == "ff")}
+
+
 class UnadaptableLayerError(ValueError):
     """A layer the targets name that no adapter can sit on: training it partly would be silent partial training."""
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 from comfy_api.latest import io
 
 from ..lora_core import AdapterConfig, AdapterSet, AdapterSpec, TrainState, UnadaptableLayerError, target_counts
+from ..lora_core.adapters import structural_targets
 from ..lora_core.config import ALGORITHMS, TARGET_PRESETS
 from ..lora_core.formats.kohya import load_lora_as_state
 from .corridor import compat, families, folders, patching, text_encoders
@@ -48,7 +50,9 @@ class KilnInjectLoRA(io.ComfyNode):
                 "a copy, so other branches of the graph render exactly as before."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to train a LoRA for (SD1.x, SD2.x, SDXL and its derivatives such as Pony, Illustrious, NoobAI)."),
+                io.Model.Input("model", tooltip=(
+                    "The model to train a LoRA for: SD1.x, SD2.x, SDXL (Pony, Illustrious, NoobAI, ...), SD3.5, FLUX.1, "
+                    "Chroma, Z-Image, FLUX.2, Qwen-Image, and other image models ComfyUI loads (generically).")),
                 io.String.Input("name", default="my_lora", tooltip=(
                     "Name of this LoRA: used for checkpoints, logs and the default file name.")),
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip=(
@@ -57,7 +61,8 @@ class KilnInjectLoRA(io.ComfyNode):
                     "network_alpha: the update is scaled by alpha/rank. alpha = rank means scale 1.")),
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default="attn+ff", tooltip=(
                     "Which layers get adapters: attn (attention only), attn+ff (kohya's default: attention, "
-                    "feed-forward and projections), all (every Linear/Conv).")),
+                    "feed-forward and projections), all (every Linear/Conv). On a model without a family entry the "
+                    "attention and MLP layers are found by structure.")),
                 io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lora", tooltip=(
                     "lora: Linear and 1x1 layers. locon: also every 3x3 conv (LyCORIS LoCon, more capacity).")),
                 io.Int.Input("conv_rank", default=0, min=0, max=1024, tooltip=(
@@ -122,6 +127,13 @@ class KilnInjectLoRA(io.ComfyNode):
                 "checkpoint with Load Checkpoint (Kiln)"
             )
         roots = patching.unet_roots(base)
+        if family.generic and targets != "all":  # names no preset knows: attention / MLP layers found by structure
+            found = structural_targets(roots["unet"])[targets]
+            if not found:
+                raise KilnUserError(
+                    f"{family.name}: no attention or MLP layers were found in this model's structure for targets "
+                    f"{targets!r}; use targets all (every Linear layer)")
+            config = dataclasses.replace(config, unet_targets=found)
         if clip is not None and (train_text_encoder or init_lora != NO_LORA):
             roots.update(text_encoders.text_roots(clip, family))
         naming = families.lora_naming(base, family)

@@ -277,3 +277,41 @@ def test_a_targeted_layer_no_adapter_can_sit_on_is_an_error_naming_it_and_its_ty
     with pytest.raises(UnadaptableLayerError, match=r"resnets\.0\.conv1 .*Conv2d"):
         find_targets(grouped, "unet", "all", AdapterConfig())
     assert find_targets(grouped, "unet", "attn", AdapterConfig())  # not targeted: no complaint
+
+
+class _SelfAttention(nn.Module):  # a DiT's attention: fused qkv and an output projection
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+
+class _Block(nn.Module):  # modulation, attention in a module of its own class, an MLP in a plain Sequential
+    def __init__(self) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(8, 48))
+        self.attn = _SelfAttention()
+        self.cross_attn = nn.ModuleDict({"to_q": nn.Linear(8, 8), "to_out": nn.Linear(8, 8)})  # its class says nothing
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+
+class _DiT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_embedder, self.blocks, self.final = nn.Linear(4, 8), nn.ModuleList([_Block(), _Block()]), nn.Linear(8, 4)
+
+
+def test_structural_targets_find_attention_and_mlp_layers_by_structure_in_every_block():
+    """A model no preset names: attention by its class (or its path and q/k/v/out leaf names), the MLP by its path;
+    modulation, embedding and output layers only with ``all``. The patterns cover every block; adapters land on
+    exactly those layers."""
+    from lora_core.adapters import structural_targets
+
+    net = _DiT()
+    found = structural_targets(net)
+    assert found["attn"] == (r"re:blocks\.\d+\.attn\.qkv", r"re:blocks\.\d+\.attn\.proj",
+                             r"re:blocks\.\d+\.cross_attn\.to_q", r"re:blocks\.\d+\.cross_attn\.to_out")
+    assert found["attn+ff"] == found["attn"] + (r"re:blocks\.\d+\.mlp\.0", r"re:blocks\.\d+\.mlp\.2")
+    adapters = AdapterSet.create({"unet": net}, AdapterConfig(rank=2, unet_targets=found["attn+ff"]))
+    names = sorted(adapters.specs)
+    assert len(names) == 12 and all(".adaLN" not in n and "embedder" not in n and "final" not in n for n in names)
+    assert {n.split(".")[2] for n in names} == {"0", "1"}
