@@ -31,6 +31,7 @@ Each s/step is (long run - short run) / step difference, interleaved so machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import resource
@@ -65,8 +66,7 @@ def boot(size: str, tmp: Path, checkpoint: Path | None = None, weight_dtype: str
         options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
         with torch.inference_mode():  # built in bf16 directly: 24 GB, not 48 GB of fp32 first, for the 12 B layout
             torch.manual_seed(0)
-            build = tiny.build_flux if size in tiny.FLUX_CONFIGS else tiny.build_chroma
-            sd = build(size, dtype=torch.bfloat16).state_dict()
+            sd = tiny.build_dit(size, dtype=torch.bfloat16).state_dict()
             model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
         del sd
         return model, patching, denoiser, core
@@ -90,10 +90,13 @@ def boot(size: str, tmp: Path, checkpoint: Path | None = None, weight_dtype: str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small",
-                        choices=["tiny", "small", "sd15", "sdxl", "sdxl_full", "flux", "flux_full"])
+                        choices=["tiny", "small", "sd15", "sdxl", "sdxl_full", "flux", "flux_full", "flux2",
+                                 "flux2_klein4b_full", "flux2_klein9b_full", "zimage_full"])
     parser.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn"],
                         help="FLUX: the stored weights, as UNETLoader's weight_dtype (default: bf16 as written)")
-    parser.add_argument("--t5-tokens", type=int, default=256, help="FLUX: context length (ComfyUI pads T5 to 256)")
+    parser.add_argument("--t5-tokens", type=int, default=256,
+                        help="FLUX.1: T5 context length (ComfyUI pads T5 to 256); FLUX.2 / Z-Image: the caption's "
+                             "token count (FLUX.2 pads to 512 itself)")
     parser.add_argument("--vram-cap", type=float, default=0.0,
                         help="GiB: cap this process's CUDA memory (torch's per-process fraction), e.g. 24 for a "
                              "consumer card; a run that needs more fails with an out-of-memory error")
@@ -121,18 +124,26 @@ def main() -> int:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap * 1024**3 / total))
     model, patching, denoiser, core = boot(args.size, tmp, args.checkpoint, args.weight_dtype)
+    from importlib import import_module
+
+    compat = import_module(patching.__name__.rsplit(".", 1)[0] + ".compat")
     device = patching.load_for_training(model)
     loaded = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     diffusion = denoiser.ComfyDiffusion(model)
     unet = diffusion.unet
     b, s = args.batch, args.latent
     flux = diffusion.family.name == "FLUX.1"  # T5 context, CLIP-L pooled -> y, guidance; rectified flow
-    xl = not flux and model.model.adm_channels > 0  # SDXL: y = pooled text output + size embeddings
+    flow = diffusion.prediction_type == "flow"
+    # FLUX.2 / Z-Image: a Qwen context of the width the network reads, conditioned through ComfyUI's extra_conds
+    unet_config = model.model.model_config.unet_config
+    qwen_width = unet_config.get("context_in_dim") or unet_config.get("cap_feat_dim") if not flux else None
+    xl = not flow and model.model.adm_channels > 0  # SDXL: y = pooled text output + size embeddings
     channels = diffusion.family.latent_channels
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, channels, s, s, generator=g).to(device)
-    ctx = torch.randn(b, *((args.t5_tokens, 4096) if flux else (77, 2048 if xl else 768)), generator=g).to(device)
-    t = (torch.rand(b, generator=g) if flux else torch.randint(0, 1000, (b,), generator=g)).to(device)
+    ctx_shape = (args.t5_tokens, qwen_width or 4096) if flow else (77, 2048 if xl else 768)
+    ctx = torch.randn(b, *ctx_shape, generator=g).to(device)
+    t = (torch.rand(b, generator=g) if flow else torch.randint(0, 1000, (b,), generator=g)).to(device)
     conds = [{"context": ctx[i].cpu()} for i in range(b)]
     if flux:
         pooled = torch.randn(b, 768, generator=g)
@@ -143,7 +154,7 @@ def main() -> int:
         for i, c in enumerate(conds):
             c.update(pooled=pooled[i], size=torch.tensor([s * 8, s * 8, 0, 0, s * 8, s * 8], dtype=torch.long))
     with torch.no_grad():  # the same y every row gets: ComfyUI's extra_conds, through Kiln's denoiser
-        extra = diffusion.conditioning({k: torch.stack([c[k] for c in conds]) for k in conds[0]}, device)[1]
+        ctx, extra = diffusion.conditioning({k: torch.stack([c[k] for c in conds]) for k in conds[0]}, device, x)
     amp = torch.bfloat16 if args.dtype == "bf16" else None
 
     def autocast():
@@ -218,11 +229,9 @@ def main() -> int:
                                      gradient_checkpointing=args.grad_ckpt)
             sync()
             start = time.perf_counter()
-            if inplace_safe is None:
+            # as Train Steps runs it: ComfyUI's training switch (differentiable rope / norm kernels on v0.33)
+            with compat.training(), inplace_safe([unet]) if inplace_safe is not None else contextlib.nullcontext():
                 trainer.run(state, data, train)
-            else:
-                with inplace_safe([unet]):
-                    trainer.run(state, data, train)
             sync()
             return time.perf_counter() - start
 
@@ -262,8 +271,8 @@ def main() -> int:
 
         return run
 
-    if flux and (args.native or not args.no_peft):
-        raise SystemExit("FLUX rows: pass --no-peft and no --native (the plain peft loop noises as DDPM; "
+    if flow and (args.native or not args.no_peft):
+        raise SystemExit("flow-model rows: pass --no-peft and no --native (the plain peft loop noises as DDPM; "
                          "TrainLoraNode cannot train FLUX as UNETLoader stores it, see BENCHMARKS 1c)")
     runs = {"forward": forward_run}
     for targets in args.targets:

@@ -43,12 +43,13 @@ class KilnDataset:
         return dataclasses.replace(self, **changes)
 
     def encoded(self, text_encoder: text_encoders.TextEncoder | None = None, size_conditioning: bool = False,
-                on_progress: Callable[[int], None] | None = None) -> tuple[LatentDataset, int]:
+                on_progress: Callable[[int], None] | None = None, extras: bool = False) -> tuple[LatentDataset, int]:
         """The engine's dataset; captions go through CLIP once per distinct text (cached). Returns (dataset, new encodes).
 
         With ``text_encoder`` (text-encoder training) the items carry token ids instead: the text is encoded in
         every step, through the adapters. ``size_conditioning`` (SDXL) adds each image's original size, crop and
         bucket size. ``on_progress(n)`` is called after each record (the caption-encoding phase's progress).
+        ``extras``: the encoder's other outputs too (text_encoders.encode_caption), for models fed through extra_conds.
         """
         items = []
         fresh = 0
@@ -57,7 +58,7 @@ class KilnDataset:
             if text_encoder is not None:
                 cond = text_encoder.tokens(text)
             else:
-                cond, new = text_encoders.encode_caption(self.clip, text)
+                cond, new = text_encoders.encode_caption(self.clip, text, extras=extras)
                 fresh += int(new)
                 cond = dict(cond)
             if size_conditioning:

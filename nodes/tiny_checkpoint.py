@@ -45,7 +45,12 @@ from ``txt_in``, block counts, ``guidance_in``), so it can be tiny; its text enc
 
 - ``flux2``: Klein-like (no guidance input), hidden 128 (one head), context 192 (three stacked layers of a 64-wide
   Qwen3: the tests' tiny encoder), 1 + 1 blocks (1 M parameters); ``flux2_dev``: the same with a guidance input
-- ``flux2_klein4b_full``: the FLUX.2 Klein 4B layout (hidden 3072, context 7680, 5 + 20 blocks), for GPU benchmarks
+- ``flux2_klein4b_full``: the FLUX.2 Klein 4B layout (hidden 3072, context 7680, 5 + 20 blocks), and
+  ``flux2_klein9b_full`` Klein 9B's (hidden 4096, context 12288, 8 + 24 blocks), for GPU benchmarks
+
+Z-Image is detected only at its real width (3840), so the one size is the whole model: ``zimage_full`` (30 layers and
+2 + 2 refiners, 6 B parameters; cap_feat_dim 2560, Qwen3-4B's width), for GPU benchmarks. Tests build tiny ones with
+a test-only node instead.
 
 ``--vae-kind`` picks the ``--vae`` file: ``taesd16`` (FLUX.1, Chroma, Z-Image), ``taef2`` (FLUX.2's tiny autoencoder:
 128 packed channels at 1/16; ``--vae DIR/taef2`` writes ``taef2_encoder`` / ``taef2_decoder`` files for
@@ -106,9 +111,12 @@ FLUX_CONFIGS = {"flux": (1, 1, True), "flux_schnell": (1, 1, False), "flux_full"
 CHROMA_CONFIGS = {"chroma": (1, 1), "chroma_full": (19, 38)}
 # FLUX.2: (hidden size, context width, double blocks, single blocks, guidance input)
 FLUX2_CONFIGS = {"flux2": (128, 192, 1, 1, False), "flux2_dev": (128, 192, 1, 1, True),
-                 "flux2_klein4b_full": (3072, 7680, 5, 20, False)}
-SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS)
-DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS)  # diffusion-model files for UNETLoader (bf16), flow models
+                 "flux2_klein4b_full": (3072, 7680, 5, 20, False), "flux2_klein9b_full": (4096, 12288, 8, 24, False)}
+# Z-Image: (main layers) of the real width (3840: ComfyUI detects Z-Image only there), 2 + 2 refiners; GPU benchmarks
+ZIMAGE_CONFIGS = {"zimage_full": 30}
+SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS, *ZIMAGE_CONFIGS)
+# diffusion-model files for UNETLoader (bf16), flow models
+DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS, *ZIMAGE_CONFIGS)
 VAE_KINDS = ("taesd16", "taef2", "wan21")
 
 
@@ -122,8 +130,7 @@ def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, zts
     if size in DIT_FILES:
         if vpred or ztsnr:
             raise ValueError(f"{size} is a flow-matching model: --vpred/--ztsnr do not apply")
-        model = build_flux(size) if size in FLUX_CONFIGS else build_flux2(size) if size in FLUX2_CONFIGS else \
-            build_chroma(size)
+        model = build_dit(size)
         return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     if size in MMDIT_CONFIGS:
         if vpred or ztsnr:
@@ -213,6 +220,34 @@ def build_chroma(size: str = "chroma", dtype=None):
                     **_newer_params(ChromaParams, txt_ids_dims=[], vec_in_dim=None))
     _init_(chroma)
     return chroma
+
+
+def build_dit(size: str, dtype=None):
+    """The diffusion-model network of a DIT_FILES size (ComfyUI's own class, randomly initialised)."""
+    if size in FLUX_CONFIGS:
+        return build_flux(size, dtype)
+    if size in FLUX2_CONFIGS:
+        return build_flux2(size, dtype)
+    if size in ZIMAGE_CONFIGS:
+        return build_zimage(size, dtype)
+    return build_chroma(size, dtype)
+
+
+def build_zimage(size: str = "zimage_full", dtype=None):
+    """ComfyUI's own Z-Image network (``supported_models.ZImage``'s, as its detection configures the real model),
+    randomly initialised. ComfyUI v0.33+ only."""
+    import torch
+    from comfy import supported_models
+
+    config = supported_models.ZImage({
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
+        "n_layers": ZIMAGE_CONFIGS[size], "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
+        "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+        "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32})
+    config.set_inference_dtype(dtype or torch.float32, None)
+    model = config.get_model({}).diffusion_model
+    _init_(model)
+    return model
 
 
 def build_flux2(size: str = "flux2", dtype=None):

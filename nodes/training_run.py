@@ -205,7 +205,7 @@ class TrainingRun:
         encoding = reporting.ItemProgress(self.node_id, unit="captions", phase="Train Steps: encoding captions")
         encoding.start(len(dataset.records))
         latent_data, _ = dataset.encoded(self.text_encoder, size_conditioning=self.family.size_conditioning,
-                                         on_progress=encoding.advance)
+                                         on_progress=encoding.advance, extras=self.family.extra_inputs is None)
         return latent_data
 
     def _train(self, trainer: Trainer, network: denoiser.ComfyDiffusion, begin: TrainState, latent_data: Any,

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import KilnUserError
 from .families import Detected, detect
-from .text_encoders import TextEncoder
+from .text_encoders import EXTRA, TextEncoder
 
 SIZE = "size"  # cond key: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] per sample (SDXL)
 
@@ -50,7 +50,8 @@ class ComfyDiffusion:
             latents = latents.unsqueeze(2)  # an image as a one-frame video latent (Qwen-Image's Wan VAE space)
         return self.base.process_latent_in(latents)
 
-    def conditioning(self, cond: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
+    def conditioning(self, cond: Mapping[str, torch.Tensor], device: torch.device,
+                     x: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """(context, extra diffusion-model kwargs) for a batch, through ComfyUI's ``extra_conds``."""
         if any(k.startswith("tokens.") for k in cond):  # text-encoder training: encode with gradients
             if self.text_encoder is None:
@@ -60,7 +61,8 @@ class ComfyDiffusion:
             context, pooled = cond["context"], cond.get("pooled")
         names = self.family.extra_inputs
         if names is None:
-            return self._extra_conds(context, pooled, device)
+            return self._extra_conds(context, pooled, device, {k[len(EXTRA):]: v for k, v in cond.items()
+                                                               if k.startswith(EXTRA)}, x)
         if not names:
             return context, {}
         if pooled is None and "y" in names:
@@ -83,18 +85,28 @@ class ComfyDiffusion:
                 rows[name].append(conds[name].cond)
         return context, {name: torch.cat(r).to(device) for name, r in rows.items()}
 
-    def _extra_conds(self, context: torch.Tensor, pooled: torch.Tensor | None,
-                     device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _extra_conds(self, context: torch.Tensor, pooled: torch.Tensor | None, device: torch.device,
+                     encoder_extras: Mapping[str, torch.Tensor],
+                     x: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Every input ComfyUI's ``extra_conds`` gives for each sample's text conditioning, as its sampler passes them:
         the context it returns (a family may pad it: FLUX.2 to 512 tokens), tensors batched, constants (Z-Image's
-        ``num_tokens``) once (a batch holds captions of one length: the dataset batches by shape)."""
+        ``num_tokens``) once (a batch holds captions of one length: the dataset batches by shape). ``encoder_extras``:
+        the text encoder's other outputs per sample (attention masks, HiDream's Llama states), as CLIPTextEncode puts
+        them into the conditioning. As ComfyUI's ``encode_model_conds``, each call also gets the latent (``noise``)
+        and the image size it implies (``width`` / ``height``: latent side x 8), which some models' micro-conditions
+        read (PixArt-alpha, HunyuanDiT)."""
         contexts: list[torch.Tensor] = []
         rows: dict[str, list[Any]] = {}
         for i in range(context.shape[0]):
             kwargs: dict[str, Any] = {"device": device, "cross_attn": context[i : i + 1].to(device),
-                                      "pooled_output": None if pooled is None else pooled[i : i + 1].to(device)}
+                                      "pooled_output": None if pooled is None else pooled[i : i + 1].to(device),
+                                      **{k: v[i : i + 1].to(device) for k, v in encoder_extras.items()}}
             if self.detected.guidance:
                 kwargs["guidance"] = self.guidance
+            if x is not None:
+                sample = x[i : i + 1]
+                kwargs.update(noise=sample, height=sample.shape[2] * 8, prompt_type="positive",
+                              width=sample.shape[3] * 8 if sample.ndim >= 4 else None)
             conds = self.base.extra_conds(**kwargs)
             if "c_concat" in conds:
                 raise KilnUserError(f"{self.family.name} asks for a concatenated image input (c_concat), which a "
@@ -118,7 +130,7 @@ class ComfyDiffusion:
             dtype = x.dtype  # autocast picks each op's dtype
         else:
             dtype = self.compute_dtype or self.dtype  # fp32 when the trainer swapped fp32 copies in
-        context, extra = self.conditioning(cond, x.device)
+        context, extra = self.conditioning(cond, x.device, x)
         extra = {k: v.to(x.device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                  for k, v in extra.items()}
         # DDPM: integer timesteps as ComfyUI passes them; flow: the engine's sigmas on the network's timestep scale

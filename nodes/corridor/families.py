@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import comfy.model_base
 import comfy.model_sampling
 import comfy.utils
 import torch
@@ -213,11 +214,18 @@ REFUSED: dict[str, str] = {
     "HunyuanImage21Refiner": "is HunyuanImage 2.1's refiner, applied after the base: train the base model",
     "Stable_Cascade_C": "is Stable Cascade's two-stage Wuerstchen prior, whose sampling LoRA Kiln does not train",
     "Stable_Cascade_B": "is Stable Cascade's two-stage Wuerstchen decoder, whose sampling LoRA Kiln does not train",
+    # their networks call comfy_kitchen rope kernels that have no backward pass (ComfyUI's in_training switch does not
+    # reach these call sites), so no gradient can flow through them: the first step would fail
+    "CosmosT2IPredict2": "samples with Cosmos' EDM-style rectified-flow schedule (ModelSamplingCosmosRFlow), which "
+                         "LoRA Kiln does not train",
+    **dict.fromkeys(("JoyImage", "Anima", "ErnieImage"),
+                    "calls rope kernels that have no backward pass in this ComfyUI (comfy_kitchen), so it cannot be "
+                    "trained through ComfyUI's own network"),
 }
 
 
 def _is_video(config_name: str) -> bool:
-    return config_name.startswith(("WAN", "Wan", "CogVideo", "HunyuanVideo", "Cosmos")) or "2V" in config_name
+    return config_name.startswith(("WAN", "Wan", "CogVideo", "HunyuanVideo")) or "2V" in config_name
 
 
 def refusal(config_name: str) -> str | None:
@@ -259,6 +267,11 @@ def detect(patcher: Any) -> Detected:
             "families)."
         )
     if family is None:
+        if type(base)._apply_model is not comfy.model_base.BaseModel._apply_model:
+            raise KilnUserError(
+                f"LoRA Kiln cannot train {config_name} models (model class {type(base).__name__}): ComfyUI prepares "
+                "part of its input outside the network (its own _apply_model, e.g. position offsets), which training "
+                "the network directly would leave out; the generic path would train it with the wrong inputs.")
         family = generic_family(patcher)
     if getattr(base, "concat_keys", ()) or _in_channels(base, family) != (family.in_channels or family.latent_channels):
         raise KilnUserError(

@@ -11,7 +11,7 @@ import torch
 
 from . import compat
 from .families import Family
-from .text_encoders import encode_caption
+from .text_encoders import EXTRA, encode_caption
 
 
 def sample_preview(
@@ -25,9 +25,10 @@ def sample_preview(
     """
 
     def conditioning(text: str) -> list:
-        cond, _ = encode_caption(clip, text, cached=not text_adapters)
-        # as CLIPTextEncode gives it: None for a T5-only encoder (Chroma)
+        cond, _ = encode_caption(clip, text, cached=not text_adapters, extras=family.extra_inputs is None)
+        # as CLIPTextEncode gives it: None for a T5-only encoder (Chroma); the encoder's other outputs as they were
         extra: dict[str, Any] = {"pooled_output": cond["pooled"][None] if "pooled" in cond else None}
+        extra.update({k[len(EXTRA):]: v[None] for k, v in cond.items() if k.startswith(EXTRA)})
         if family.size_conditioning:
             extra.update(width=width, height=height, target_width=width, target_height=height, crop_w=0, crop_h=0)
         return [[cond["context"][None], extra]]

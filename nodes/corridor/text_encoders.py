@@ -23,15 +23,18 @@ from .families import Family, TextEncoderRoot
 from .patching import copy_host_weights, make_autograd_safe, norm_inputs_cloned
 
 TOKENS = "tokens."  # cond keys "tokens.l", "tokens.g": token ids per encoder, for text-encoder training
+EXTRA = "extra."  # cond keys "extra.attention_mask", "extra.conditioning_llama3", ...: the rest of CLIPTextEncode's
 
 
-def encode_caption(clip: Any, text: str, cached: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
+def encode_caption(clip: Any, text: str, cached: bool = True, extras: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
     """``{"context": [tokens, dim], "pooled": [dim]}`` for ``text``; cached per CLIP, its patches and clip skip.
 
-    ``cached=False`` while text-encoder adapters are attached (their output changes every step).
+    ``cached=False`` while text-encoder adapters are attached (their output changes every step). ``extras``: also
+    every other tensor the encoder returns (what CLIPTextEncode puts into the conditioning beside the context:
+    attention masks, HiDream's Llama states, ...) as ``extra.<name>``, for models fed through ``extra_conds``.
     """
     cache = text_cache(clip) if cached else None
-    key = (text, clip.patcher.patches_uuid, getattr(clip, "layer_idx", None))
+    key = (text, clip.patcher.patches_uuid, getattr(clip, "layer_idx", None), extras)
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         return hit, False
@@ -40,6 +43,10 @@ def encode_caption(clip: Any, text: str, cached: bool = True) -> tuple[dict[str,
     cond = {"context": normal_tensor(out["cond"][0].float().cpu())}
     if out.get("pooled_output") is not None:
         cond["pooled"] = normal_tensor(out["pooled_output"][0].float().cpu())
+    if extras:
+        for name, value in out.items():
+            if name not in ("cond", "pooled_output") and isinstance(value, torch.Tensor) and value.shape[:1] == (1,):
+                cond[EXTRA + name] = normal_tensor(value[0].cpu())
     if cache is not None:
         cache.put(key, cond)
     return cond, True

@@ -284,9 +284,9 @@ def test_fp8_weights_train_and_chained_steps_continue_exactly(installed, key):
 
 @pytest.mark.parametrize("key", list(SPECS))
 def test_cancel_keeps_a_checkpoint_and_the_requeue_resumes(installed, key):
-    graph = train_graph(SPECS[key], f"{key}_cancel", steps=40)  # tiny models step in milliseconds: room to cancel
+    graph = train_graph(SPECS[key], f"{key}_cancel", steps=300)  # tiny models step in milliseconds: room to cancel
     graph["5"]["inputs"]["save_checkpoint"] = False
-    cancel_then_requeue(installed, graph, f"{key}_cancel", 40)
+    cancel_then_requeue(installed, graph, f"{key}_cancel", 300)
 
 
 def test_explicit_min_snr_on_these_flow_models_is_refused_by_name(installed):
