@@ -3,9 +3,12 @@
     python bench/bench_memory.py [--size small] [--steps 5]
     python bench/bench_memory.py --size sdxl     # the 152 M SDXL UNet with the full CLIP-L + CLIP-G
     python bench/bench_memory.py --size sd3      # the depth-2 SD3 MMDiT with the full CLIP-L + CLIP-G
+    python bench/bench_memory.py --size zimage flux2 qwen_image   # ComfyUI v0.33: the tests' tiny 2026 models
 
 Each graph runs in its own fresh process (``kiln.py run``, ComfyUI as a library, no web server), so the peak
-RSS belongs to that job alone. Same checkpoint, 64x64, batch 1, rank 8.
+RSS belongs to that job alone. Same checkpoint, 64x64, batch 1, rank 8. The 2026 families' tiny models come from
+the tests' fixture nodes, which only a server loads: each of their jobs runs in a fresh server process instead, and
+its peak is that process's ``VmHWM`` after the job.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from bench_vs_native import Case, kiln_graph, native_graph, native_probe  # noqa: E402
+from bench_vs_native import (  # noqa: E402
+    FAMILIES_2026,
+    Case,
+    install_2026_files,
+    kiln_graph,
+    native_graph,
+    native_probe,
+)
 
 from comfy_harness import ComfyServer, build_tiny_checkpoint, make_images, require_comfyui  # noqa: E402
 
@@ -57,12 +67,59 @@ def inference_graph(model: str) -> dict:
     }
 
 
+def server_peak_mib(comfy: Path, tmp: Path, tag: str, graph: dict, folder: Path) -> float:
+    """Peak RSS (VmHWM) of a fresh server process that ran ``graph`` once."""
+    base = tmp / f"srv_{tag}"
+    install_2026_files(comfy, tmp, base)
+    server = ComfyServer(comfy, base, tmp / "flux2.safetensors")
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    (base / "input" / "bench").symlink_to(folder)
+    server.start()
+    try:
+        result = server.run(graph, timeout=1200)
+        if result.status != "success":
+            raise RuntimeError(json.dumps(result.error)[:2000])
+        status = Path(f"/proc/{server.proc.pid}/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+    finally:
+        server.stop()
+
+
+def families_2026(comfy: Path, sizes: list[str], steps: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        folder = make_images(tmp / "images", n=4)
+        probe_base = tmp / "probe"
+        install_2026_files(comfy, tmp, probe_base)
+        probe = ComfyServer(comfy, probe_base, tmp / "flux2.safetensors")
+        probe.start()
+        try:
+            native_probe(probe)
+        finally:
+            probe.stop()
+        rows = []
+        for size in sizes:
+            case = Case(size, 1, "fp32", True, "like")
+            for label, graph in (("ComfyUI TrainLoraNode, fp32, all layers", native_graph(case, steps, "m")),
+                                 ("Kiln, fp32, all layers (locon)", kiln_graph(case, steps, "m"))):
+                rows.append((size, label, server_peak_mib(comfy, tmp, f"{size}{len(rows)}", graph, folder)))
+    print(f"\n64x64, batch 1, rank 8, gradient checkpointing on, {steps} steps; peak RSS of a fresh server process")
+    print("| model | job | peak RSS (MiB) |")
+    print("|---|---|---|")
+    for size, label, mib in rows:
+        print(f"| {size} | {label} | {mib:.0f} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "sdxl", "sd3"])
+    parser.add_argument("--size", nargs="+", default=["small"], choices=["tiny", "small", "sdxl", "sd3", *FAMILIES_2026])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     comfy = require_comfyui()
+    if set(args.size) & set(FAMILIES_2026):
+        return families_2026(comfy, [s for s in args.size if s in FAMILIES_2026], args.steps)
+    args.size = args.size[0]
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         ckpt = build_tiny_checkpoint(comfy, tmp / f"{args.size}.safetensors", size=args.size)

@@ -93,6 +93,24 @@ def loaders(case: Case) -> dict:
 NATIVE: dict = {}  # the server's TrainLoraNode / SaveLoRA as /object_info describes them (native_probe)
 
 
+def install_2026_files(comfy: Path, tmp: Path, base: Path) -> None:
+    """The tests' tiny FLUX.2 file, FLUX.2's taef2 and the Z-Image / Qwen-Image VAEs, built in ``tmp`` and linked
+    into the models folders of server base ``base`` (the Z-Image / Qwen-Image networks and the Qwen encoders come
+    from the tests' fixture nodes, which every ComfyServer loads)."""
+    for folder in ("diffusion_models", "vae", "vae_approx"):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+    build_tiny_checkpoint(comfy, tmp / "flux2.safetensors", size="flux2",
+                          flags=("--vae", str(tmp / "taef2"), "--vae-kind", "taef2"))
+    (base / "models" / "diffusion_models" / "flux2.safetensors").symlink_to(tmp / "flux2.safetensors")
+    for half in ("encoder", "decoder"):
+        (base / "models" / "vae_approx" / f"taef2_{half}.safetensors").symlink_to(tmp / f"taef2_{half}.safetensors")
+    for kind in ("taesd16", "wan21"):
+        if not (tmp / f"{kind}.safetensors").exists():
+            build_tiny_checkpoint(comfy, tmp / f"unused_{kind}.safetensors", size="flux2",
+                                  flags=("--vae", str(tmp / f"{kind}.safetensors"), "--vae-kind", kind))
+        (base / "models" / "vae" / f"{kind}.safetensors").symlink_to(tmp / f"{kind}.safetensors")
+
+
 def native_probe(server: ComfyServer) -> dict:
     """What this ComfyUI's native trainer takes and returns: v0.3.64 (SaveLoRANode; outputs model, lora, loss,
     steps) or v0.33 (SaveLoRA; outputs lora, loss_map, steps; more required inputs, all list inputs)."""
@@ -118,9 +136,12 @@ def native_graph(case: Case, steps: int, tag: str) -> dict:
         raise RuntimeError(f"this ComfyUI's TrainLoraNode needs inputs the bench does not set: {sorted(missing)}")
     return {
         **ld["nodes"],
+        # the latent each model's own template starts from (Qwen-Image: a one-frame video latent, [B, 16, 1, h, w])
         "2": {"class_type": "EmptyFlux2LatentImage" if case.model == "flux2" else
+              "EmptyHunyuanLatentVideo" if case.model == "qwen_image" else
               "EmptySD3LatentImage" if case.model in FLOW else "EmptyLatentImage",
-              "inputs": {"width": case.res, "height": case.res, "batch_size": 4}},
+              "inputs": {"width": case.res, "height": case.res, "batch_size": 4,
+                         **({"length": 1} if case.model == "qwen_image" else {})}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ld["clip"]}},
         "4": {"class_type": "TrainLoraNode", "inputs": train},
         "5": {"class_type": NATIVE["save"], "inputs": {"lora": ["4", NATIVE["lora"]], "prefix": f"loras/native_{tag}",
@@ -220,7 +241,11 @@ def main() -> int:
     comfy = require_comfyui()
     cases: list[Case] = []
     for model in args.models:
-        if model == "flux" or model in FAMILIES_2026:  # fp32 compute, checkpointing on; fp32- and fp8-stored weights
+        if model in FAMILIES_2026:  # fp32 compute; checkpointing off and on with fp32 weights, fp8-stored weights
+            for batch in args.batches or (1,):
+                cases += [Case(model, batch, "fp32", ckpt, "like", args.res, weights)
+                          for ckpt, weights in ((False, "default"), (True, "default"), (True, "fp8_e4m3fn"))]
+        elif model == "flux":  # fp32 compute, checkpointing on; fp32- and fp8-stored weights
             for batch, weights in itertools.product(args.batches or (1,), ("default", "fp8_e4m3fn")):
                 cases.append(Case(model, batch, "fp32", True, "like", args.res, weights))
         elif model in ("sdxl", "sd3"):  # fp32 (the fast path on a CPU for both), checkpointing off and on
@@ -258,18 +283,7 @@ def main() -> int:
             (base / "models" / "diffusion_models" / "flux.safetensors").symlink_to(Path(tmp) / "flux.safetensors")
             (base / "models" / "vae" / "flux_vae.safetensors").symlink_to(vae)
         if set(args.models) & set(FAMILIES_2026):  # the tests' tiny FLUX.2 file and the three VAEs
-            for folder in ("diffusion_models", "vae", "vae_approx"):
-                (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-            build_tiny_checkpoint(comfy, Path(tmp) / "flux2.safetensors", size="flux2",
-                                  flags=("--vae", str(Path(tmp) / "taef2"), "--vae-kind", "taef2"))
-            (base / "models" / "diffusion_models" / "flux2.safetensors").symlink_to(Path(tmp) / "flux2.safetensors")
-            for half in ("encoder", "decoder"):
-                (base / "models" / "vae_approx" / f"taef2_{half}.safetensors").symlink_to(
-                    Path(tmp) / f"taef2_{half}.safetensors")
-            for kind in ("taesd16", "wan21"):
-                build_tiny_checkpoint(comfy, Path(tmp) / f"unused_{kind}.safetensors", size="flux2",
-                                      flags=("--vae", str(Path(tmp) / f"{kind}.safetensors"), "--vae-kind", kind))
-                (base / "models" / "vae" / f"{kind}.safetensors").symlink_to(Path(tmp) / f"{kind}.safetensors")
+            install_2026_files(comfy, Path(tmp), base)
         make_images(base / "input" / image_folder(args.res), n=4, size=(args.res, args.res))
         server.start()
         native_probe(server)

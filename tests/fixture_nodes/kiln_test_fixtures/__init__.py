@@ -185,6 +185,29 @@ TINY_DIFFUSION = {
 }
 
 
+def load_tiny_diffusion_model(model: str, seed: int, weight_dtype: str = "default", disable_dynamic: bool = False):
+    """The tiny ``model`` through ComfyUI's ``load_diffusion_model_state_dict`` (detection answered for it); the
+    patcher can rebuild itself (``cached_patcher_init``, as ComfyUI's file loaders register), which ComfyUI's own
+    trainer needs for its non-dynamic copy."""
+    from unittest import mock
+
+    import comfy.model_detection
+    import comfy.supported_models
+
+    config_class = getattr(comfy.supported_models, model)
+    builder = config_class(dict(TINY_DIFFUSION[model]))
+    builder.set_inference_dtype(torch.float32, None)
+    network = builder.get_model({}).diffusion_model
+    _init_(network, seed)
+    sd = {k: v.to(torch.bfloat16) for k, v in network.state_dict().items()}  # as files ship: bf16
+    options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
+    detected = config_class(dict(TINY_DIFFUSION[model]))
+    with mock.patch.object(comfy.model_detection, "model_config_from_unet", lambda *a, **k: detected):
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, disable_dynamic=disable_dynamic)
+    patcher.cached_patcher_init = (load_tiny_diffusion_model, (model, seed, weight_dtype))
+    return patcher
+
+
 class TestTinyDiffusionModel:
     @classmethod
     def INPUT_TYPES(cls):
@@ -196,22 +219,7 @@ class TestTinyDiffusionModel:
     CATEGORY = "testing"
 
     def load(self, model: str, seed: int, weight_dtype: str = "default"):
-        from unittest import mock
-
-        import comfy.model_detection
-        import comfy.supported_models
-
-        config_class = getattr(comfy.supported_models, model)
-        builder = config_class(dict(TINY_DIFFUSION[model]))
-        builder.set_inference_dtype(torch.float32, None)
-        network = builder.get_model({}).diffusion_model
-        _init_(network, seed)
-        sd = {k: v.to(torch.bfloat16) for k, v in network.state_dict().items()}  # as files ship: bf16
-        options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
-        detected = config_class(dict(TINY_DIFFUSION[model]))
-        with mock.patch.object(comfy.model_detection, "model_config_from_unet", lambda *a, **k: detected):
-            patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
-        return (patcher,)
+        return (load_tiny_diffusion_model(model, seed, weight_dtype),)
 
 
 NODE_CLASS_MAPPINGS = {"TestTinyFluxCLIP": TestTinyFluxCLIP, "TestTinyChromaCLIP": TestTinyChromaCLIP,
