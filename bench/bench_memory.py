@@ -67,6 +67,16 @@ def inference_graph(model: str) -> dict:
     }
 
 
+def probe_native(comfy: Path, base: Path, ckpt: Path) -> None:
+    """The native trainer's inputs, as this ComfyUI has them (bench_vs_native.native_probe on a throwaway server)."""
+    probe = ComfyServer(comfy, base, ckpt)
+    probe.start()
+    try:
+        native_probe(probe)
+    finally:
+        probe.stop()
+
+
 def server_peak_mib(comfy: Path, tmp: Path, tag: str, graph: dict, folder: Path) -> float:
     """Peak RSS (VmHWM) of a fresh server process that ran ``graph`` once."""
     base = tmp / f"srv_{tag}"
@@ -89,14 +99,8 @@ def families_2026(comfy: Path, sizes: list[str], steps: int) -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         folder = make_images(tmp / "images", n=4)
-        probe_base = tmp / "probe"
-        install_2026_files(comfy, tmp, probe_base)
-        probe = ComfyServer(comfy, probe_base, tmp / "flux2.safetensors")
-        probe.start()
-        try:
-            native_probe(probe)
-        finally:
-            probe.stop()
+        install_2026_files(comfy, tmp, tmp / "probe")
+        probe_native(comfy, tmp / "probe", tmp / "flux2.safetensors")
         rows = []
         for size in sizes:
             case = Case(size, 1, "fp32", True, "like")
@@ -124,12 +128,7 @@ def main() -> int:
         tmp = Path(tmp_s)
         ckpt = build_tiny_checkpoint(comfy, tmp / f"{args.size}.safetensors", size=args.size)
         make_images(tmp / "bench", n=4)
-        probe = ComfyServer(comfy, tmp / "probe", ckpt)  # the native trainer's inputs, as this ComfyUI has them
-        probe.start()
-        try:
-            native_probe(probe)
-        finally:
-            probe.stop()
+        probe_native(comfy, tmp / "probe", ckpt)
 
         rows = []
         for label, g in (

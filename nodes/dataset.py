@@ -24,7 +24,7 @@ from ..lora_core.data import (
     open_image,
     scan_dataset,
 )
-from .corridor import caches, folders, reporting
+from .corridor import caches, families, folders, reporting
 from .corridor.errors import KilnUserError
 from .objects import KilnDataset
 from .sockets import CATEGORY, KilnDatasetType
@@ -99,8 +99,9 @@ class KilnLoadDataset(io.ComfyNode):
                     "environment variable KILN_ALLOWED_FOLDERS.")),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train (from Load Checkpoint)."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you will train (from Load Checkpoint)."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip=(
-                    "Training resolution: buckets keep about resolution x resolution pixels. 512 for SD1.5.")),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=64, tooltip=(
+                    "Training resolution: buckets keep about resolution x resolution pixels. 0 = auto from the "
+                    "CLIP: 512 for SD1.x, 768 for SD2.x, 1024 for SDXL and everything newer.")),
                 io.Boolean.Input("bucketing", default=True, tooltip=(
                     "Keep each image's aspect ratio (recommended). Off: every image is cropped to a square.")),
                 io.String.Input("trigger_word", default="", tooltip=(
@@ -133,6 +134,10 @@ class KilnLoadDataset(io.ComfyNode):
     ) -> io.NodeOutput:
         path = resolve_folder(folder)
         node_id = cls.hidden.unique_id
+        auto = ""
+        if resolution == 0:
+            resolution, source = families.auto_resolution(clip)
+            auto = f"resolution auto: {resolution} px for {source}"
         reporting.status(node_id, f"Load Dataset: checking the images in {path.name}")
         try:
             config = DatasetConfig(
@@ -161,6 +166,8 @@ class KilnLoadDataset(io.ComfyNode):
             )
         if scan.skipped:
             lines.append(f"skipped {len(scan.skipped)} files: " + "; ".join(f"{p.name}: {why}" for p, why in scan.skipped[:5]))
+        if auto:
+            lines.append(auto)
         lines += list(scan.warnings[:10])
         for line in lines:
             logger.info("Load Dataset: %s", line)

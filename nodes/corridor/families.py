@@ -417,3 +417,14 @@ def sd3_variant(unet_config: dict[str, Any]) -> str:
     if unet_config.get("qk_norm"):
         return "5-medium" if unet_config.get("x_block_self_attn_layers") else "5-large"
     return "medium"
+
+
+# the text encoders that tell the family's usual training resolution before the model is known (Load Dataset has the
+# CLIP and the VAE, not the MODEL): ComfyUI's SD1.x / SD2.x CLIP classes -> 512 / 768; everything newer trains at 1024
+_CLIP_RESOLUTIONS = {"SD1ClipModel": (512, "SD1.x"), "SD2ClipModel": (768, "SD2.x")}
+
+
+def auto_resolution(clip: Any) -> tuple[int, str]:
+    """Load Dataset's ``auto`` resolution from the CLIP it is given: (pixels, what it was read from)."""
+    name = type(getattr(clip, "cond_stage_model", None)).__name__
+    return _CLIP_RESOLUTIONS.get(name, (1024, f"{name} (SDXL and newer)"))

@@ -306,3 +306,50 @@ def tiny_train_workflow(name: str, **train_overrides) -> dict:
     wf["4"]["inputs"].update(train_overrides)
     wf["5"]["inputs"].update(filename=name)
     return wf
+
+
+def text_to_image(loader_nodes: dict[str, Any], base: int, prefix: str, ksampler: dict[str, Any],
+                  model: list | None = None, lora: str | None = None, negative: str | None = None,
+                  guidance: float | None = None) -> dict[str, Any]:
+    """One 64 x 64 image as a user's graph makes it from ``loader_nodes`` (MODEL at ``base``, CLIP at ``base + 1``,
+    VAE at ``base + 2``): CLIPTextEncode (-> FluxGuidance ``guidance``), EmptySD3LatentImage, KSampler, VAEDecode,
+    SaveImage ``base + 9``; the MODEL from the loader, through LoraLoaderModelOnly(``lora``), or from ``model``.
+    ``negative``: its own prompt (real CFG), else the positive conditioning again."""
+    i = [str(base + k) for k in range(10)]
+    graph = dict(loader_nodes)
+    model = model or [i[0], 0]
+    if lora:
+        graph[i[3]] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
+                                                                        "strength_model": 1.0}}
+        model = [i[3], 0]
+    graph[i[4]] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": [i[1], 0]}}
+    positive = negative_link = [i[4], 0]
+    if guidance is not None:
+        graph[i[5]] = {"class_type": "FluxGuidance", "inputs": {"conditioning": [i[4], 0], "guidance": guidance}}
+        positive = [i[5], 0]
+    elif negative is not None:
+        graph[i[5]] = {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": [i[1], 0]}}
+        negative_link = [i[5], 0]
+    graph.update({
+        i[6]: {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        i[7]: {"class_type": "KSampler", "inputs": {**ksampler, "model": model, "positive": positive,
+                                                    "negative": negative_link, "latent_image": [i[6], 0]}},
+        i[8]: {"class_type": "VAEDecode", "inputs": {"samples": [i[7], 0], "vae": [i[2], 0]}},
+        i[9]: {"class_type": "SaveImage", "inputs": {"images": [i[8], 0], "filename_prefix": prefix}},
+    })
+    return graph
+
+
+def kiln_nodes(name: str, rank: int, alpha: float, model: list, clip: list, vae: list) -> dict[str, Any]:
+    """Save LoRA ("5": fp32, with its checkpoint), Load Dataset ("6": the shapes folder at 64 px) and Inject LoRA ("7":
+    attn+ff) around a Train Steps "4" the caller adds, for a model in separate files."""
+    return {
+        "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": name, "dtype": "fp32",
+                                                       "save_checkpoint": True}},
+        "6": {"class_type": "KilnLoadDataset", "inputs": {
+            "folder": "shapes", "vae": vae, "clip": clip, "resolution": 64, "bucketing": True,
+            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
+        "7": {"class_type": "KilnInjectLoRA", "inputs": {
+            "model": model, "name": name, "rank": rank, "alpha": alpha, "targets": "attn+ff", "algorithm": "lora",
+            "conv_rank": 0, "dropout": 0.0, "init_lora": "none", "seed": 0, "train_text_encoder": False}},
+    }

@@ -16,7 +16,7 @@ import torch
 from test_flux import KOHYA_FLUX_BASES, assert_diffusers_applies_the_kohya_flux_file
 from test_sdxl import assert_stock_lora_renders_like_train_steps, install_checkpoint, keys_and_metadata
 
-from comfy_harness import load_api
+from comfy_harness import load_api, text_to_image
 
 CHROMA, VAE = "tiny_chroma.safetensors", "tiny_chroma_vae.safetensors"
 # one sampler step: every network call runs the fixed-size modulation network (344 rows through 5 layers of width 5120,
@@ -45,23 +45,7 @@ def loaders(base: int) -> dict:
 def render(prefix: str, base: int, model: list | None = None, lora: str | None = None) -> dict:
     """One 64x64 Chroma image as ComfyUI's Chroma example makes it (positive and empty negative, real CFG 4), from
     the UNETLoader, through LoraLoaderModelOnly(``lora``) or from the ``model`` link."""
-    i = [str(base + k) for k in range(10)]
-    graph = loaders(base)
-    model = model or [i[0], 0]
-    if lora:
-        graph[i[3]] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
-                                                                        "strength_model": 1.0}}
-        model = [i[3], 0]
-    graph.update({
-        i[4]: {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": [i[1], 0]}},
-        i[5]: {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [i[1], 0]}},
-        i[6]: {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        i[7]: {"class_type": "KSampler", "inputs": {**KSAMPLER, "model": model, "positive": [i[4], 0],
-                                                    "negative": [i[5], 0], "latent_image": [i[6], 0]}},
-        i[8]: {"class_type": "VAEDecode", "inputs": {"samples": [i[7], 0], "vae": [i[2], 0]}},
-        i[9]: {"class_type": "SaveImage", "inputs": {"images": [i[8], 0], "filename_prefix": prefix}},
-    })
-    return graph
+    return text_to_image(loaders(base), base, prefix, KSAMPLER, model, lora, negative="")
 
 
 def example_graph(name: str, steps: int, **train) -> dict:

@@ -42,6 +42,9 @@ SCRIPT = textwrap.dedent(
         out["y_equals_comfyui_with_sizes"] = bool(torch.equal(y, ref))
         out["y_differs_from_768_default"] = bool(not torch.equal(y[:1], default))
         out["family"] = d.family.name
+        out["auto_res"] = list(families.auto_resolution(clip))  # Load Dataset's auto: read from the CLIP
+        sd1_clip = types.SimpleNamespace(cond_stage_model=type("SD1ClipModel", (), {{}})())
+        out["auto_res_sd1"] = list(families.auto_resolution(sd1_clip))
 
     def refusal(patcher):
         try:
@@ -101,6 +104,7 @@ def test_sdxl_size_conditioning_is_explicit_and_unsupported_models_are_refused_b
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(line[len("RESULT "):])
     assert out["family"] == "SDXL" and out["y_shape"] == [2, 2816]
+    assert out["auto_res"][0] == 1024 and "SDXLClipModel" in out["auto_res"][1] and out["auto_res_sd1"][0] == 512
     assert out["y_equals_comfyui_with_sizes"] and out["y_differs_from_768_default"]
     assert out["sd3"] is None  # rectified flow: trained since issue 13
     e = 2.718281828459045

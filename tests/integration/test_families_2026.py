@@ -27,6 +27,7 @@ from test_sdxl import (
     keys_and_metadata,
 )
 
+from comfy_harness import kiln_nodes, text_to_image
 from conftest import COMFY
 
 pytestmark = pytest.mark.skipif(
@@ -117,22 +118,7 @@ def loaders(spec: Spec, base: int, weight_dtype: str = "default") -> dict:
 def render(spec: Spec, prefix: str, base: int, model: list | None = None, lora: str | None = None) -> dict:
     """One 64 x 64 image as a user's graph makes it (CLIPTextEncode, EmptySD3LatentImage, KSampler at cfg 1), from
     the loader, through LoraLoaderModelOnly(``lora``), or from the ``model`` link."""
-    i = [str(base + k) for k in range(10)]
-    graph = loaders(spec, base)
-    model = model or [i[0], 0]
-    if lora:
-        graph[i[3]] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
-                                                                        "strength_model": 1.0}}
-        model = [i[3], 0]
-    graph.update({
-        i[4]: {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": [i[1], 0]}},
-        i[6]: {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        i[7]: {"class_type": "KSampler", "inputs": {**KSAMPLER, "model": model, "positive": [i[4], 0],
-                                                    "negative": [i[4], 0], "latent_image": [i[6], 0]}},
-        i[8]: {"class_type": "VAEDecode", "inputs": {"samples": [i[7], 0], "vae": [i[2], 0]}},
-        i[9]: {"class_type": "SaveImage", "inputs": {"images": [i[8], 0], "filename_prefix": prefix}},
-    })
-    return graph
+    return text_to_image(loaders(spec, base), base, prefix, KSAMPLER, model, lora)
 
 
 def train_graph(spec: Spec, name: str, steps: int, weight_dtype: str = "default", **train) -> dict:
@@ -147,14 +133,7 @@ def train_graph(spec: Spec, name: str, steps: int, weight_dtype: str = "default"
             "precision": "fp32", "gradient_checkpointing": False, "min_snr_gamma": -1.0, "noise_offset": 0.0,
             "save_every": 0, "preview_every": 0, "preview_prompt": "a kilnshape circle", "preview_seed": 0,
             "preview_size": 64, "preview_steps": 2, "timestep_sampling": "auto", **train}},
-        "5": {"class_type": "KilnSaveLoRA", "inputs": {"state": ["4", 0], "filename": name, "dtype": "fp32",
-                                                       "save_checkpoint": True}},
-        "6": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": "shapes", "vae": ["3", 0], "clip": ["2", 0], "resolution": 64, "bucketing": True,
-            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
-        "7": {"class_type": "KilnInjectLoRA", "inputs": {
-            "model": ["1", 0], "name": name, "rank": RANK, "alpha": ALPHA, "targets": "attn+ff", "algorithm": "lora",
-            "conv_rank": 0, "dropout": 0.0, "init_lora": "none", "seed": 0, "train_text_encoder": False}},
+        **kiln_nodes(name, RANK, ALPHA, model=["1", 0], clip=["2", 0], vae=["3", 0]),
     })
     return graph
 
