@@ -320,3 +320,12 @@ def test_a_table_with_a_doubled_key_or_input_is_refused():
         settings._check_table((*SETTINGS, Setting("rank2", aliases=("network_dim",))))
     with pytest.raises(ValueError, match=r"node input KilnInjectLoRA.rank has more than one row"):
         settings._check_table((*SETTINGS, Setting("rank2", ("KilnInjectLoRA.rank",))))
+
+
+@pytest.mark.parametrize("name, clip_type", [("train_zimage_lora", "lumina2"), ("train_flux2_klein_lora", "flux2"),
+                                             ("train_qwen_image_lora", "qwen_image")])
+def test_the_2026_example_graphs_are_not_exported_as_flux_or_chroma_configs(name, clip_type):
+    """Their CLIPLoader types are none a config can rebuild: kiln.py export says to run the graph itself (README)."""
+    graph = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
+    with pytest.raises(ValueError, match=rf"CLIPLoader of type '{clip_type}'.*kiln.py run WORKFLOW"):
+        config_from_graph(graph)
