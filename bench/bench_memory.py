@@ -122,7 +122,11 @@ def main() -> int:
     args = parser.parse_args()
     comfy = require_comfyui()
     if set(args.size) & set(FAMILIES_2026):
-        return families_2026(comfy, [s for s in args.size if s in FAMILIES_2026], args.steps)
+        if not set(args.size) <= set(FAMILIES_2026):
+            parser.error("measure the 2026 families (server processes) and the others (kiln.py run) in separate calls")
+        return families_2026(comfy, args.size, args.steps)
+    if len(args.size) > 1:
+        parser.error("one --size at a time, except for the 2026 families")
     args.size = args.size[0]
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

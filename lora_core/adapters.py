@@ -162,6 +162,10 @@ def resolve_patterns(targets: str | tuple[str, ...]) -> tuple[str, ...] | None:
 
 
 _ATTENTION_CLASSES = re.compile(r"attn|attention", re.IGNORECASE)
+# modulation, norm, embedding and pooling modules: neither attention nor MLP, whatever their insides are called (a
+# timestep embedder is often an "MLPEmbedder", a text pooler an "AttentionPool"); matched on whole path components
+# and on the enclosing classes
+_NEITHER = re.compile(r"(.*_)?mod(ulation)?(_.*)?|.*norm.*|.*embed.*|adaln.*|.*pool.*", re.IGNORECASE)
 _MLP_CLASSES = re.compile(r"mlp|feedforward|feed_forward|ffn|swiglu|geglu", re.IGNORECASE)
 _ATTENTION_LEAVES = re.compile(r"(to_)?(q|k|v|qkv|out|o)(_proj)?|(q|k|v|kv|qkv|out|o)_?(linear|proj)|proj|add_[qkv]_proj|"
                                r"to_add_out|to_out")
@@ -199,6 +203,9 @@ def structural_targets(root: nn.Module) -> dict[str, tuple[str, ...]]:
         owners = [classes.get(p, "") for p in parents]
         leaf = name.rsplit(".", 1)[-1]
         path = name.lower()
+        if any(_NEITHER.fullmatch(part) for part in name.split(".")) or \
+                any(re.search(r"embed|pool|norm|modulation", owner, re.IGNORECASE) for owner in owners):
+            continue
         kind = None
         for owner in owners:  # the nearest enclosing module that says what it is
             if _MLP_CLASSES.search(owner):
@@ -207,7 +214,7 @@ def structural_targets(root: nn.Module) -> dict[str, tuple[str, ...]]:
             if _ATTENTION_CLASSES.search(owner):
                 kind = "attn"
                 break
-        if kind is None and not re.search(r"mod(ulation)?|norm|embed|adaln", path):
+        if kind is None:
             if _ATTENTION_LEAVES.fullmatch(leaf) and re.search(r"attn|attention", path):
                 kind = "attn"
             elif _MLP_LEAVES.fullmatch(leaf) or re.search(r"(^|\.)(mlp|ff|ffn|feed_forward)(\.|$)", path):

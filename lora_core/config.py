@@ -164,7 +164,7 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("loss", self.loss, LOSSES)
         check_range("huber_delta", self.huber_delta, 0.0, 100.0, lo_inclusive=False)
-        if self.min_snr_gamma != AUTO_GAMMA:
+        if self.min_snr_gamma >= 0:  # negative: auto (-1 as written; the node's slider can land on -0.5)
             check_range("min_snr_gamma (-1 = auto)", self.min_snr_gamma, 0.0, 100.0)
         check_range("noise_offset", self.noise_offset, 0.0, 1.0)
         check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
@@ -186,7 +186,7 @@ class TrainConfig:
     @property
     def auto_fields(self) -> tuple[str, ...]:
         """The settings still at ``auto`` (they must be resolved for a model before it trains)."""
-        return tuple(name for name, value in (("min_snr_gamma", self.min_snr_gamma == AUTO_GAMMA),
+        return tuple(name for name, value in (("min_snr_gamma", self.min_snr_gamma < 0),
                                               ("timestep_sampling", self.timestep_sampling == AUTO)) if value)
 
     def resolved(self, defaults: AutoDefaults) -> TrainConfig:

@@ -98,8 +98,9 @@ class RunConfig:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} must be a number (0 = off) or \"auto\"")
         check_int("repeats", self.repeats, 1, 1000)
         if self.resolution == 0:
-            raise ValueError("resolution=0 is Load Dataset's auto (it reads the CLIP); a config states the resolution: "
-                             "1024 for SDXL and newer models, 768 for SD2.x, 512 for SD1.x")
+            raise ValueError("resolution=0 is Load Dataset's auto (it reads the CLIP), which a config cannot carry: "
+                             "set Load Dataset's resolution in the workflow (1024 for SDXL and newer models, 768 for "
+                             "SD2.x, 512 for SD1.x) and export again, or put resolution into the config")
         check_int("resolution", self.resolution, 64, 4096)
         if self.resolution % 64:
             raise ValueError(f"resolution={self.resolution} must be a multiple of 64 (e.g. 512, 768, 1024)")

@@ -301,8 +301,8 @@ class Trainer:
         save_every: int = 0,
         preview_every: int = 0,
     ) -> TrainResult:
-        # "auto" settings the host left unresolved: the objective's defaults (a host resolves them per family first)
-        config = config.resolved(getattr(self.model, "auto_defaults", None) or auto_defaults(self.model.prediction_type))
+        # "auto" settings the host left unresolved: the objective's defaults (Train Steps resolves them first)
+        config = config.resolved(auto_defaults(self.model.prediction_type))
         check_objective(config, self.model.prediction_type)  # min-SNR on a flow model etc.: refused, named
         device = self.device
         plan = self.precision_plan(config.precision)

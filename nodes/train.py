@@ -65,7 +65,7 @@ class KilnTrainSteps(io.ComfyNode):
                     "Recompute activations in the backward pass: much less memory, about 30% slower.")),
                 io.Float.Input("min_snr_gamma", default=AUTO_GAMMA, min=AUTO_GAMMA, max=20.0, step=0.5, tooltip=(
                     "Min-SNR-gamma loss weighting of DDPM models (SD1/SD2/SDXL; 5 is common; 0 = off). -1 = auto: "
-                    "5 on SD1/SD2/SDXL, off on flow models (SD3, FLUX, Z-Image, ...), which refuse any other value.")),
+                    "5 on SD1/SD2/SDXL, off on flow models (SD3, FLUX, Z-Image, ...), which refuse a value above 0.")),
                 io.Float.Input("noise_offset", default=0.0, min=0.0, max=0.5, step=0.01, tooltip=(
                     "Offset noise for darker darks / brighter brights (0.05-0.1 typical; 0 = off).")),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000, tooltip=(
@@ -94,12 +94,12 @@ class KilnTrainSteps(io.ComfyNode):
                     "How training noise levels are drawn. uniform: evenly. logit_normal: more often in the middle "
                     "(the SD3 paper's choice). auto: uniform on SD1/SD2/SDXL, logit_normal on flow models.")),
                 io.Float.Input("flow_shift", default=0.0, min=0.0, max=100.0, step=0.05, optional=True, tooltip=(
-                    "Flow-matching models (SD3, Flux) only: the time shift of the noise levels; higher trains at "
-                    "noisier levels. 0 = the model's own (SD3: 3.0, or a ModelSamplingSD3 node's). Keep 0 for SD1/SDXL.")),
+                    "Flow-matching models (SD3, FLUX, Z-Image, Qwen-Image, ...) only: the time shift of the noise "
+                    "levels; higher trains at noisier levels. 0 = auto: the model's own (SD3: 3.0, or a ModelSampling* "
+                    "node's; FLUX.1/FLUX.2 as loaded: per image size). Keep 0 for SD1/SDXL.")),
                 io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default="none", optional=True, tooltip=(
-                    "Flow-matching models (SD3, Flux) only: per-noise-level loss weights as in diffusers' SD3 "
-                    "trainer (none, sigma_sqrt, cosmap). SD1/SDXL use min_snr_gamma instead (set it to 0 for flow "
-                    "models).")),
+                    "Flow-matching models (SD3, FLUX, Z-Image, ...) only: per-noise-level loss weights as in "
+                    "diffusers' SD3 trainer (none, sigma_sqrt, cosmap). SD1/SDXL use min_snr_gamma instead.")),
                 io.Int.Input("keep_checkpoints", default=0, min=0, max=10_000, optional=True, tooltip=(
                     "Keep only the newest N save_every checkpoints of this run (0 = keep all). The checkpoint "
                     "written on Cancel is always kept; an old one is removed only after the new one is written.")),
@@ -108,7 +108,7 @@ class KilnTrainSteps(io.ComfyNode):
                     "step-distilled models such as FLUX.1-dev and Z-Image Turbo, 4 for Chroma, Qwen-Image and "
                     "others). Z-Image Base wants about 4 with 30 steps.")),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True, tooltip=(
-                    "Flux.1-dev only (a guidance-distilled model): the guidance value the model is given while "
+                    "Guidance-distilled models (FLUX.1-dev, FLUX.2 dev): the guidance value the model is given while "
                     "training. 1.0 is kohya's recommendation for LoRAs; sample them with a FluxGuidance of about "
                     "3.5 as usual. Other models ignore it.")),
             ],
@@ -160,6 +160,7 @@ class KilnTrainSteps(io.ComfyNode):
         if resolved:
             text += f" · auto for {run.detected.family.name}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float)
                                                                          else f"{k} {v}" for k, v in resolved.items())
+            text += f" ({auto.source})"
         if missing := outcome.missing_previews:
             text += f" · no snapshot kept for the previews of step {', '.join(map(str, missing))} (retrain renders them)"
         reporting.send_text(cls.hidden.unique_id, outcome.did)

@@ -165,12 +165,3 @@ def training_patcher(patcher: Any) -> Any:
 class DynamicVramUnsupported(RuntimeError):
     """A Dynamic VRAM model that ComfyUI cannot reload as an ordinary one (a custom loader without a reload hook)."""
 
-
-def vae_downscale(vae: Any) -> int:
-    """Image pixels per latent pixel of a VAE: v0.33 says so (``spacial_compression_encode``; FLUX.2's VAE: 16);
-    v0.3.64's VAEs keep it in ``downscale_ratio`` (an int for image VAEs)."""
-    probe = getattr(vae, "spacial_compression_encode", None)
-    if probe is not None:
-        return int(probe())
-    ratio = getattr(vae, "downscale_ratio", 8)
-    return int(ratio[-1] if isinstance(ratio, tuple) else ratio)

@@ -136,4 +136,7 @@ class ComfyDiffusion:
         # DDPM: integer timesteps as ComfyUI passes them; flow: the engine's sigmas on the network's timestep scale
         # (ComfyUI's model_sampling.timestep: sigma * multiplier, 1000 for SD3)
         timesteps = t.float() * self._timestep_scale
+        # a model may change the timestep from the latent and its conditions before its network (ComfyUI's
+        # _apply_model: process_timestep; MageFlow rounds it to bf16); the identity for most
+        timesteps = self.base.process_timestep(timesteps, x=x, **extra)
         return self.unet(x.to(dtype), timesteps, context=context.to(x.device, dtype), **extra).float()

@@ -42,7 +42,6 @@ class Family:
     unet_naming: str  # "diffusers": kohya SD1/SD2 files use diffusers paths; "ldm": the model's own paths
     base_model_versions: tuple[str, str]  # kohya ss_base_model_version for (epsilon, v-prediction)
     size_conditioning: bool = False  # SDXL: original size, crop and target size per sample
-    default_resolution: int = 512
     latent_channels: int = 4
     objectives: tuple[str, ...] = ("epsilon", "v_prediction")  # what its model_sampling may be (else refused)
     export_format: str = "kohya"  # "kohya": lora_<prefix>_<path>.lora_down/up + alpha; "diffusers": peft keys
@@ -53,7 +52,6 @@ class Family:
     inplace_residuals: bool = False  # its blocks add residuals in place (FLUX): LayerNorm inputs copied while training
     in_channels: int = 0  # the network's own input channels where they differ from the latent's (Chroma: 2x2 packed)
     preview_steps: int = 20  # sampler steps of a preview when Train Steps' preview_steps is 0 (auto)
-    auto: AutoDefaults | None = None  # what Train Steps' "auto" settings mean for it; None: by its objective
     # ModelSamplingFlux models as loaded: the shift follows each bucket's size, (base mu, max mu or None = the
     # model's own, latent pixels per token side); None: the shift ComfyUI samples the loaded model with
     size_shift: tuple[float, float | None, int] | None = None
@@ -82,13 +80,13 @@ SD1 = Family(
 )
 SD2 = Family(
     name="SD2.x", model_configs=("SD20",), text_encoders=(TextEncoderRoot("te", "h", "lora_te"),),
-    unet_naming="diffusers", base_model_versions=("sd_v2", "sd_v2_768_v"), default_resolution=768,
+    unet_naming="diffusers", base_model_versions=("sd_v2", "sd_v2_768_v"),
 )
 SDXL = Family(
     name="SDXL", model_configs=("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
     text_encoders=(TextEncoderRoot("te1", "l", "lora_te1"), TextEncoderRoot("te2", "g", "lora_te2")),
     unet_naming="ldm", base_model_versions=("sdxl_base_v1-0", "sdxl_base_v1-0"),
-    size_conditioning=True, default_resolution=1024, extra_inputs=("y",),
+    size_conditioning=True, extra_inputs=("y",),
 )
 # SD3 medium / SD3.5 medium and large (ComfyUI loads them all as ``SD3``): a rectified-flow MMDiT. The file is
 # diffusers' SD3 LoRA layout (``transformer.<diffusers path>.lora_A/B``, fused qkv written as to_q/to_k/to_v), the
@@ -97,7 +95,7 @@ SDXL = Family(
 SD3 = Family(
     name="SD3/SD3.5", model_configs=("SD3",), text_encoders=(), unet_naming="mmdit",
     base_model_versions=("sd3", "sd3"),
-    default_resolution=1024, latent_channels=16, objectives=("flow",), export_format="diffusers", extra_inputs=("y",),
+    latent_channels=16, objectives=("flow",), export_format="diffusers", extra_inputs=("y",),
     diffusers_map="mmdit_to_diffusers",
 )
 # FLUX.1 dev and schnell (ComfyUI's Flux / FluxSchnell): a rectified-flow DiT of double- and single-stream blocks, fed
@@ -107,7 +105,7 @@ SD3 = Family(
 # training is not offered (the captions are encoded once; T5-XXL is released before training).
 FLUX = Family(
     name="FLUX.1", model_configs=("Flux", "FluxSchnell"), text_encoders=(), unet_naming="ldm",
-    base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
+    base_model_versions=("flux1", "flux1"), latent_channels=16, objectives=("flow",),
     extra_inputs=("y", "guidance"), preview_cfg=1.0, inplace_residuals=True, size_shift=(0.5, None, 2),
 )
 # Chroma (ComfyUI's Chroma): FLUX.1-schnell's double/single-stream blocks, de-distilled, with one small network (the
@@ -117,7 +115,7 @@ FLUX = Family(
 # modelspec ``chroma`` as kohya's Chroma trainer writes it.
 CHROMA = Family(
     name="Chroma", model_configs=("Chroma",), text_encoders=(), unet_naming="ldm",
-    base_model_versions=("flux1", "flux1"), default_resolution=1024, latent_channels=16, objectives=("flow",),
+    base_model_versions=("flux1", "flux1"), latent_channels=16, objectives=("flow",),
     extra_inputs=("guidance",), preview_cfg=4.0, inplace_residuals=True, in_channels=64, size_shift=(0.5, None, 2),
 )
 # Z-Image Turbo and Base (ComfyUI's ZImage: a Lumina 2 NextDiT at width 3840, 30 layers + 2 + 2 refiners), Qwen3-4B as
@@ -127,7 +125,7 @@ CHROMA = Family(
 # (ComfyUI maps them back through comfy.utils.z_image_to_diffusers). Previews as Turbo samples (8 steps, cfg 1).
 ZIMAGE = Family(
     name="Z-Image", model_configs=("ZImage",), text_encoders=(), unet_naming="ldm",
-    base_model_versions=("zimage", "zimage"), default_resolution=1024, latent_channels=16, objectives=("flow",),
+    base_model_versions=("zimage", "zimage"), latent_channels=16, objectives=("flow",),
     export_format="diffusers", diffusers_map="z_image_to_diffusers", file_prefix="diffusion_model",
     extra_inputs=None, preview_cfg=1.0, preview_steps=8,
 )
@@ -138,16 +136,17 @@ ZIMAGE = Family(
 # img_attn_qkv ...), as musubi writes it: ComfyUI maps it directly, diffusers' Flux2LoraLoaderMixin converts it.
 FLUX2 = Family(
     name="FLUX.2", model_configs=("Flux2",), text_encoders=(), unet_naming="ldm",
-    base_model_versions=("flux2", "flux2"), default_resolution=1024, latent_channels=128, objectives=("flow",),
+    base_model_versions=("flux2", "flux2"), latent_channels=128, objectives=("flow",),
     extra_inputs=None, preview_cfg=1.0, inplace_residuals=True, size_shift=(0.5, 1.15, 1),
 )
 # Qwen-Image (ComfyUI's QwenImage: a 20 B MMDiT with diffusers' own module names, Qwen2.5-VL 7B via CLIPLoader type
 # qwen_image, the Wan 2.1 VAE: latents [16, 1, h, w]), rectified flow at the shift ComfyUI samples it with. kohya
 # file layout (lora_unet_transformer_blocks_0_attn_to_q ...) as musubi-tuner writes it; ComfyUI and diffusers'
-# QwenImageLoraLoaderMixin load it. Qwen-Image-Edit (reference images) is a different model class and refused.
+# QwenImageLoraLoaderMixin load it. Qwen-Image-Edit-2511 and Qwen-Image-Layered are refused (detect: their reference
+# inputs); the older Edit checkpoints look exactly like Qwen-Image to ComfyUI's detection and cannot be told apart.
 QWEN_IMAGE = Family(
     name="Qwen-Image", model_configs=("QwenImage",), text_encoders=(), unet_naming="ldm",
-    base_model_versions=("qwen_image", "qwen_image"), default_resolution=1024, latent_channels=16,
+    base_model_versions=("qwen_image", "qwen_image"), latent_channels=16,
     objectives=("flow",), extra_inputs=None, preview_cfg=4.0, in_channels=64,
 )
 FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX, CHROMA, ZIMAGE, FLUX2, QWEN_IMAGE)
@@ -182,8 +181,8 @@ class Detected:
 
     @property
     def auto_defaults(self) -> AutoDefaults:
-        """What Train Steps' ``auto`` settings are for this model (the family's, else its objective's)."""
-        return self.family.auto or auto_defaults(self.objective.prediction_type)
+        """What Train Steps' ``auto`` settings are for this model: its objective's (DDPM or flow)."""
+        return auto_defaults(self.objective.prediction_type)
 
 
 def model_type_name(patcher: Any) -> str:
@@ -214,13 +213,14 @@ REFUSED: dict[str, str] = {
     "HunyuanImage21Refiner": "is HunyuanImage 2.1's refiner, applied after the base: train the base model",
     "Stable_Cascade_C": "is Stable Cascade's two-stage Wuerstchen prior, whose sampling LoRA Kiln does not train",
     "Stable_Cascade_B": "is Stable Cascade's two-stage Wuerstchen decoder, whose sampling LoRA Kiln does not train",
+    "CosmosT2IPredict2": "samples with Cosmos' EDM-style rectified-flow schedule (ModelSamplingCosmosRFlow), which "
+                         "LoRA Kiln does not train; use a trainer made for Cosmos Predict2",
     # their networks call comfy_kitchen rope kernels that have no backward pass (ComfyUI's in_training switch does not
     # reach these call sites), so no gradient can flow through them: the first step would fail
-    "CosmosT2IPredict2": "samples with Cosmos' EDM-style rectified-flow schedule (ModelSamplingCosmosRFlow), which "
-                         "LoRA Kiln does not train",
     **dict.fromkeys(("JoyImage", "Anima", "ErnieImage"),
                     "calls rope kernels that have no backward pass in this ComfyUI (comfy_kitchen), so it cannot be "
-                    "trained through ComfyUI's own network"),
+                    "trained through ComfyUI's own network; use a trainer with its own implementation of the model, "
+                    "or a ComfyUI version whose kernels have a backward pass"),
 }
 
 
@@ -247,7 +247,7 @@ def generic_family(patcher: Any) -> Family:
     latent = base.latent_format
     return Family(
         name=name, model_configs=(name,), text_encoders=(), unet_naming="ldm",
-        base_model_versions=(name.lower(), name.lower()), default_resolution=1024,
+        base_model_versions=(name.lower(), name.lower()),
         latent_channels=int(latent.latent_channels), objectives=("epsilon", "v_prediction", "flow"),
         extra_inputs=None, preview_cfg=4.0, inplace_residuals=True,
         in_channels=int(base.model_config.unet_config.get("in_channels") or latent.latent_channels), generic=True,
@@ -271,7 +271,8 @@ def detect(patcher: Any) -> Detected:
             raise KilnUserError(
                 f"LoRA Kiln cannot train {config_name} models (model class {type(base).__name__}): ComfyUI prepares "
                 "part of its input outside the network (its own _apply_model, e.g. position offsets), which training "
-                "the network directly would leave out; the generic path would train it with the wrong inputs.")
+                "the network directly would leave out; the generic path would train it with the wrong inputs. Use a "
+                "trainer made for this model.")
         family = generic_family(patcher)
     if getattr(base, "concat_keys", ()) or _in_channels(base, family) != (family.in_channels or family.latent_channels):
         raise KilnUserError(

@@ -9,7 +9,6 @@ import comfy.sample
 import folder_paths
 import torch
 
-from . import compat
 from .families import Family
 from .text_encoders import EXTRA, encode_caption
 
@@ -38,7 +37,7 @@ def sample_preview(
     with torch.inference_mode():
         # the empty latent ComfyUI's own Empty*LatentImage node gives this VAE (FLUX.2: 128 channels at 1/16; Qwen-Image:
         # a one-frame video latent)
-        down = compat.vae_downscale(vae)
+        down = int(vae.spacial_compression_encode())
         channels = int(getattr(vae, "latent_channels", family.latent_channels))
         frames = (1,) if getattr(vae, "latent_dim", 2) == 3 else ()
         latent = torch.zeros(1, channels, *frames, height // down, width // down)

@@ -40,7 +40,9 @@ def encode_caption(clip: Any, text: str, cached: bool = True, extras: bool = Fal
         return hit, False
     with torch.no_grad():
         out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
-    cond = {"context": normal_tensor(out["cond"][0].float().cpu())}
+    # the context in the encoder's dtype (fp16/bf16 on a GPU: half the RAM of fp32 for a cache of FLUX.2's 512-token
+    # contexts; the denoiser casts it to its compute dtype), the small pooled vector in fp32 as ComfyUI's adm code mixes it
+    cond = {"context": normal_tensor(out["cond"][0].cpu())}
     if out.get("pooled_output") is not None:
         cond["pooled"] = normal_tensor(out["pooled_output"][0].float().cpu())
     if extras:

@@ -30,7 +30,7 @@ TINY_GENERIC = {
     "PixArtAlpha": {
         "unet_config": dict(image_model="pixart_alpha", patch_size=2, hidden_size=96, in_channels=4, depth=2, num_heads=2,
                             caption_channels=32, model_max_length=8, input_size=16, micro_condition=True),
-        "cond": lambda torch: {"cross_attn": torch.randn(1, 8, 32), "width": 384, "height": 384},
+        "cond": lambda torch: {"cross_attn": torch.randn(1, 8, 32)},
         "latent": (4, 48, 48),  # PixArt pos-embed base_size = round(((H+W)//2)/64)*64//patch -> H,W >= 40 or ZeroDivisionError
         "params": 424384,
     },
@@ -54,8 +54,7 @@ TINY_GENERIC = {
                             input_size=16, text_states_dim=32, text_states_dim_t5=32, text_len=8, text_len_t5=8,
                             size_cond=True, use_style_cond=True),
         "cond": lambda torch: {"cross_attn": torch.randn(1, 8, 32), "attention_mask": torch.ones(1, 8),
-                                      "conditioning_mt5xl": torch.randn(1, 8, 32), "attention_mask_mt5xl": torch.ones(1, 8),
-                                      "width": 128, "height": 128},
+                                      "conditioning_mt5xl": torch.randn(1, 8, 32), "attention_mask_mt5xl": torch.ones(1, 8)},
         "latent": (4, 16, 16),
         "params": 1043520,
     },

@@ -294,10 +294,23 @@ class _Block(nn.Module):  # modulation, attention in a module of its own class, 
         self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
 
 
+class MLPEmbedder(nn.Module):  # FLUX-style timestep embedder: an MLP by its class name, an embedding by its role
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_layer, self.out_layer = nn.Linear(4, 8), nn.Linear(8, 8)
+
+
+class AttentionPool(nn.Module):  # HunyuanDiT's text pooler: attention by its class name, a pooler by its role
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.c_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+
 class _DiT(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.x_embedder, self.blocks, self.final = nn.Linear(4, 8), nn.ModuleList([_Block(), _Block()]), nn.Linear(8, 4)
+        self.time_in, self.pooler = MLPEmbedder(), AttentionPool()
 
 
 def test_structural_targets_find_attention_and_mlp_layers_by_structure_in_every_block():
@@ -314,4 +327,5 @@ def test_structural_targets_find_attention_and_mlp_layers_by_structure_in_every_
     adapters = AdapterSet.create({"unet": net}, AdapterConfig(rank=2, unet_targets=found["attn+ff"]))
     names = sorted(adapters.specs)
     assert len(names) == 12 and all(".adaLN" not in n and "embedder" not in n and "final" not in n for n in names)
+    assert not any(n.startswith(("unet.time_in", "unet.pooler")) for n in names)
     assert {n.split(".")[2] for n in names} == {"0", "1"}

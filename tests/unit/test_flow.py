@@ -210,8 +210,9 @@ def test_auto_settings_resolve_per_objective_and_explicit_ones_stay():
     assert explicit.min_snr_gamma == 5.0 and explicit.timestep_sampling == "logit_normal"
     with pytest.raises(ValueError, match=r"min_snr_gamma=5 .* set min_snr_gamma to 0"):
         check_objective(explicit, "flow")
-    with pytest.raises(ValueError, match=r"min_snr_gamma \(-1 = auto\)=-2"):
-        TrainConfig(min_snr_gamma=-2.0)
+    assert TrainConfig(min_snr_gamma=-0.5).auto_fields == ("min_snr_gamma",)  # any negative value: the slider's
+    with pytest.raises(ValueError, match=r"min_snr_gamma \(-1 = auto\)=101"):
+        TrainConfig(min_snr_gamma=101.0)
 
 
 def test_a_flow_model_trains_on_the_auto_defaults_without_a_change():
