@@ -5,8 +5,9 @@ a family entry claims it, Kiln refuses it by name (video, audio, 3D, pixel space
 of the image models the generic path trains. Each of those is built tiny (tests/integration/generic_tiny_models.py)
 and loaded through ComfyUI's own ``load_diffusion_model_state_dict``; Inject LoRA's steps find its attention / MLP
 layers by structure, two training steps run on the conditioning ComfyUI's own ``extra_conds`` gives (the
-encoder's outputs as CLIPTextEncode would hand them over), the loss is finite and the adapters move, and ComfyUI's
-LoRA key map takes every key of the kohya file Kiln writes for it.
+encoder's outputs as CLIPTextEncode would hand them over), the loss is finite and the adapters move, ComfyUI's
+LoRA key map takes every key of the kohya file Kiln writes for it, and ComfyUI's own LoRA math (``calculate_weight``)
+turns each into exactly the delta Kiln trained on that layer.
 """
 
 from __future__ import annotations
@@ -109,10 +110,22 @@ SCRIPT = textwrap.dedent(
             key_map = comfy.lora.model_lora_keys_unet(patcher.model, {{}})
             loaded = comfy.lora.load_lora(tensors, key_map, log_missing=False)
             moved = sum(1 for s in trained.specs if trained.weights[s.name + ".lora_up.weight"].abs().sum() > 0)
+            # ComfyUI's own LoRA math on each loaded key (calculate_weight, as a LoraLoader patch applies it) against
+            # W + alpha / rank * up @ down of the adapter with that path: the file means what Kiln trained
+            weights = patcher.model.state_dict()
+            errors_ = []
+            for s in trained.specs:
+                key = "diffusion_model." + s.name[len("unet."):] + ".weight"
+                w = weights[key].float()
+                delta = (s.alpha / s.rank) * (trained.weights[s.name + ".lora_up.weight"].float()
+                                              @ trained.weights[s.name + ".lora_down.weight"].float())
+                got = comfy.lora.calculate_weight([(1.0, loaded[key], 1.0, None, None)], w.clone(), key)
+                errors_.append(float((got - w - delta.reshape(w.shape)).abs().max() / (delta.abs().max() + 1e-12)))
             out["trained"][name] = {{
                 "generic": d.family.generic, "objective": d.objective.prediction_type,
                 "adapters": len(trained.specs), "moved": moved, "loaded": len(loaded),
-                "losses": [h[1] for h in trained.history], "targets": len(targets)}}
+                "losses": [h[1] for h in trained.history], "targets": len(targets),
+                "delta_error": max(errors_) if errors_ else None}}
         except Exception as exc:  # reported per class; the test names it
             out["trained"][name] = {{"error": f"{{type(exc).__name__}}: {{exc}}"[:800]}}
     for name, spec in REFUSED_TINY.items():
@@ -161,6 +174,7 @@ def test_a_generic_image_model_trains_and_comfyui_takes_every_key(probe, name):
     assert len(got["losses"]) == 2 and all(math.isfinite(v) for v in got["losses"]), got
     assert got["moved"] > 0, got
     assert got["loaded"] == got["adapters"], got  # ComfyUI's key map took every adapter of the file
+    assert got["delta_error"] is not None and got["delta_error"] < 1e-4, got  # and applies Kiln's delta to each
 
 
 @pytest.mark.parametrize("name", list(REFUSED_GENERIC))
