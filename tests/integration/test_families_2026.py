@@ -9,7 +9,9 @@ tiny files for the stock VAELoader (TAESD with 16 or 128 channels, a Wan 2.1 VAE
 
 Each family: progress and previews on auto settings, the file layout its ecosystem loads (ComfyUI's LoraLoader with
 no ``lora key not loaded``, rendering what Train Steps' MODEL renders; diffusers' loader for the family with every
-key and the same deltas), fp8 weights training with chained nodes continuing exactly, Cancel and resume.
+key and the same deltas), fp8 weights training with chained nodes continuing exactly, Cancel and resume. And one
+model without a family entry (Lumina Image 2) through the generic path on the same server: previews, the kohya file
+of its own paths, the stock LoraLoader rendering what Train Steps' MODEL renders.
 """
 
 from __future__ import annotations
@@ -298,3 +300,27 @@ def test_the_shipped_example_workflow_trains_with_its_loaders_pointed_at_the_tin
     out = result.history["outputs"]["4"]
     assert [h[0] for h in out["kiln_history"]] == [1, 2] and len(out["kiln_previews"]) == 1
     assert (installed.base / "models" / "loras" / f"{key}_example.safetensors").exists()
+
+
+def test_a_model_without_a_family_entry_trains_generically_with_previews_and_loads_in_the_stock_lora_loader(installed):
+    """Lumina Image 2 (ComfyUI's Lumina2; no Kiln family entry) through the generic path on the server: Train Steps
+    on auto settings with a preview; the kohya file of its own module paths names the ComfyUI class; the stock
+    LoraLoaderModelOnly applies every key and renders what Train Steps' MODEL renders; the base renders as before."""
+    spec = Spec("Lumina2", "Lumina2", "lumina2", "taesd16", frozenset(), "lumina2", "lumina2/lora", {}, "", "",
+                learning_rate=5e-2)
+    before = installed.run(render(spec, "generic_base_before", 100))
+    assert before.status == "success", before.error
+    graph = train_graph(spec, "generic_lora", steps=2, preview_every=2)
+    graph.update(render(spec, "generic_kiln_model", 200, model=["4", 1]))
+    result = installed.run(graph, timeout=1200)
+    assert result.status == "success", result.error
+    out = result.history["outputs"]["4"]
+    assert len(out["kiln_previews"]) == 1 and "auto for Lumina2: min_snr_gamma 0" in out["text"][0]
+    keys, meta = keys_and_metadata(installed, "generic_lora")
+    assert keys and all(k.startswith("lora_unet_") for k in keys), keys[:5]
+    assert any("attention_qkv" in k for k in keys) and any("feed_forward" in k for k in keys), sorted(keys)
+    assert not any("adaLN" in k or "embedder" in k for k in keys), sorted(keys)  # attn+ff found by structure
+    assert meta["ss_base_model_version"] == "lumina2" and meta["modelspec.architecture"] == "lumina2/lora"
+    stock = {**render(spec, "generic_stock_lora", 300, lora="generic_lora.safetensors"),
+             **render(spec, "generic_base_after", 400)}
+    assert_stock_lora_renders_like_train_steps(installed, (before, result), stock, ("109", "209", "309", "409"))

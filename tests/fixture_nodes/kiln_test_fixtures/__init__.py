@@ -179,6 +179,11 @@ TINY_DIFFUSION = {
                "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
                "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
                "pad_tokens_multiple": 32},
+    # a model without a Kiln family entry (the generic path), conditioned by the tiny Z-Image encoder's 64-wide context
+    "Lumina2": {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 64,
+                "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 1,
+                "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
+                "ffn_dim_multiplier": 4.0, "multiple_of": 32},
     "QwenImage": {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
                   "num_attention_heads": 2, "attention_head_dim": 64, "axes_dims_rope": (8, 28, 28),
                   "joint_attention_dim": 64},
