@@ -81,7 +81,7 @@ def server_peak_mib(comfy: Path, tmp: Path, tag: str, graph: dict, folder: Path)
     """Peak RSS (VmHWM) of a fresh server process that ran ``graph`` once."""
     base = tmp / f"srv_{tag}"
     install_2026_files(comfy, tmp, base)
-    server = ComfyServer(comfy, base, tmp / "flux2.safetensors")
+    server = ComfyServer(comfy, base, tmp / "tiny_flux2.safetensors")
     (base / "input").mkdir(parents=True, exist_ok=True)
     (base / "input" / "bench").symlink_to(folder)
     server.start()
@@ -100,7 +100,7 @@ def families_2026(comfy: Path, sizes: list[str], steps: int) -> int:
         tmp = Path(tmp_s)
         folder = make_images(tmp / "images", n=4)
         install_2026_files(comfy, tmp, tmp / "probe")
-        probe_native(comfy, tmp / "probe", tmp / "flux2.safetensors")
+        probe_native(comfy, tmp / "probe", tmp / "tiny_flux2.safetensors")
         rows = []
         for size in sizes:
             case = Case(size, 1, "fp32", True, "like")

@@ -44,7 +44,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-from comfy_harness import ComfyServer, build_tiny_checkpoint, make_images, require_comfyui  # noqa: E402
+from comfy_harness import (  # noqa: E402
+    FILES_2026,
+    ComfyServer,
+    build_2026_files,
+    build_tiny_checkpoint,
+    link_models,
+    make_images,
+    require_comfyui,
+)
 
 
 @dataclass(frozen=True)
@@ -63,10 +71,10 @@ FLOW = ("sd3", "flux", "zimage", "flux2", "qwen_image")
 # the 2026 families (ComfyUI v0.33+): (model node, TestTinyQwenCLIP type, VAELoader name); tiny models as the tests'
 FAMILIES_2026 = {
     "zimage": ({"class_type": "TestTinyDiffusionModel", "inputs": {"model": "ZImage", "seed": 0}}, "lumina2",
-               "taesd16.safetensors"),
-    "flux2": ({"class_type": "UNETLoader", "inputs": {"unet_name": "flux2.safetensors"}}, "flux2", "taef2"),
+               "tiny_taesd16.safetensors"),
+    "flux2": ({"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux2.safetensors"}}, "flux2", "taef2"),
     "qwen_image": ({"class_type": "TestTinyDiffusionModel", "inputs": {"model": "QwenImage", "seed": 0}}, "qwen_image",
-                   "wan21.safetensors"),
+                   "tiny_wan21.safetensors"),
 }
 
 
@@ -94,21 +102,8 @@ NATIVE: dict = {}  # the server's TrainLoraNode / SaveLoRA as /object_info descr
 
 
 def install_2026_files(comfy: Path, tmp: Path, base: Path) -> None:
-    """The tests' tiny FLUX.2 file, FLUX.2's taef2 and the Z-Image / Qwen-Image VAEs, built in ``tmp`` and linked
-    into the models folders of server base ``base`` (the Z-Image / Qwen-Image networks and the Qwen encoders come
-    from the tests' fixture nodes, which every ComfyServer loads)."""
-    for folder in ("diffusion_models", "vae", "vae_approx"):
-        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-    build_tiny_checkpoint(comfy, tmp / "flux2.safetensors", size="flux2",
-                          flags=("--vae", str(tmp / "taef2"), "--vae-kind", "taef2"))
-    (base / "models" / "diffusion_models" / "flux2.safetensors").symlink_to(tmp / "flux2.safetensors")
-    for half in ("encoder", "decoder"):
-        (base / "models" / "vae_approx" / f"taef2_{half}.safetensors").symlink_to(tmp / f"taef2_{half}.safetensors")
-    for kind in ("taesd16", "wan21"):
-        if not (tmp / f"{kind}.safetensors").exists():
-            build_tiny_checkpoint(comfy, tmp / f"unused_{kind}.safetensors", size="flux2",
-                                  flags=("--vae", str(tmp / f"{kind}.safetensors"), "--vae-kind", kind))
-        (base / "models" / "vae" / f"{kind}.safetensors").symlink_to(tmp / f"{kind}.safetensors")
+    """The tests' 2026-family files (comfy_harness.FILES_2026), built in ``tmp`` once, into server base ``base``."""
+    link_models(build_2026_files(comfy, tmp), base, FILES_2026)
 
 
 def native_probe(server: ComfyServer) -> dict:

@@ -212,7 +212,7 @@ class AutoDefaults:
 
     def __post_init__(self) -> None:
         check_range("min_snr_gamma", self.min_snr_gamma, 0.0, 100.0)
-        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING[1:])
+        check_choice("timestep_sampling", self.timestep_sampling, tuple(s for s in TIMESTEP_SAMPLING if s != AUTO))
 
 
 # Min-SNR-gamma 5 (Hang et al. 2023, kohya's recommended value) is a weighting of DDPM objectives; flow models train

@@ -145,8 +145,7 @@ def check_objective(config: TrainConfig, prediction_type: str) -> None:
             raise ValueError(
                 f"min_snr_gamma={config.min_snr_gamma:g} is a weighting for DDPM (epsilon / v) models and has no "
                 "meaning on this flow-matching model: set min_snr_gamma to 0 or -1 (auto) (use loss_weighting, e.g. "
-                "cosmap, and "
-                "timestep_sampling logit_normal instead)"
+                "cosmap, and timestep_sampling logit_normal instead)"
             )
     else:
         if config.loss_weighting != "none":

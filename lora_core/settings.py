@@ -74,7 +74,7 @@ def _gamma_to_number(value: float | str) -> float:
 
 
 def _gamma_from_number(value: float) -> float | str:
-    return AUTO if value == AUTO_GAMMA else value
+    return AUTO if value < 0 else value  # any negative value is auto (TrainConfig)
 
 
 def _weight_dtype(fp8_base: bool) -> str:

@@ -140,7 +140,8 @@ class KilnTrainSteps(io.ComfyNode):
         auto = run.detected.auto_defaults
         resolved = {name: getattr(auto, name) for name in config.auto_fields}
         config = config.resolved(auto)  # the run (and its digest) sees the values, never "auto"
-        preview_steps = preview_steps or run.detected.family.preview_steps
+        preview_steps = preview_steps or run.detected.family.preview_steps  # 0: auto, the family's
+        preview_cfg = preview_cfg or run.detected.family.preview_cfg
         if run.trains_text_encoder and run.clip is None:
             raise KilnUserError("this state trains the text encoder but carries no CLIP; rebuild it with Inject LoRA")
         prompt = preview_prompt.strip() or next((dataset.caption(r) for r in dataset.records), "")

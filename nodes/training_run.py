@@ -81,7 +81,7 @@ class PreviewSettings:
     size: int
     steps: int
     every: int
-    cfg: float = 0.0  # 0: the family's (auto)
+    cfg: float
 
 
 @dataclass(frozen=True)
@@ -241,8 +241,7 @@ class TrainingRun:
             if self.text_encoder is not None:
                 text_clip = text_encoders.clip_with_lora(run.clip, snapshot, run.naming)
         image = previews.sample_preview(model, text_clip, self.request.dataset.vae, settings.prompt, settings.seed,
-                                        settings.size, settings.size, settings.steps,
-                                        settings.cfg or self.family.preview_cfg,
+                                        settings.size, settings.size, settings.steps, settings.cfg,
                                         self.family, text_adapters=self.text_encoder is not None)
         self._reload()
         try:

@@ -46,7 +46,7 @@ class ComfyDiffusion:
         self.compute_dtype: torch.dtype | None = None  # set by the trainer for a run (its frozen-weight copies' dtype)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if getattr(self.base.latent_format, "latent_dimensions", 2) == 3 and latents.ndim == 4:
+        if self.base.latent_format.latent_dimensions == 3 and latents.ndim == 4:
             latents = latents.unsqueeze(2)  # an image as a one-frame video latent (Qwen-Image's Wan VAE space)
         return self.base.process_latent_in(latents)
 

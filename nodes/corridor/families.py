@@ -249,8 +249,7 @@ def generic_family(patcher: Any) -> Family:
         name=name, model_configs=(name,), text_encoders=(), unet_naming="ldm",
         base_model_versions=(name.lower(), name.lower()),
         latent_channels=int(latent.latent_channels), objectives=("epsilon", "v_prediction", "flow"),
-        extra_inputs=None, preview_cfg=4.0, inplace_residuals=True,
-        in_channels=int(base.model_config.unet_config.get("in_channels") or latent.latent_channels), generic=True,
+        extra_inputs=None, preview_cfg=4.0, inplace_residuals=True, generic=True,
     )
 
 
@@ -274,7 +273,10 @@ def detect(patcher: Any) -> Detected:
                 "the network directly would leave out; the generic path would train it with the wrong inputs. Use a "
                 "trainer made for this model.")
         family = generic_family(patcher)
-    if getattr(base, "concat_keys", ()) or _in_channels(base, family) != (family.in_channels or family.latent_channels):
+    # a family entry knows its network's input channels; a generic model may pack latent patches into more (its own
+    # extra_conds then says whether it wants a concatenated image: refused at the first step)
+    wrong_channels = not family.generic and _in_channels(base, family) != (family.in_channels or family.latent_channels)
+    if getattr(base, "concat_keys", ()) or wrong_channels:
         raise KilnUserError(
             f"this {family.name} checkpoint is an inpainting/depth/instruct variant ({_in_channels(base, family)} input "
             f"channels, extra inputs {list(getattr(base, 'concat_keys', ()))}); LoRA Kiln trains the plain "

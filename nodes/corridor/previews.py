@@ -38,9 +38,8 @@ def sample_preview(
         # the empty latent ComfyUI's own Empty*LatentImage node gives this VAE (FLUX.2: 128 channels at 1/16; Qwen-Image:
         # a one-frame video latent)
         down = int(vae.spacial_compression_encode())
-        channels = int(getattr(vae, "latent_channels", family.latent_channels))
-        frames = (1,) if getattr(vae, "latent_dim", 2) == 3 else ()
-        latent = torch.zeros(1, channels, *frames, height // down, width // down)
+        frames = (1,) if vae.latent_dim == 3 else ()
+        latent = torch.zeros(1, vae.latent_channels, *frames, height // down, width // down)
         noise = comfy.sample.prepare_noise(latent, seed)
         samples = comfy.sample.sample(
             patcher, noise, steps, cfg, "euler", "normal", conditioning(prompt), conditioning(""), latent, seed=seed,

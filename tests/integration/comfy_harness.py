@@ -353,3 +353,36 @@ def kiln_nodes(name: str, rank: int, alpha: float, model: list, clip: list, vae:
             "model": model, "name": name, "rank": rank, "alpha": alpha, "targets": "attn+ff", "algorithm": "lora",
             "conv_rank": 0, "dropout": 0.0, "init_lora": "none", "seed": 0, "train_text_encoder": False}},
     }
+
+
+# the 2026 families' model files (ComfyUI v0.33+) -> their models folder: a tiny FLUX.2 (Klein-like, 1 M parameters;
+# its detection reads real shapes) for UNETLoader, FLUX.2's tiny autoencoder (taef2: VAELoader finds its two halves in
+# vae_approx), a 16-channel TAESD (Z-Image) and a tiny Wan 2.1 VAE (Qwen-Image). The tiny Z-Image / Qwen-Image networks
+# and the Qwen text encoders come from the test-only fixture nodes (tests/fixture_nodes), which every ComfyServer loads.
+FILES_2026 = {"tiny_flux2.safetensors": "diffusion_models", "taef2_encoder.safetensors": "vae_approx",
+              "taef2_decoder.safetensors": "vae_approx", "tiny_taesd16.safetensors": "vae",
+              "tiny_wan21.safetensors": "vae"}
+
+
+def build_2026_files(comfy: Path, folder: Path) -> dict[str, Path]:
+    """:data:`FILES_2026` built into ``folder`` (once: files already there are kept), by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tiny_checkpoint(comfy, folder / "tiny_flux2.safetensors", size="flux2",
+                          flags=("--vae", str(folder / "taef2"), "--vae-kind", "taef2"))
+    for kind in ("taesd16", "wan21"):
+        if not (folder / f"tiny_{kind}.safetensors").exists():
+            build_tiny_checkpoint(comfy, folder / f"unused_{kind}.safetensors", size="flux2",
+                                  flags=("--vae", str(folder / f"tiny_{kind}.safetensors"), "--vae-kind", kind))
+    return {name: folder / name for name in FILES_2026}
+
+
+def link_models(files: dict[str, Path], base: Path, folders: dict[str, str]) -> None:
+    """Each built file into server base ``base``'s models/<folders[name]> (a hard link when it can)."""
+    for name, built in files.items():
+        target = base / "models" / folders[name] / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            try:
+                os.link(built, target)
+            except OSError:
+                shutil.copy(built, target)

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from comfy_harness import (  # noqa: E402, F401
     REPO,
     ComfyServer,
+    build_2026_files,
     build_tiny_checkpoint,
     comfyui_skip_reason,
     find_comfyui,
@@ -81,16 +82,5 @@ def server(comfy_base, tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def families_2026_files(tmp_path_factory) -> dict[str, Path]:
-    """ComfyUI v0.33's 2026 families: a tiny FLUX.2 (Klein-like, 1 M parameters; its detection reads real shapes) for
-    UNETLoader, and the VAE files of each family for VAELoader: a 16-channel TAESD (Z-Image), FLUX.2's tiny
-    autoencoder (``taef2``: encoder and decoder files for models/vae_approx) and a tiny Wan 2.1 VAE (Qwen-Image). The tiny Z-Image and Qwen-Image networks and the
-    Qwen text encoders come from the test-only fixture nodes (tests/fixture_nodes)."""
-    folder = tmp_path_factory.mktemp("f2026")
-    out = {"flux2": folder / "tiny_flux2.safetensors"}
-    build_tiny_checkpoint(COMFY, out["flux2"], size="flux2", flags=("--vae", str(folder / "taef2"), "--vae-kind", "taef2"))
-    out.update(taef2_encoder=folder / "taef2_encoder.safetensors", taef2_decoder=folder / "taef2_decoder.safetensors")
-    for kind in ("taesd16", "wan21"):
-        out[kind] = folder / f"tiny_{kind}.safetensors"
-        build_tiny_checkpoint(COMFY, folder / f"unused_{kind}.safetensors", size="flux2",
-                              flags=("--vae", str(out[kind]), "--vae-kind", kind))
-    return out
+    """ComfyUI v0.33's 2026 families: comfy_harness.FILES_2026, built once per session."""
+    return build_2026_files(COMFY, tmp_path_factory.mktemp("f2026"))

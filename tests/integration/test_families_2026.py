@@ -25,11 +25,10 @@ from safetensors.torch import load_file
 from test_sdxl import (
     assert_stock_lora_renders_like_train_steps,
     cancel_then_requeue,
-    install_checkpoint,
     keys_and_metadata,
 )
 
-from comfy_harness import kiln_nodes, text_to_image
+from comfy_harness import FILES_2026, kiln_nodes, link_models, text_to_image
 from conftest import COMFY
 
 pytestmark = pytest.mark.skipif(
@@ -142,11 +141,7 @@ def train_graph(spec: Spec, name: str, steps: int, weight_dtype: str = "default"
 
 @pytest.fixture(scope="module")
 def installed(server, families_2026_files):
-    install_checkpoint(server, families_2026_files["flux2"], "tiny_flux2.safetensors", "diffusion_models")
-    for kind in ("taesd16", "wan21"):
-        install_checkpoint(server, families_2026_files[kind], f"tiny_{kind}.safetensors", "vae")
-    for half in ("taef2_encoder", "taef2_decoder"):  # ComfyUI's FLUX.2 tiny autoencoder, as VAELoader finds it
-        install_checkpoint(server, families_2026_files[half], f"{half}.safetensors", "vae_approx")
+    link_models(families_2026_files, server.base, FILES_2026)
     return server
 
 

@@ -8,7 +8,6 @@ both go into the shared server's models/checkpoints, so these tests share the se
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -18,19 +17,15 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from comfy_harness import link_models
+
 KSAMPLER = {"seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 XL, XL_V = "tiny_sdxl.safetensors", "tiny_sdxl_vpred_ztsnr.safetensors"
 
 
 def install_checkpoint(server, built, name, folder: str = "checkpoints"):
     """Put a session-built model file into the shared server's models/<folder> (a hard link when it can)."""
-    target = server.base / "models" / folder / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        try:
-            os.link(built, target)
-        except OSError:
-            shutil.copy(built, target)
+    link_models({name: built}, server.base, {name: folder})
 
 
 @pytest.fixture(scope="session")
