@@ -19,6 +19,9 @@ per-pair ratios (the machine this was written on is shared, and its speed drifts
                                                     # ComfyUI v0.33+: the tests' tiny Z-Image, FLUX.2 (Klein-like)
                                                     # and Qwen-Image, fp32 and fp8-stored weights; text encoders:
                                                     # the tests' tiny Qwen3 / Qwen2.5-VL node
+    python bench/bench_vs_native.py --models wan21 --short 3 --long 13 --batches 1
+                                                    # the tests' tiny Wan 2.1 T2V on 9-frame clips (Kiln: a folder of
+                                                    # .mp4 clips; TrainLoraNode: video latents of the same shape)
     python bench/bench_vs_native.py --models tiny_fp8 --bypass both    # the tiny UNet as an "fp8 scaled"
                                                     # checkpoint (quantized weights on ComfyUI >= 0.3.7x); the native
                                                     # trainer with bypass_mode off and on (ComfyUI >= 0.3.7x)
@@ -52,6 +55,7 @@ from comfy_harness import (  # noqa: E402
     link_models,
     make_images,
     require_comfyui,
+    write_clip,
 )
 
 
@@ -67,7 +71,8 @@ class Case:
     bypass: bool = False  # the native trainer's bypass_mode (ComfyUI >= 0.3.7x: adapters by forward hooks)
 
 
-FLOW = ("sd3", "flux", "zimage", "flux2", "qwen_image")
+FLOW = ("sd3", "flux", "zimage", "flux2", "qwen_image", "wan21")
+VIDEO_FRAMES = 9  # wan21: both trainers on 9-frame clips (3 latent frames); Kiln's from a folder of clips
 # the 2026 families (ComfyUI v0.33+): (model node, TestTinyQwenCLIP type, VAELoader name); tiny models as the tests'
 FAMILIES_2026 = {
     "zimage": ({"class_type": "TestTinyDiffusionModel", "inputs": {"model": "ZImage", "seed": 0}}, "lumina2",
@@ -75,6 +80,9 @@ FAMILIES_2026 = {
     "flux2": ({"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux2.safetensors"}}, "flux2", "taef2"),
     "qwen_image": ({"class_type": "TestTinyDiffusionModel", "inputs": {"model": "QwenImage", "seed": 0}}, "qwen_image",
                    "tiny_wan21.safetensors"),
+    # Wan 2.1 T2V (issue 23): the tests' tiny file for UNETLoader, the one-layer UMT5 node, the width-8 Wan 2.1 VAE
+    "wan21": ({"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan21_t2v.safetensors"}}, "wan",
+              "tiny_wan21.safetensors"),
 }
 
 
@@ -84,8 +92,10 @@ def loaders(case: Case) -> dict:
     if case.model in FAMILIES_2026:
         model, clip_type, vae = FAMILIES_2026[case.model]
         model = {"class_type": model["class_type"], "inputs": {**model["inputs"], "weight_dtype": case.weights}}
+        clip = {"class_type": "TestTinyWanCLIP", "inputs": {"seed": 0, "min_length": 32}} if clip_type == "wan" else \
+            {"class_type": "TestTinyQwenCLIP", "inputs": {"type": clip_type, "seed": 0}}
         return {"nodes": {
-            "1": model, "6": {"class_type": "TestTinyQwenCLIP", "inputs": {"type": clip_type, "seed": 0}},
+            "1": model, "6": clip,
             "7": {"class_type": "VAELoader", "inputs": {"vae_name": vae}}},
             "model": ["1", 0], "clip": ["6", 0], "vae": ["7", 0]}
     if case.model == "flux":
@@ -132,11 +142,13 @@ def native_graph(case: Case, steps: int, tag: str) -> dict:
     return {
         **ld["nodes"],
         # the latent each model's own template starts from (Qwen-Image: a one-frame video latent, [B, 16, 1, h, w])
+        # (Wan: a 9-frame video latent, [B, 16, 3, h, w], as the clips Kiln reads)
         "2": {"class_type": "EmptyFlux2LatentImage" if case.model == "flux2" else
-              "EmptyHunyuanLatentVideo" if case.model == "qwen_image" else
+              "EmptyHunyuanLatentVideo" if case.model in ("qwen_image", "wan21") else
               "EmptySD3LatentImage" if case.model in FLOW else "EmptyLatentImage",
               "inputs": {"width": case.res, "height": case.res, "batch_size": 4,
-                         **({"length": 1} if case.model == "qwen_image" else {})}},
+                         **({"length": 1} if case.model == "qwen_image" else
+                            {"length": VIDEO_FRAMES} if case.model == "wan21" else {})}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a kilnshape circle", "clip": ld["clip"]}},
         "4": {"class_type": "TrainLoraNode", "inputs": train},
         "5": {"class_type": NATIVE["save"], "inputs": {"lora": ["4", NATIVE["lora"]], "prefix": f"loras/native_{tag}",
@@ -149,15 +161,21 @@ def image_folder(res: int) -> str:
     return "bench" if res == 64 else f"bench{res}"
 
 
+def clip_folder(res: int) -> str:
+    """Input folder of 4 captioned clips of res x res, 12 frames at 16 fps (one 9-frame window each)."""
+    return f"benchclips{res}"
+
+
 def kiln_graph(case: Case, steps: int, tag: str) -> dict:
     like = case.layers == "like"
     ld = loaders(case)
     return {
         **ld["nodes"],
         "2": {"class_type": "KilnLoadDataset", "inputs": {
-            "folder": image_folder(case.res), "vae": ld["vae"], "clip": ld["clip"], "resolution": case.res,
-            "bucketing": True,
-            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error"}},
+            "folder": clip_folder(case.res) if case.model == "wan21" else image_folder(case.res), "vae": ld["vae"],
+            "clip": ld["clip"], "resolution": case.res, "bucketing": True,
+            "trigger_word": "", "repeats": 1, "caption_extension": ".txt", "on_error": "error",
+            **({"frames": VIDEO_FRAMES} if case.model == "wan21" else {})}},
         "3": {"class_type": "KilnInjectLoRA", "inputs": {
             "model": ld["model"], "name": f"bench_{tag}", "rank": 8, "alpha": 8.0,
             "targets": "all" if like else "attn+ff", "algorithm": "locon" if like else "lora", "conv_rank": 0,
@@ -280,6 +298,11 @@ def main() -> int:
         if set(args.models) & set(FAMILIES_2026):  # the tests' tiny FLUX.2 file and the three VAEs
             install_2026_files(comfy, Path(tmp), base)
         make_images(base / "input" / image_folder(args.res), n=4, size=(args.res, args.res))
+        if "wan21" in args.models:
+            for k in range(4):
+                clip = write_clip(base / "input" / clip_folder(args.res) / f"clip{k}.mp4", 12, 16,
+                                  size=(args.res, args.res), seed=k)
+                clip.with_suffix(".txt").write_text(f"a kilnshape disc moving, clip {k}")
         server.start()
         native_probe(server)
         version = server.get("/system_stats")["system"].get("comfyui_version", "?")

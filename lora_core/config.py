@@ -18,15 +18,17 @@ from ._validate import check_choice, check_int, check_range
 # count as attention): a model has only one set of names, so one preset serves all. Modulation layers only in "all".
 # Z-Image's NextDiT: attention.qkv / attention.out and the SwiGLU feed_forward.w1/w2/w3 (its refiners' too); Qwen-Image
 # (diffusers' names): to_q ... to_out.0 and the text stream's add_q_proj ... to_add_out, img_mlp / txt_mlp. FLUX.2
-# uses FLUX.1's names.
+# uses FLUX.1's names. Wan: each block's self_attn / cross_attn q, k, v, o and its ffn.0 / ffn.2 (musubi's and
+# ai-toolkit's Wan targets).
 ATTN_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj",
                                  "img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2",
                                  "attention.qkv", "attention.out", "add_q_proj", "add_k_proj", "add_v_proj",
-                                 "to_add_out")
+                                 "to_add_out", "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")
 FF_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2", r"re:.+\.proj_in", r"re:.+\.proj_out", "mlp.fc1", "mlp.fc2",
                                "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2", "feed_forward.w1",
                                "feed_forward.w2", "feed_forward.w3", "img_mlp.net.0.proj", "img_mlp.net.2",
-                               "txt_mlp.net.0.proj", "txt_mlp.net.2")
+                               "txt_mlp.net.0.proj", "txt_mlp.net.2", "ffn.0", "ffn.2")
 TEXT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
     "attn": ATTN_TARGETS,
@@ -42,6 +44,7 @@ AUTO = "auto"  # a setting whose right value depends on the model: resolved by :
 AUTO_GAMMA = -1.0  # min_snr_gamma's "auto" (a number field: ComfyUI's Float inputs and kohya configs carry numbers)
 TIMESTEP_SAMPLING = (AUTO, "uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")  # flow-matching models (diffusers' SD3/Flux trainers)
+EXPERTS = ("all", "high_noise", "low_noise")  # two-expert models (Wan 2.2 14B): TrainConfig.expert
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ class TrainConfig:
     flow_shift: float = 0.0  # flow models: the time shift of the sigma sampling; 0 = the model's own (SD3: 3.0)
     loss_weighting: str = "none"  # flow models: none | sigma_sqrt | cosmap
     guidance: float = 1.0  # guidance-distilled models (Flux.1-dev): the guidance the network is given while training
+    # two-expert flow models (Wan 2.2 14B: a high-noise and a low-noise checkpoint): which expert this LoRA is for; it
+    # trains on the noise levels that expert samples (above / below the model's boundary). "all": every level
+    expert: str = "all"
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -175,6 +181,7 @@ class TrainConfig:
         check_range("flow_shift", self.flow_shift, 0.0, 100.0)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         check_range("guidance", self.guidance, 0.0, 100.0)
+        check_choice("expert", self.expert, EXPERTS)
         if self.min_timestep >= self.max_timestep:
             raise ValueError(
                 f"min_timestep={self.min_timestep} must be below max_timestep={self.max_timestep}"

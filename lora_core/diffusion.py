@@ -140,6 +140,10 @@ def check_objective(config: TrainConfig, prediction_type: str) -> None:
     """Refuse settings that belong to the other kind of objective, naming them and what to use instead."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}")
+    if prediction_type != FLOW and config.expert != "all":
+        raise ValueError(
+            f"expert={config.expert!r} is for two-expert flow models (Wan 2.2 14B); this model is {prediction_type}: "
+            "set expert to all")
     if prediction_type == FLOW:
         if config.min_snr_gamma > 0:
             raise ValueError(
@@ -187,16 +191,63 @@ def model_flow_shift(model: DiffusionModel, latents: torch.Tensor) -> float:
     return float(getattr(model, "flow_shift", 1.0))
 
 
-def sample_flow_sigmas(batch: int, config: TrainConfig, shift: float, generator: torch.Generator) -> torch.Tensor:
+def unshift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The inverse of :func:`shift_sigmas`: the unshifted ``s`` whose shifted value is ``sigmas``."""
+    if shift == 1.0:
+        return sigmas
+    return sigmas / (shift - (shift - 1) * sigmas)
+
+
+def sample_flow_sigmas(batch: int, config: TrainConfig, shift: float, generator: torch.Generator,
+                       sigma_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Sigmas in (0, 1] (float32, on the CPU): ``u`` uniform or logit-normal, limited to
-    ``[min_timestep, max_timestep) / 1000`` of the range, then shifted by ``shift``."""
-    if config.timestep_sampling == "logit_normal":
-        u = torch.sigmoid(torch.normal(config.logit_mean, config.logit_std, (batch,), generator=generator))
-    else:
-        u = torch.rand(batch, generator=generator)
+    ``[min_timestep, max_timestep) / 1000`` of the range, then shifted by ``shift``.
+
+    With a ``sigma_range`` narrower than (0, 1) (one expert's noise levels, :func:`expert_sigma_range`) the draw is conditioned on the shifted sigma falling inside it: the
+    distribution keeps its shape (as musubi-tuner's ``preserve_distribution_shape``) and is sampled exactly through
+    its inverse CDF, since the shift is monotonic (no rejection loop)."""
     lo, hi = config.min_timestep / 1000.0, min(config.max_timestep / 1000.0, 1.0)
+    if tuple(sigma_range) == (0.0, 1.0):
+        if config.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.normal(config.logit_mean, config.logit_std, (batch,), generator=generator))
+        else:
+            u = torch.rand(batch, generator=generator)
+    else:
+        # the raw draw's bounds whose scaled and shifted values land in sigma_range
+        bounds = unshift_sigmas(torch.tensor(sigma_range, dtype=torch.float64), shift)
+        a, b = ((bounds - lo) / (hi - lo)).clamp(0.0, 1.0).tolist()
+        if b - a < 1e-6:
+            raise ValueError(
+                f"expert={config.expert} trains the noise levels {tuple(sigma_range)}, which min_timestep="
+                f"{config.min_timestep} / max_timestep={config.max_timestep} exclude at shift {shift:g}: reset them to "
+                "0 / 1000")
+        v = torch.rand(batch, generator=generator, dtype=torch.float64)
+        if config.timestep_sampling == "logit_normal":  # a normal truncated to [logit a, logit b], through its CDF
+            normal = torch.distributions.Normal(torch.tensor(config.logit_mean, dtype=torch.float64),
+                                                torch.tensor(config.logit_std, dtype=torch.float64))
+            cdf = [normal.cdf(torch.logit(torch.tensor(x, dtype=torch.float64), eps=1e-12)) for x in (a, b)]
+            u = torch.sigmoid(normal.icdf((cdf[0] + (cdf[1] - cdf[0]) * v).clamp(1e-12, 1 - 1e-12)))
+        else:
+            u = a + (b - a) * v
+        u = u.float()
     u = lo + (hi - lo) * u
     return shift_sigmas(u.clamp(1e-5, 1.0), shift)
+
+
+def expert_sigma_range(expert: str, boundary: float) -> tuple[float, float]:
+    """The noise levels one expert of a two-expert model samples: ``high_noise`` from ``boundary`` up, ``low_noise``
+    below it (``boundary``: the model's sigma where sampling switches experts; 0 = a single-expert model)."""
+    if expert == "all":
+        return (0.0, 1.0)
+    if not 0.0 < boundary < 1.0:
+        raise ValueError(
+            f"expert={expert!r} is for two-expert models (Wan 2.2 14B: a high-noise and a low-noise checkpoint); this "
+            "model is a single one, trained on every noise level: set expert to all")
+    if expert == "high_noise":
+        return (boundary, 1.0)
+    if expert == "low_noise":
+        return (0.0, boundary)
+    raise ValueError(f"expert={expert!r} is not allowed; choose one of: all, high_noise, low_noise")
 
 
 def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -226,7 +277,8 @@ def flow_loss(
 ) -> torch.Tensor:
     """Mean rectified-flow loss of one micro-batch: the model predicts ``eps - x_0`` at ``x_t``."""
     shift = config.flow_shift if config.flow_shift > 0 else model_flow_shift(model, latents)
-    sigmas = sample_flow_sigmas(latents.shape[0], config, shift, generator)
+    sigma_range = expert_sigma_range(config.expert, float(getattr(model, "expert_boundary", 0.0)))
+    sigmas = sample_flow_sigmas(latents.shape[0], config, shift, generator, sigma_range)
     noise = make_noise(latents, config.noise_offset, generator)
     noisy = flow_noisy(latents.float(), noise, sigmas).to(latents.dtype)
     target = noise - latents.float()

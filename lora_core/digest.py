@@ -141,8 +141,16 @@ def dataset_digest(dataset: LatentDataset) -> str:
     return h.hexdigest()
 
 
+# settings added after runs were first digested: left out at their default, so an upgrade does not retrain them
+_LATER_DEFAULTS: dict[str, object] = {"expert": "all"}
+
+
 def config_digest(config: TrainConfig) -> str:
-    return json_digest(config.to_dict())
+    data = json.loads(json.dumps(config.to_dict()))
+    for name, default in _LATER_DEFAULTS.items():
+        if data.get(name) == default:
+            del data[name]
+    return json_digest(data)
 
 
 def _sample_indices(n: int, k: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = ["ALIASES", "RunConfig", "config_from_graph", "training_graph"]
 
 SPLIT_FILES = ("clip_l", "t5xxl", "ae")  # FLUX.1 in separate files, kohya's flux trainer's options
 CHROMA_FILES = ("t5xxl", "ae")  # Chroma in separate files: the same without CLIP-L (kohya's --model_type chroma)
+TEXT_ENCODER_TYPES = ("chroma", "wan")  # CLIPLoader types of a one-text-encoder model in separate files (Chroma, Wan)
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,22 @@ class RunConfig:
     output_name: str = "my_lora"
     output_dir: str = "output"
     # FLUX.1 in separate files (kohya's flux trainer): base_model is then the diffusion model (models/diffusion_models);
-    # Chroma: the same without clip_l
+    # Chroma: the same without clip_l; Wan (musubi's --dit / --t5 / --vae): the same with text_encoder_type wan
     clip_l: str = ""  # CLIP-L (models/text_encoders)
-    t5xxl: str = ""  # T5-XXL (models/text_encoders)
+    t5xxl: str = ""  # T5-XXL (models/text_encoders); Wan: UMT5-XXL
     ae: str = ""  # the autoencoder (models/vae)
+    text_encoder_type: str = "chroma"  # without clip_l: CLIPLoader's type, chroma (T5-XXL) or wan (UMT5-XXL)
     fp8_base: bool = False  # keep the diffusion model's weights in fp8 (UNETLoader weight_dtype fp8_e4m3fn)
     caption_extension: str = ".txt"
     trigger_word: str = ""
     repeats: int = 1
     resolution: int = 512
     enable_bucket: bool = True
+    # video clips (Wan; musubi's dataset keys): frames per window (4k+1), head / uniform, windows per clip, frame rate
+    target_frames: int = 33
+    frame_extraction: str = "head"
+    frame_sample: int = 1
+    fps: float = 0.0  # 0: the model's (16 for Wan 2.1 / 2.2 14B, 24 for Wan 2.2 5B)
     lora_rank: int = 16
     lora_alpha: float = 16.0
     targets: str = "attn+ff"
@@ -70,6 +77,7 @@ class RunConfig:
     discrete_flow_shift: float = 0.0  # flow models (SD3, Flux): 0 = the model's own shift
     weighting_scheme: str = "none"  # flow models: none | sigma_sqrt | cosmap
     guidance_scale: float = 1.0  # guidance-distilled models (Flux.1-dev): the guidance while training
+    expert: str = "all"  # Wan 2.2 14B: high_noise / low_noise, the expert checkpoint this LoRA is for
     save_steps: int = 0
     keep_checkpoints: int = 0  # keep the newest N save_steps checkpoints (0 = all)
     save_precision: str = "fp16"
@@ -94,6 +102,7 @@ class RunConfig:
                 f"output_name={self.output_name!r} may only use letters, digits, '-', '_', '.' and spaces"
             )
         check_choice("caption_extension", self.caption_extension, (".txt", ".caption"))
+        check_choice("text_encoder_type", self.text_encoder_type, TEXT_ENCODER_TYPES)
         if self.min_snr_gamma != "auto" and not isinstance(self.min_snr_gamma, (int, float)):
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} must be a number (0 = off) or \"auto\"")
         check_int("repeats", self.repeats, 1, 1000)
@@ -288,7 +297,7 @@ def training_graph(cfg: RunConfig, steps: int, resume: str | None, ckpt_name: st
 
 
 # the text-encoder loaders a config can rebuild, and the type each must have
-_CONFIG_CLIP_TYPES = {settings.CLIP_LOADER: "flux", settings.T5_LOADER: "chroma"}
+_CONFIG_CLIP_TYPES = {settings.CLIP_LOADER: ("flux",), settings.T5_LOADER: TEXT_ENCODER_TYPES}
 
 
 def _check_exportable(api: Mapping[str, Any]) -> None:
@@ -313,11 +322,11 @@ def _check_exportable(api: Mapping[str, Any]) -> None:
     kind = clip.get("class_type")
     if kind in _CONFIG_CLIP_TYPES:
         clip_type = clip["inputs"].get("type")
-        if checkpoint or clip_type != _CONFIG_CLIP_TYPES[kind]:
+        if checkpoint or clip_type not in _CONFIG_CLIP_TYPES[kind]:
             raise ValueError(
                 f"Load Dataset's CLIP comes from a {kind} of type {clip_type!r}"
                 f"{' beside Load Checkpoint' if checkpoint else ''}; a config knows a checkpoint's own text encoders, "
-                f"FLUX.1's (DualCLIPLoader type flux) and Chroma's (CLIPLoader type chroma): {run_instead}")
+                f"FLUX.1's (DualCLIPLoader type flux), Chroma's and Wan's (CLIPLoader type chroma / wan): {run_instead}")
 
 
 def config_from_graph(api: Mapping[str, Any]) -> RunConfig:
@@ -334,7 +343,7 @@ def config_from_graph(api: Mapping[str, Any]) -> RunConfig:
     values = settings.config_values(nodes)
     _check_exportable(api)
     if settings.CHECKPOINT_LOADER in nodes:  # the model is a checkpoint: a VAELoader / CLIPLoader beside it that
-        for key in (*SPLIT_FILES, "fp8_base"):  # trains nothing (checked above) is not a model in separate files
+        for key in (*SPLIT_FILES, "fp8_base", "text_encoder_type"):  # trains nothing (checked above) is not a model in separate files
             values.pop(key, None)
     values.setdefault("base_model", "")  # no Load Checkpoint: from_mapping names the missing value
     if not values.get("sample_prompts"):

@@ -85,6 +85,10 @@ def _is_fp8(weight_dtype: str) -> bool:
     return str(weight_dtype).startswith("fp8")
 
 
+def _fps(value: float) -> float:
+    return float(value) or 16.0  # auto (0) is resolved by Load Dataset from the VAE; 16 stands in for validation
+
+
 def _text_targets(train_text_encoder: bool) -> str | tuple[str, ...]:
     return "text" if train_text_encoder else ()
 
@@ -159,15 +163,16 @@ _D, _I, _T, _S = DATASET_NODE, INJECT_NODE, TRAIN_NODE, SAVE_NODE
 SETTINGS: tuple[Setting, ...] = (
     # the model and the data
     S("base_model", (f"{CHECKPOINT_LOADER}.ckpt_name", f"{UNET_LOADER}.unet_name"),
-      aliases=("pretrained_model_name_or_path",), set_names=("base_model", "checkpoint")),
+      aliases=("pretrained_model_name_or_path", "dit"), set_names=("base_model", "checkpoint")),  # musubi: --dit
     # FLUX.1 / Chroma in separate files, as kohya's flux trainer takes them (then base_model is the diffusion model);
     # without clip_l it is Chroma (T5-XXL alone, CLIPLoader)
     S("clip_l", (f"{CLIP_LOADER}.clip_name1",)),
-    S("t5xxl", (f"{CLIP_LOADER}.clip_name2", f"{T5_LOADER}.clip_name")),
-    S("ae", (f"{VAE_LOADER}.vae_name",)),
+    S("t5xxl", (f"{CLIP_LOADER}.clip_name2", f"{T5_LOADER}.clip_name"), aliases=("t5",)),  # musubi's Wan: --t5
+    S("ae", (f"{VAE_LOADER}.vae_name",), aliases=("vae",)),
     S("fp8_base", (f"{UNET_LOADER}.weight_dtype",), to_node=_weight_dtype, from_node=_is_fp8),
     S(None, (f"{CLIP_LOADER}.type",), fixed="flux"),
-    S(None, (f"{T5_LOADER}.type",), fixed="chroma"),
+    # the single text encoder of a model in separate files: CLIPLoader's type, chroma (T5-XXL) or wan (UMT5-XXL)
+    S("text_encoder_type", (f"{T5_LOADER}.type",)),
     S("train_data_dir", (f"{_D}.folder",), "DatasetConfig.folder", set_names=("dataset", "folder"),
       to_node=_absolute_path),
     S("caption_extension", (f"{_D}.caption_extension",), "DatasetConfig.caption_extension"),
@@ -176,6 +181,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("resolution", (f"{_D}.resolution",), "DatasetConfig.resolution", set_names=("resolution",)),
     S("enable_bucket", (f"{_D}.bucketing",), "DatasetConfig.bucketing"),
     S(None, (f"{_D}.on_error",), "DatasetConfig.on_error", fixed="error"),
+    # video clips (Wan), as musubi-tuner's dataset config names them: frames per window, head / uniform, windows per clip
+    S("target_frames", (f"{_D}.frames",), "DatasetConfig.frames", aliases=("frames",)),
+    S("frame_extraction", (f"{_D}.frame_sampling",), "DatasetConfig.frame_sampling"),
+    S("frame_sample", (f"{_D}.windows",), "DatasetConfig.windows"),
+    S("fps", (f"{_D}.fps",), "DatasetConfig.fps", to_engine=_fps),  # 0: the model's (auto, read from the VAE)
     # the adapters
     S("output_name", (f"{_I}.name", f"{_S}.filename"), set_names=("name",)),
     S("lora_rank", (f"{_I}.rank",), "AdapterConfig.rank", aliases=("network_dim",), set_names=("rank",)),
@@ -210,6 +220,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("discrete_flow_shift", (f"{_T}.flow_shift",), "TrainConfig.flow_shift"),
     S("weighting_scheme", (f"{_T}.loss_weighting",), "TrainConfig.loss_weighting"),
     S("guidance_scale", (f"{_T}.guidance",), "TrainConfig.guidance"),  # Flux.1-dev (kohya's --guidance_scale)
+    # Wan 2.2 14B: which expert checkpoint this LoRA is for (musubi trains each with its own min/max timestep)
+    S("expert", (f"{_T}.expert",), "TrainConfig.expert"),
     # checkpoints, previews, output
     S("save_steps", (f"{_T}.save_every",), aliases=("save_every_n_steps",)),
     S("keep_checkpoints", (f"{_T}.keep_checkpoints",)),  # the newest N save_every checkpoints stay (0: all)

@@ -164,7 +164,7 @@ class KilnAutoCaption(io.ComfyNode):
         info = model_info(model)
         if dataset is not None:
             root = folders.check_data_folder(dataset.folder)  # Load Dataset checked it; Auto Caption writes there
-            paths = [r.path for r in dataset.records]
+            paths = list(dict.fromkeys(r.path for r in dataset.records))  # a clip's windows share its caption
             extension, max_pixels = dataset.config.caption_extension, dataset.config.max_image_pixels
         else:
             if not (folder or "").strip():
@@ -173,10 +173,11 @@ class KilnAutoCaption(io.ComfyNode):
                 )
             root = resolve_folder(folder)
             try:
-                scan = scan_dataset(DatasetConfig(folder=str(root)))
+                # clips are listed too (one window each: captioned from their middle frame)
+                scan = scan_dataset(DatasetConfig(folder=str(root), frames=5))
             except DatasetError as exc:
                 raise KilnUserError(str(exc)) from None
-            paths = [r.path for r in scan.records]
+            paths = list(dict.fromkeys(r.path for r in scan.records))
             extension, max_pixels = ".txt", DatasetConfig(folder=str(root)).max_image_pixels
         try:
             settings = CaptionSettings(

@@ -1,4 +1,4 @@
-"""KilnLoadDataset: a folder of images + captions -> validated, bucketed, VAE-encoded training data."""
+"""KilnLoadDataset: a folder of images (and video clips) + captions -> validated, bucketed, VAE-encoded training data."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from comfy_api.latest import io
 from ..lora_core.caption.ledger import WRITTEN
 from ..lora_core.data import (
     CAPTION_EXTENSIONS,
+    FRAME_SAMPLING,
     DatasetConfig,
     DatasetError,
     ImageRecord,
@@ -22,6 +23,7 @@ from ..lora_core.data import (
     fit_to_bucket,
     image_to_tensor,
     open_image,
+    read_clip_frames,
     scan_dataset,
 )
 from .corridor import caches, families, folders, reporting
@@ -61,16 +63,30 @@ def encode_records(
     if progress is not None:
         progress.start(len(records))
     for i, record in enumerate(records, 1):
-        key = (file_digest(record.path), record.bucket)
+        key: tuple = (file_digest(record.path), record.bucket)
         try:
-            image, (left, top, _, _) = fit_to_bucket(open_image(record.path, config.max_image_pixels), record.bucket)
+            if record.is_clip:  # its window's frames at the model's frame rate, each fitted to the bucket like an image
+                key += (config.fps, record.start, record.frames)
+                hit = caches.latent_cache(vae).get(key)
+                frames = [] if hit is not None else read_clip_frames(
+                    record.path, config.fps, record.start, record.frames, config.max_image_pixels)
+                pixels = torch.stack([image_to_tensor(fit_to_bucket(f, record.bucket)[0]) for f in frames]) \
+                    if frames else torch.zeros(0)
+                left = top = 0
+                if frames:
+                    _, (left, top, _, _) = fit_to_bucket(frames[0], record.bucket)
+            else:
+                image, (left, top, _, _) = fit_to_bucket(open_image(record.path, config.max_image_pixels),
+                                                         record.bucket)
+                pixels = image_to_tensor(image)
         except DatasetError as exc:  # changed on disk since the scan
             raise KilnUserError(str(exc)) from None
-        latent, new = caches.encode_image(vae, key, image_to_tensor(image))
+        latent, new = caches.encode_image(vae, key, pixels)
         if not bool(latent.isfinite().all()):
             raise KilnUserError(
-                f"{record.path.name}: the VAE produced NaN/inf latents for this image. Use a VAE that runs in "
-                "fp32 (start ComfyUI with --fp32-vae, or load an fp32 VAE), or check the VAE file."
+                f"{record.path.name}: the VAE produced NaN/inf latents for this {'clip' if record.is_clip else 'image'}."
+                " Use a VAE that runs in fp32 (start ComfyUI with --fp32-vae, or load an fp32 VAE), or check the VAE "
+                "file."
             )
         encoded += int(new)
         latents.append(latent)
@@ -88,8 +104,9 @@ class KilnLoadDataset(io.ComfyNode):
             display_name="Load Dataset (Kiln)",
             category=f"{CATEGORY}/data",
             description=(
-                "Reads a folder of images with .txt/.caption sidecars or a metadata.csv/.jsonl, validates every "
-                "file, sorts images into aspect-ratio buckets and encodes them once with the VAE."
+                "Reads a folder of images and video clips with .txt/.caption sidecars or a metadata.csv/.jsonl, "
+                "validates every file, sorts them into aspect-ratio (and frame-count) buckets and encodes them once "
+                "with the VAE. Clips (.mp4 .webm .mov .gif) need a video model's VAE (Wan)."
             ),
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
@@ -112,8 +129,21 @@ class KilnLoadDataset(io.ComfyNode):
                 io.Combo.Input("caption_extension", options=list(CAPTION_EXTENSIONS), default=".txt", tooltip=(
                     "Sidecar caption files next to each image: photo.png + photo.txt.")),
                 io.Combo.Input("on_error", options=["error", "skip"], default="error", tooltip=(
-                    "What to do with a broken image or caption: stop with a message naming it, or skip it with "
+                    "What to do with a broken image, clip or caption: stop with a message naming it, or skip it with "
                     "a warning.")),
+                io.Int.Input("frames", default=33, min=1, max=257, step=4, optional=True, tooltip=(
+                    "Video models (Wan): frames per training clip, 4k+1 as the Wan VAE needs (17, 33, 49, 81). Clips "
+                    "(.mp4 .webm .mov .gif) train as windows of this many frames; images in the same folder train "
+                    "as one-frame clips. Image models ignore it.")),
+                io.Combo.Input("frame_sampling", options=list(FRAME_SAMPLING), default="head", optional=True,
+                               tooltip=(
+                    "Which frames of a clip train: head = one window from the start; uniform = 'windows' windows "
+                    "spread evenly over the clip (more samples from long clips).")),
+                io.Int.Input("windows", default=1, min=1, max=64, optional=True, tooltip=(
+                    "With frame_sampling uniform: windows taken from each clip.")),
+                io.Float.Input("fps", default=0.0, min=0.0, max=120.0, step=1.0, optional=True, tooltip=(
+                    "Frame rate the clips are resampled to (by timestamp, so variable-rate clips stay true to "
+                    "time). 0 = auto: the model's, 16 for Wan 2.1 / 2.2 14B, 24 for Wan 2.2 5B (read from the VAE).")),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset", tooltip="Validated, encoded training data.")],
             hidden=[io.Hidden.unique_id],
@@ -130,34 +160,55 @@ class KilnLoadDataset(io.ComfyNode):
     @classmethod
     def execute(
         cls, folder: str, vae: object, clip: object, resolution: int, bucketing: bool, trigger_word: str,
-        repeats: int, caption_extension: str, on_error: str,
+        repeats: int, caption_extension: str, on_error: str, frames: int = 33, frame_sampling: str = "head",
+        windows: int = 1, fps: float = 0.0,
     ) -> io.NodeOutput:
         path = resolve_folder(folder)
         node_id = cls.hidden.unique_id
-        auto = ""
+        auto = []
         if resolution == 0:
-            resolution, source = families.auto_resolution(clip)
-            auto = f"resolution auto: {resolution} px for {source}"
+            resolution, source = families.auto_resolution(clip, vae)
+            auto.append(f"resolution auto: {resolution} px for {source}")
+        video = families.video_vae(vae)
+        fps_auto = video is not None and not fps
+        if fps_auto:
+            fps = video[0]
         reporting.status(node_id, f"Load Dataset: checking the images in {path.name}")
         try:
             config = DatasetConfig(
                 folder=str(path), resolution=resolution, bucketing=bucketing, trigger_word=trigger_word.strip(),
                 default_repeats=repeats, caption_extension=caption_extension, on_error=on_error,
                 min_bucket=bucket_range(resolution)[0], max_bucket=bucket_range(resolution)[1],
+                frames=frames, frame_sampling=frame_sampling, windows=windows, fps=fps or 16.0,
             )
             scan = scan_dataset(config)
         except DatasetError as exc:
             raise KilnUserError(str(exc)) from None
-        progress = reporting.ItemProgress(node_id, unit="images", phase="Load Dataset: encoding latents")
+        except ValueError as exc:  # a setting out of range (frames not 4k+1, ...)
+            raise KilnUserError(f"Load Dataset: {exc}") from None
+        clips = scan.num_clips
+        if clips and video is None:
+            first = next(r for r in scan.records if r.is_clip)
+            raise KilnUserError(
+                f"Load Dataset: {first.path.name} is a video clip ({clips} clip windows in {path.name}), but the VAE "
+                "connected encodes images: clips train video models (Wan 2.1 / 2.2, with the Wan VAE). Connect the "
+                "video model's VAE, or move the clips out of the folder to train this image model.")
+        if clips and fps_auto:
+            auto.append(f"fps auto: {fps:g} for {video[1]}")
+        unit = "samples" if clips else "images"
+        progress = reporting.ItemProgress(node_id, unit=unit, phase="Load Dataset: encoding latents")
         latents, sizes, encoded = encode_records(scan.records, config, vae, progress)
         dataset = KilnDataset(config=config, folder=path, records=scan.records, latents=tuple(latents), clip=clip,
                               vae=vae, warnings=scan.warnings, sizes=tuple(sizes))
-        buckets = Counter(r.bucket for r in scan.records)
+        buckets = Counter((*r.bucket, r.frames) for r in scan.records)
+        what = f"{scan.num_images - clips} images" if not clips else \
+            f"{len(scan.records)} samples ({clips} clip windows of {config.frames} frames at {config.fps:g} fps, " \
+            f"{scan.num_images - clips} images)"
         lines = [
-            f"{scan.num_images} images ({scan.num_samples} samples per epoch with repeats) from "
-            f"{folders.display_path(path)}",
-            "buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items())),
-            f"latents: {encoded} encoded, {scan.num_images - encoded} from cache",
+            f"{what} ({scan.num_samples} samples per epoch with repeats) from {folders.display_path(path)}",
+            "buckets: " + ", ".join(f"{w}x{h}" + (f"x{f}" if f > 1 else "") + f": {n}"
+                                    for (w, h, f), n in sorted(buckets.items())),
+            f"latents: {encoded} encoded, {len(scan.records) - encoded} from cache",
         ]
         if scan.uncaptioned:
             lines.append(
@@ -166,8 +217,7 @@ class KilnLoadDataset(io.ComfyNode):
             )
         if scan.skipped:
             lines.append(f"skipped {len(scan.skipped)} files: " + "; ".join(f"{p.name}: {why}" for p, why in scan.skipped[:5]))
-        if auto:
-            lines.append(auto)
+        lines += auto
         lines += list(scan.warnings[:10])
         for line in lines:
             logger.info("Load Dataset: %s", line)

@@ -1,4 +1,4 @@
-"""Write a small, random checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL, SD3, FLUX.1 or Chroma.
+"""Write a small, random checkpoint that ComfyUI's stock loader detects as SD1.5, SDXL, SD3, FLUX.1, Chroma, FLUX.2 or Wan.
 
 For tests, benchmarks and the first-run demo; never for real images. ComfyUI's SD1.5 detection checks
 only model_channels=320, context_dim=768 (from the first input block's cross-attention), a 1x1 conv
@@ -48,14 +48,31 @@ from ``txt_in``, block counts, ``guidance_in``), so it can be tiny; its text enc
 - ``flux2_klein4b_full``: the FLUX.2 Klein 4B layout (hidden 3072, context 7680, 5 + 20 blocks), and
   ``flux2_klein9b_full`` Klein 9B's (hidden 4096, context 12288, 8 + 24 blocks), for GPU benchmarks
 
+Wan 2.1 / 2.2 video models are detected from real shapes too (``model_detection``'s Wan branch: the width from
+``head.modulation``, one head per 128 channels, ``ffn_dim`` from the first block's FFN, the block count, ``in_dim``
+from ``patch_embedding`` and ``out_dim`` from ``head.head``; out_dim 48 selects Wan 2.2's ``WAN22_T2V``). The context
+width is not read: ComfyUI builds ``text_embedding`` for 4096 (UMT5-XXL's width), so the tiny ones keep it (the tests'
+tiny UMT5 is 4096 wide, one layer). Written as diffusion-model files for ``UNETLoader``, text encoder (CLIPLoader,
+type wan) and VAE loaded separately:
+
+- ``wan21``: a Wan 2.1 T2V (``WAN21_T2V``, ``model_base.WAN21``, 16 latent channels): width 128 (one head), FFN 256,
+  2 blocks (1.1 M parameters, 0.5 M of them the 4096-wide text embedding)
+- ``wan22_5b``: Wan 2.2 TI2V-5B's kind (``WAN22_T2V``, ``model_base.WAN22``, 48 channels in and out, Wan 2.2's latent
+  format), the same tiny width and depth (1.1 M parameters)
+- ``wan21_1_3b_full``: the Wan 2.1 T2V 1.3B layout (width 1536, 12 heads, FFN 8960, 30 blocks: 1.4 B parameters), for
+  GPU benchmarks
+
 Z-Image is detected only at its real width (3840), so the one size is the whole model: ``zimage_full`` (30 layers and
 2 + 2 refiners, 6 B parameters; cap_feat_dim 2560, Qwen3-4B's width), for GPU benchmarks. Tests build tiny ones with
 a test-only node instead.
 
 ``--vae-kind`` picks the ``--vae`` file: ``taesd16`` (FLUX.1, Chroma, Z-Image), ``taef2`` (FLUX.2's tiny autoencoder:
 128 packed channels at 1/16; ``--vae DIR/taef2`` writes ``taef2_encoder`` / ``taef2_decoder`` files for
-models/vae_approx, which VAELoader offers as ``taef2``) or ``wan21`` (a tiny Wan 2.1 video VAE, dim 8: Qwen-Image's
-and Wan's latent space).
+models/vae_approx, which VAELoader offers as ``taef2``), ``wan21`` (a tiny Wan 2.1 video VAE, dim 8: Qwen-Image's
+and Wan 2.1's latent space), ``wan22`` (Wan 2.2's VAE, 48 channels at 1/16 spatially, 1/4 in time; ComfyUI builds it
+at its real width whatever the file holds, so this one is full size: 705 M parameters, written bf16, 1.4 GB) or
+``taew22`` (a tiny autoencoder of Wan 2.2's latent space, TAEHV with 48 channels, 11 M parameters: what VAELoader
+builds for a ``lighttaew2_2`` file; only ComfyUI versions with ``comfy.taesd.taehv`` detect it).
 
 The text encoders are full size (CLIP-L, and CLIP-G for SDXL and SD3: the loader always builds them from fixed
 configs) and the VAE is TAESD (ComfyUI builds TAESD when the checkpoint carries ``taesd_encoder``/
@@ -73,6 +90,8 @@ Usage (ComfyUI importable, e.g. ``PYTHONPATH=$COMFYUI_PATH``)::
     python nodes/tiny_checkpoint.py OUT.safetensors [--size tiny|small|sd15|sdxl|sdxl_full|sd3] [--vpred] [--ztsnr]
     python nodes/tiny_checkpoint.py models/diffusion_models/F.safetensors --size flux|chroma \
         --vae models/vae/V.safetensors
+    python nodes/tiny_checkpoint.py models/diffusion_models/W.safetensors --size wan21|wan22_5b \
+        --vae models/vae/V.safetensors --vae-kind wan21|taew22
 """
 
 from __future__ import annotations
@@ -114,10 +133,12 @@ FLUX2_CONFIGS = {"flux2": (128, 192, 1, 1, False), "flux2_dev": (128, 192, 1, 1,
                  "flux2_klein4b_full": (3072, 7680, 5, 20, False), "flux2_klein9b_full": (4096, 12288, 8, 24, False)}
 # Z-Image: (main layers) of the real width (3840: ComfyUI detects Z-Image only there), 2 + 2 refiners; GPU benchmarks
 ZIMAGE_CONFIGS = {"zimage_full": 30}
-SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS, *ZIMAGE_CONFIGS)
+# Wan T2V: (width, FFN width, blocks, latent channels in and out: 16 Wan 2.1, 48 Wan 2.2 TI2V-5B); heads = width / 128
+WAN_CONFIGS = {"wan21": (128, 256, 2, 16), "wan22_5b": (128, 256, 2, 48), "wan21_1_3b_full": (1536, 8960, 30, 16)}
+SIZES = (*UNET_CONFIGS, *MMDIT_CONFIGS, *FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS, *ZIMAGE_CONFIGS, *WAN_CONFIGS)
 # diffusion-model files for UNETLoader (bf16), flow models
-DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS, *ZIMAGE_CONFIGS)
-VAE_KINDS = ("taesd16", "taef2", "wan21")
+DIT_FILES = (*FLUX_CONFIGS, *CHROMA_CONFIGS, *FLUX2_CONFIGS, *ZIMAGE_CONFIGS, *WAN_CONFIGS)
+VAE_KINDS = ("taesd16", "taef2", "wan21", "wan22", "taew22")
 
 
 def build_state_dict(size: str = "tiny", seed: int = 0, vpred: bool = False, ztsnr: bool = False) -> dict:
@@ -230,6 +251,8 @@ def build_dit(size: str, dtype=None):
         return build_flux2(size, dtype)
     if size in ZIMAGE_CONFIGS:
         return build_zimage(size, dtype)
+    if size in WAN_CONFIGS:
+        return build_wan(size, dtype)
     return build_chroma(size, dtype)
 
 
@@ -269,6 +292,24 @@ def build_flux2(size: str = "flux2", dtype=None):
     return model
 
 
+def build_wan(size: str = "wan21", dtype=None):
+    """ComfyUI's own Wan T2V network (``supported_models.WAN21_T2V``'s, or ``WAN22_T2V``'s for 48 channels, as its
+    detection configures it for these shapes), randomly initialised (fp32, or ``dtype``)."""
+    import torch
+    from comfy import supported_models
+
+    dim, ffn_dim, layers, channels = WAN_CONFIGS[size]
+    config_class = supported_models.WAN22_T2V if channels == 48 else supported_models.WAN21_T2V
+    config = config_class({
+        "image_model": "wan2.1", "model_type": "t2v", "dim": dim, "out_dim": channels, "num_heads": dim // 128,
+        "ffn_dim": ffn_dim, "num_layers": layers, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1),
+        "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, "in_dim": channels})
+    config.set_inference_dtype(dtype or torch.float32, None)
+    model = config.get_model({}).diffusion_model
+    _init_(model)
+    return model
+
+
 def wan21_vae_state_dict(seed: int = 0, dim: int = 8) -> dict:
     """A random Wan 2.1 VAE (what VAELoader builds for ``decoder.middle.0.residual.0.gamma`` & co) of width ``dim``:
     16 latent channels at 1/8, images as one-frame videos (Qwen-Image's latent space)."""
@@ -282,9 +323,41 @@ def wan21_vae_state_dict(seed: int = 0, dim: int = 8) -> dict:
     return {k: v.float() for k, v in vae.state_dict().items()}
 
 
+def wan22_vae_state_dict(seed: int = 0) -> dict:
+    """A random Wan 2.2 VAE (what VAELoader builds for ``decoder.upsamples.0.upsamples.0.residual.2.weight`` & co):
+    48 latent channels at 1/16 spatially, 1/4 in time. ComfyUI builds it at width 160 whatever the file holds, so this
+    is the real layout (705 M parameters), bf16 as the released file."""
+    import torch
+    from comfy.ldm.wan.vae2_2 import WanVAE
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):  # no time spent on an initialisation that _init_ overwrites
+        vae = WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                     temperal_downsample=[False, True, True], dropout=0.0)
+    vae = vae.to_empty(device="cpu")
+    _init_(vae)
+    return {k: v.to(torch.bfloat16) for k, v in vae.state_dict().items()}
+
+
+def taehv_state_dict(latent_channels: int = 48, seed: int = 0) -> dict:
+    """A random TAEHV (what VAELoader builds for a file with ``decoder.22.bias``; 48 channels: Wan 2.2's tiny
+    autoencoder, lighttaew2_2), fp32. ComfyUI versions with ``comfy.taesd.taehv`` only."""
+    import torch
+    from comfy.taesd.taehv import TAEHV
+
+    torch.manual_seed(seed)
+    taehv = TAEHV(latent_channels=latent_channels)
+    _init_(taehv)
+    return {k: v.float() for k, v in taehv.state_dict().items()}
+
+
 def vae_state_dict(kind: str = "taesd16", seed: int = 0) -> dict:
     if kind == "wan21":
         return wan21_vae_state_dict(seed)
+    if kind == "wan22":
+        return wan22_vae_state_dict(seed)
+    if kind == "taew22":
+        return taehv_state_dict(48, seed)
     return taesd_state_dict(128 if kind == "taef2" else 16, seed)
 
 
@@ -442,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ztsnr", action="store_true", help="v-prediction with zero-terminal SNR (v_pred + ztsnr)")
     parser.add_argument("--vae", help="also write a VAE file here (for VAELoader; --vae-kind picks which)")
     parser.add_argument("--vae-kind", choices=VAE_KINDS, default="taesd16",
-                        help="taesd16 (FLUX.1, Chroma, Z-Image), taef2 (FLUX.2; --vae DIR/taef2), wan21 (Qwen-Image)")
+                        help="taesd16 (FLUX.1, Chroma, Z-Image), taef2 (FLUX.2; --vae DIR/taef2), wan21 (Qwen-Image, "
+                             "Wan 2.1), wan22 (Wan 2.2 5B; full size, 1.4 GB), taew22 (Wan 2.2 5B's tiny TAEHV)")
     parser.add_argument("--quant", choices=QUANT_FORMATS,
                         help="store the diffusion model's Linear weights quantized (legacy scaled_fp8, comfy_quant fp8 or int8)")
     args = parser.parse_args(argv)

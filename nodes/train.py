@@ -12,6 +12,7 @@ from ..lora_core import TrainConfig, settings
 from ..lora_core.config import (
     AUTO,
     AUTO_GAMMA,
+    EXPERTS,
     LOSS_WEIGHTINGS,
     OPTIMIZERS,
     PRECISIONS,
@@ -111,6 +112,11 @@ class KilnTrainSteps(io.ComfyNode):
                     "Guidance-distilled models (FLUX.1-dev, FLUX.2 dev): the guidance value the model is given while "
                     "training. 1.0 is kohya's recommendation for LoRAs; sample them with a FluxGuidance of about "
                     "3.5 as usual. Other models ignore it.")),
+                io.Combo.Input("expert", options=list(EXPERTS), default="all", optional=True, tooltip=(
+                    "Two-expert video models (Wan 2.2 14B text-to-video: a high-noise and a low-noise checkpoint, one "
+                    "LoRA each): high_noise trains the noise levels the high-noise model samples (sigma 0.875 to 1), "
+                    "low_noise the rest. Wire one Inject LoRA + Train Steps per expert checkpoint. all: every level "
+                    "(every other model).")),
             ],
             outputs=[
                 KilnStateType.Output(display_name="state", tooltip="The trained state (the input stays as it was)."),
@@ -131,7 +137,7 @@ class KilnTrainSteps(io.ComfyNode):
                 preview_steps: int, text_encoder_lr: float = 0.0, max_grad_norm: float = 1.0,
                 retrain: bool = False, timestep_sampling: str = AUTO, flow_shift: float = 0.0,
                 loss_weighting: str = "none", keep_checkpoints: int = 0, guidance: float = 1.0,
-                preview_cfg: float = 0.0) -> io.NodeOutput:
+                preview_cfg: float = 0.0, expert: str = "all") -> io.NodeOutput:
         run = state
         # every input the settings table maps to a TrainConfig field (lora_core/settings.py); the seed is the state's
         config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, locals()))

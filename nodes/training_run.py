@@ -131,6 +131,11 @@ class TrainingRun:
     def _execute(self) -> RunOutcome:
         request, run = self.request, self.run
         config = request.config
+        clip = next((r for r in request.dataset.records if r.frames > 1), None)
+        if clip is not None and not self.family.video:
+            raise KilnUserError(
+                f"the dataset has video clips ({clip.path.name}: {clip.frames} frames), but {self.family.name} is an "
+                "image model. Train clips with a video model (Wan 2.1 / 2.2), or move them out of the dataset folder.")
         start = self.start = run.state.replace(info={**run.state.info, **request.dataset.run_info()})
         device = self._load()
         latent_data = self._encode()
@@ -150,7 +155,8 @@ class TrainingRun:
         preview_every = request.preview.every
         progress = reporting.NodeProgress(self.node_id, max(1, target - begin.step),
                                           self._preview if preview_every else None,
-                                          samples_dir=folders.samples_directory(run.name))
+                                          samples_dir=folders.samples_directory(run.name),
+                                          fps=self.family.video_fps or 16.0)
         if plan.action == "reuse":
             result = TrainResult(begin)
         else:
@@ -245,7 +251,7 @@ class TrainingRun:
                                         self.family, text_adapters=self.text_encoder is not None)
         self._reload()
         try:
-            ref = {**previews.save_temp_preview(image), "step": step}
+            ref = {**previews.save_temp_preview(image, fps=self.family.video_fps or 16.0), "step": step}
         except OSError as exc:  # a full temp disk must not stop training
             logger.warning("LoRA Kiln: could not save the preview of step %d: %s", step, exc)
         else:

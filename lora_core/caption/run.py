@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .._validate import check_choice, check_int
-from ..data import DatasetError, file_digest, open_image
+from ..data import DatasetError, file_digest, open_picture
 from .backends import Captioner
 from .errors import CaptionError
 from .ledger import WRITTEN, WriteLedger
@@ -233,7 +233,7 @@ def caption_images(
                 pictures = []
                 for i in batch:
                     try:
-                        pictures.append(open_image(paths[i], settings.max_image_pixels))
+                        pictures.append(open_picture(paths[i], settings.max_image_pixels))  # a clip: its middle frame
                     except DatasetError as exc:
                         raise CaptionError(f"{exc} (captions written so far are kept)") from None
                 texts = captioner.caption(pictures, settings.prompt, settings.max_new_tokens, settings.num_beams)

@@ -6,14 +6,16 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .._validate import check_choice, check_int
+from .._validate import check_choice, check_int, check_range
 
-__all__ = ["CAPTION_EXTENSIONS", "ON_ERROR_CHOICES", "DatasetConfig"]
+__all__ = ["CAPTION_EXTENSIONS", "FRAME_SAMPLING", "MAX_FRAMES", "ON_ERROR_CHOICES", "DatasetConfig"]
 
 logger = logging.getLogger(__name__)
 
 CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption")
 ON_ERROR_CHOICES: tuple[str, ...] = ("error", "skip")
+FRAME_SAMPLING: tuple[str, ...] = ("head", "uniform")
+MAX_FRAMES = 257
 
 _MIN_SIDE = 64
 _MAX_SIDE = 4096
@@ -49,6 +51,20 @@ class DatasetConfig:
     * ``default_repeats``: 1..1000, for images not inside an ``N_name`` folder.
     * ``on_error``: ``"error"`` stops at bad files, ``"skip"`` leaves them out and reports them.
     * ``max_image_pixels``: 1..2**31; larger images are refused before they are decoded (decompression bombs).
+      Video frames are held to the same limit.
+
+    Video clips (``.mp4``, ``.webm``, ``.mov``, animated ``.gif``; see :mod:`lora_core.data.video`):
+
+    * ``frames``: frames per training sample, 1..257 and ``4k+1`` (1, 5, 9, ... 33, 49, 81): the Wan VAE encodes
+      the first frame alone and then 4 at a time. ``1`` means clips are not expected: a folder with clips is
+      refused (they would silently train as stills). With ``frames > 1`` every clip gives one sample per window of
+      ``frames`` frames, and images stay one-frame samples.
+    * ``frame_sampling``: ``"head"`` takes one window from the start of each clip; ``"uniform"`` takes ``windows``
+      windows spread evenly from its start to its end.
+    * ``windows``: 1..64, windows per clip with ``"uniform"`` (a short clip gives fewer; ``1`` is the head).
+    * ``fps``: 1..120, the model's frame rate (16 for Wan 2.1, 24 for Wan 2.2 5B). Clips are resampled to it by
+      presentation time, so variable-frame-rate clips are sampled correctly.
+    * ``max_clip_seconds``: 1..86400; a longer clip is refused (trim it).
     """
 
     folder: str
@@ -62,6 +78,11 @@ class DatasetConfig:
     default_repeats: int = 1
     on_error: str = "error"
     max_image_pixels: int = 178_956_970
+    frames: int = 1
+    frame_sampling: str = "head"
+    windows: int = 1
+    fps: float = 16.0
+    max_clip_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         folder = self.folder
@@ -107,3 +128,16 @@ class DatasetConfig:
         check_int("default_repeats", self.default_repeats, 1, 1000)
         check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         check_int("max_image_pixels", self.max_image_pixels, 1, 2**31)
+
+        check_int("frames", self.frames, 1, MAX_FRAMES)
+        if (self.frames - 1) % 4:
+            raise ValueError(
+                f"frames={self.frames} must be 4k+1 (1, 5, 9, ... 33, 49, 81): the Wan VAE encodes the first frame "
+                "alone and then 4 at a time"
+            )
+        check_choice("frame_sampling", self.frame_sampling, FRAME_SAMPLING)
+        check_int("windows", self.windows, 1, 64)
+        check_range("fps", self.fps, 1, 120)
+        object.__setattr__(self, "fps", float(self.fps))
+        check_range("max_clip_seconds", self.max_clip_seconds, 1, 86400)
+        object.__setattr__(self, "max_clip_seconds", float(self.max_clip_seconds))

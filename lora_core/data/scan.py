@@ -1,4 +1,4 @@
-"""Scanning a dataset folder into validated image records.
+"""Scanning a dataset folder into validated image and clip records.
 
 Layouts:
 
@@ -10,6 +10,11 @@ Layouts:
 Captions, per image, first found wins: ``<stem><caption_extension>`` next to the image, the other caption
 extension (``.txt`` / ``.caption``), then ``metadata.csv`` or ``metadata.jsonl`` in the same folder (keyed by file
 name). Names are matched exactly first and then ignoring case. No caption gives ``caption=None``.
+
+Video clips (``.mp4``, ``.webm``, ``.mov``, animated ``.gif``) sit next to the images and are captioned the same way.
+With ``frames > 1`` each clip gives one record per window of ``frames`` frames at ``fps`` (see
+:func:`lora_core.data.video.window_starts`) and images give one-frame records; with ``frames == 1`` clips are
+refused, so that video never trains silently as stills.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .captions import apply_trigger, read_caption_file, read_metadata_csv, read_
 from .config import CAPTION_EXTENSIONS, DatasetConfig
 from .errors import DatasetError
 from .images import IMAGE_EXTENSIONS, open_image
+from .video import VIDEO_EXTENSIONS, ClipInfo, available_frames, is_clip_file, probe_clip, window_starts
 
 __all__ = ["ImageRecord", "ScanResult", "dataset_fingerprint", "file_digest", "scan_dataset"]
 
@@ -42,15 +48,20 @@ _METADATA_READERS: tuple[tuple[str, Callable[[Path], dict[str, str]]], ...] = (
 _LIST_LIMIT = 10
 _UPSCALE_WARN = 2.0
 _SKIP_HINT = "or set on_error='skip' to skip bad files"
+_MEDIA_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | frozenset(VIDEO_EXTENSIONS)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One usable training image.
+    """One usable training sample: an image, or one window of a video clip.
 
     ``caption`` is ``None`` when no caption was found (Auto Caption can fill it in), otherwise the caption with the
-    trigger word applied. ``width`` / ``height`` are the upright size (after EXIF orientation); ``bucket`` is the
-    ``(width, height)`` it trains at.
+    trigger word applied. ``width`` / ``height`` are the upright size (after EXIF orientation; for a clip the size
+    of its frames as stored); ``bucket`` is the ``(width, height)`` it trains at.
+
+    ``frames`` is the number of frames of the sample (1 for an image) and ``start`` the first frame of a clip's
+    window, counted at the dataset's ``fps`` (see :func:`lora_core.data.video.read_clip_frames`). One clip gives one
+    record per window, all with the same ``path``.
     """
 
     path: Path
@@ -60,6 +71,8 @@ class ImageRecord:
     width: int
     height: int
     bucket: tuple[int, int]
+    frames: int = 1
+    start: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -73,11 +86,24 @@ class ImageRecord:
         check_int("bucket width", self.bucket[0], 1)
         check_int("bucket height", self.bucket[1], 1)
         object.__setattr__(self, "bucket", tuple(self.bucket))
+        check_int("frames", self.frames, 1)
+        check_int("start", self.start, 0)
+        if (self.frames != 1 or self.start != 0) and self.path.suffix.lower() not in VIDEO_EXTENSIONS:
+            raise ValueError(
+                f"frames={self.frames}, start={self.start} for {self.path.name}: an image has frames=1 and start=0"
+            )
+
+    @property
+    def is_clip(self) -> bool:
+        """Read from a video file: a ``.mp4`` / ``.webm`` / ``.mov``, or a ``.gif`` sampled as more than one frame
+        (a one-frame GIF is an image)."""
+        suffix = self.path.suffix.lower()
+        return suffix in VIDEO_EXTENSIONS and (suffix != ".gif" or self.frames > 1)
 
 
 @dataclass(frozen=True)
 class ScanResult:
-    """What a scan found: usable images, files left out (``on_error='skip'``) and warnings for the user."""
+    """What a scan found: usable records, files left out (``on_error='skip'``) and warnings for the user."""
 
     records: tuple[ImageRecord, ...]
     skipped: tuple[tuple[Path, str], ...] = ()
@@ -85,7 +111,13 @@ class ScanResult:
 
     @property
     def num_images(self) -> int:
+        """Every record: images plus clip windows (each window is one sample)."""
         return len(self.records)
+
+    @property
+    def num_clips(self) -> int:
+        """The records that are clip windows (``num_images - num_clips`` are images)."""
+        return sum(1 for r in self.records if r.is_clip)
 
     @property
     def num_samples(self) -> int:
@@ -141,6 +173,8 @@ class _Scanner:
         self.empty_captions: list[str] = []
         self.upscaled: list[str] = []
         self.ignored_dirs: list[str] = []
+        self.variable_rate: list[str] = []
+        self.rotated: list[str] = []
 
     # -- reporting --------------------------------------------------------------------------------------------------
 
@@ -280,6 +314,9 @@ class _Scanner:
             path = folder.path / name
             caption: str | None = None
             source: str | None = None
+            as_clip = is_clip_file(path)
+            clip: ClipInfo | None = None
+            starts: list[int] = []
             try:
                 for ext in exts:
                     sidecar = self.find(folder, present, by_case, Path(name).stem + ext)
@@ -293,14 +330,21 @@ class _Scanner:
                 else:
                     if name in meta_key:
                         caption, source = metadata[meta_key[name]], metadata_name
-                img = open_image(path, self.config.max_image_pixels)
+                if as_clip:
+                    clip, starts = self.probe(path)
+                    width, height = clip.width, clip.height
+                else:
+                    with open_image(path, self.config.max_image_pixels) as img:
+                        width, height = img.size
             except DatasetError as e:
                 bad = e.path if e.path is not None else path
-                note = "" if bad == path else f"image {label} was skipped"
+                note = "" if bad == path else f"{'clip' if as_clip else 'image'} {label} was skipped"
                 self.problem(e.replace(label=folder.prefix + bad.name), bad, note)
                 continue
-            with img:
-                width, height = img.size
+            if clip is not None and clip.variable_rate:
+                self.variable_rate.append(f"{label} ({clip.source_fps:.3g} fps on average)")
+            if clip is not None and clip.rotation:
+                self.rotated.append(f"{label} ({clip.rotation} degrees)")
             if caption is not None:
                 if not caption:
                     self.empty_captions.append(label)
@@ -309,14 +353,46 @@ class _Scanner:
             bucket = assign_bucket(width, height, self.buckets)
             if max(bucket[0] / width, bucket[1] / height) > _UPSCALE_WARN:
                 self.upscaled.append(f"{label} ({width}x{height} -> {bucket[0]}x{bucket[1]})")
-            self.records.append(ImageRecord(path, caption, source, folder.repeats, width, height, bucket))
+            if clip is None:
+                self.records.append(ImageRecord(path, caption, source, folder.repeats, width, height, bucket))
+            for start in starts:
+                self.records.append(
+                    ImageRecord(path, caption, source, folder.repeats, width, height, bucket, self.config.frames, start)
+                )
 
         unused = sorted(set(metadata) - set(meta_key.values()))
         if unused:
             self.warn(
                 f"{folder.prefix}{metadata_name} lists {len(unused)} file(s) that do not exist in its folder or are "
-                f"not images; their rows are ignored: {_names(unused)}"
+                f"not images or clips; their rows are ignored: {_names(unused)}"
             )
+
+    def probe(self, path: Path) -> tuple[ClipInfo, list[int]]:
+        """Check one clip against the config: its info and the start of every training window."""
+        config = self.config
+        if config.frames == 1:
+            raise DatasetError(
+                "is a video clip, but frames=1 trains on still images only",
+                path=path,
+                fix="Set frames (e.g. 33 or 81) to train on clips, or move the clip out of the folder",
+            )
+        info = probe_clip(path, config.max_image_pixels)
+        if info.duration_s > config.max_clip_seconds:
+            raise DatasetError(
+                f"the clip is {info.duration_s:.1f} s long, over max_clip_seconds={config.max_clip_seconds:g}",
+                path=path,
+                fix="Trim it, e.g. ffmpeg -i in.mp4 -t 60 -c copy out.mp4, or raise max_clip_seconds",
+            )
+        available = available_frames(info, config.fps)
+        starts = window_starts(available, config.frames, config.frame_sampling, config.windows)
+        if not starts:
+            raise DatasetError(
+                f"holds {available} frames at {config.fps:g} fps ({info.duration_s:.2f} s); "
+                f"frames={config.frames} needs {config.frames / config.fps:.2f} s",
+                path=path,
+                fix="Lower frames, or remove the clip",
+            )
+        return info, starts
 
     def find(self, folder: _Folder, present: set[str], by_case: dict[str, list[str]], name: str) -> str | None:
         """The file called ``name`` in the folder: exact match first, then ignoring case if that is unambiguous."""
@@ -367,7 +443,7 @@ class _Scanner:
         for folder in folders:
             images: list[str] = []
             for name in folder.files:
-                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                if Path(name).suffix.lower() not in _MEDIA_EXTENSIONS:
                     other_files.append(folder.prefix + name)
                 elif name.startswith("."):  # macOS "._x.jpg" resource forks and the like
                     hidden.append(folder.prefix + name)
@@ -395,7 +471,7 @@ class _Scanner:
         if not self.records:
             reasons = [f"{p.name}: {r}" for p, r in self.skipped]
             raise DatasetError(
-                f"none of the {total} image(s) in {str(self.root)!r} could be used ({_names(reasons, 3)})",
+                f"none of the {total} image(s) and clip(s) in {str(self.root)!r} could be used ({_names(reasons, 3)})",
                 path=self.root,
                 label="dataset",
                 fix="Fix or replace the files listed above",
@@ -406,19 +482,31 @@ class _Scanner:
                 f"{' (they train on the trigger word only)' if self.config.trigger_word else ''}: "
                 f"{_names(self.empty_captions)}"
             )
+        if self.variable_rate:
+            self.warn(
+                f"{len(self.variable_rate)} clip(s) have a variable frame rate; they are resampled by timestamp to "
+                f"{self.config.fps:g} fps: {_names(self.variable_rate)}"
+            )
+        if self.rotated:
+            self.warn(
+                f"{len(self.rotated)} clip(s) carry a rotation flag that is not applied, so they train as stored "
+                f"(sideways or upside down): {_names(self.rotated)}; re-encode them upright, e.g. "
+                "ffmpeg -i in.mp4 out.mp4 (ffmpeg applies the rotation)"
+            )
         if self.upscaled:
             self.warn(
                 f"{len(self.upscaled)} image(s) are much smaller than their bucket and are upscaled more than "
                 f"{_UPSCALE_WARN:g}x, which looks blurry: {_names(self.upscaled)}"
             )
-        records = sorted(self.records, key=lambda r: r.path.relative_to(self.root).as_posix())
+        records = sorted(self.records, key=lambda r: (r.path.relative_to(self.root).as_posix(), r.start))
         return ScanResult(tuple(records), tuple(self.skipped), tuple(self.warnings))
 
     def raise_no_images(self, other_files: list[str], hidden: list[str]) -> None:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         if other_files:
             found = (
-                f"found {len(other_files)} file(s) ({_names(other_files, 5)}), none with an image extension ({exts})"
+                f"found {len(other_files)} file(s) ({_names(other_files, 5)}), none with an image extension ({exts}) "
+                f"or a video extension ({', '.join(VIDEO_EXTENSIONS)})"
             )
         else:
             found = "found no files"
@@ -437,12 +525,14 @@ class _Scanner:
 
 
 def scan_dataset(config: DatasetConfig) -> ScanResult:
-    """Find, validate and caption every training image of ``config.folder``.
+    """Find, validate and caption every training image and clip of ``config.folder``.
 
-    Every image is fully decoded once (:func:`open_image`). With ``on_error='error'`` the first problem is raised as
-    :class:`DatasetError` (its message counts the other problems); with ``on_error='skip'`` bad files are logged and
-    listed in ``ScanResult.skipped``. A missing folder, a folder without images, or no usable image at all always
-    raises. Records are sorted by their path relative to the folder.
+    Every image is fully decoded once (:func:`open_image`); every clip is probed (:func:`probe_clip`: its packets
+    are read and its first frame decoded) and gives one record per window. With ``on_error='error'`` the first
+    problem is raised as :class:`DatasetError` (its message counts the other problems); with ``on_error='skip'`` bad
+    files are logged and listed in ``ScanResult.skipped``. A missing folder, a folder without images or clips, or no
+    usable file at all always raises. Records are sorted by their path relative to the folder (a clip's windows by
+    their start).
     """
     return _Scanner(config).run()
 
@@ -452,9 +542,10 @@ def dataset_fingerprint(
 ) -> str:
     """A cheap hash of (relative path, size, mtime_ns) of every file the scanner could read, for change detection.
 
-    Covers the files in the folder and in its immediate subfolders (the scanner reads nothing deeper) plus the
-    subfolder names. Nothing is opened. A missing or unreadable folder gives a fixed fingerprint rather than an
-    error, so change detection never fails; scanning reports the problem.
+    Covers every file in the folder and in its immediate subfolders, whatever its extension (images, clips, captions,
+    metadata; the scanner reads nothing deeper), plus the subfolder names. Nothing is opened. A missing or unreadable
+    folder gives a fixed fingerprint rather than an error, so change detection never fails; scanning reports the
+    problem.
 
     ``stat_view(path, size, mtime_ns)`` may present a file differently: it returns the ``(size, mtime_ns)`` to hash,
     or ``None`` to leave the file out. Auto Caption passes its write ledger (``lora_core.caption.WRITTEN.view``) so

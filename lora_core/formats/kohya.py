@@ -150,6 +150,11 @@ ARCHITECTURES = {
     "flux2_klein_4b": ("Flux.2-klein-4b", "https://github.com/black-forest-labs/flux2"),
     "flux2_klein_9b": ("Flux.2-klein-9b", "https://github.com/black-forest-labs/flux2"),
     "qwen_image": ("Qwen-Image", "https://github.com/QwenLM/Qwen-Image"),
+    # Wan (issue 23): ss_base_model_version per ComfyUI class, modelspec naming the checkpoint as Wan's releases do
+    "wan21_t2v": ("Wan2.1-T2V", "https://github.com/Wan-Video/Wan2.1"),
+    "wan21_t2v_1.3b": ("Wan2.1-T2V-1.3B", "https://github.com/Wan-Video/Wan2.1"),
+    "wan21_t2v_14b": ("Wan2.1-T2V-14B", "https://github.com/Wan-Video/Wan2.1"),
+    "wan22_ti2v_5b": ("Wan2.2-TI2V-5B", "https://github.com/Wan-Video/Wan2.2"),
 }
 
 

@@ -74,13 +74,16 @@ def text_cache(clip: Any) -> BoundedCache:
 
 
 def encode_image(vae: Any, key: tuple, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Latent [C, h, w] of one IMAGE [H, W, 3]; cached per VAE by ``key`` (content digest + bucket)."""
+    """Latent [C, h, w] of one IMAGE [H, W, 3] ([C, t, h, w] from a video VAE), or of a clip's frames [F, H, W, 3]
+    encoded as one video (VAE Encode of a video's IMAGE batch); cached per VAE by ``key`` (content digest + bucket,
+    and for a clip its window)."""
     cache = latent_cache(vae)
     hit = cache.get(key)
     if hit is not None:
         return hit, False
+    pixels = image if image.ndim == 4 else image[None]
     with torch.no_grad():
-        latent = normal_tensor(vae.encode(image[None, ..., :3])[0].float().cpu())
+        latent = normal_tensor(vae.encode(pixels[..., :3])[0].float().cpu())
     cache.put(key, latent)
     return latent, True
 

@@ -38,6 +38,7 @@ class ComfyDiffusion:
         self.alphas_cumprod = objective.alphas_cumprod
         self.flow_shift = objective.flow_shift  # flow: the engine draws sigmas with it (unless the run overrides it)
         self.flow_shift_by_size = objective.flow_shift_by_size  # FLUX.1-dev as loaded: per image size instead
+        self.expert_boundary = objective.expert_boundary  # Wan 2.2 14B: where the high-noise expert hands over
         self.guidance = guidance  # guidance-distilled models: the value fed while training (TrainConfig.guidance)
         self._timestep_scale = objective.timestep_multiplier if objective.prediction_type == "flow" else 1.0
         self.weight_dtype: torch.dtype = self.base.get_dtype()  # as stored: fp16 on most GPUs, maybe fp8

@@ -16,6 +16,7 @@ from typing import Any
 
 import comfy.model_base
 import comfy.model_sampling
+import comfy.text_encoders.wan
 import comfy.utils
 import torch
 
@@ -58,6 +59,15 @@ class Family:
     diffusers_map: str = ""  # export_format "diffusers": the comfy.utils function mapping diffusers keys to its layers
     file_prefix: str = "transformer"  # export_format "diffusers": the key prefix of the file
     generic: bool = False  # built from what ComfyUI knows of the model (no family entry)
+    video_fps: float = 0.0  # a video model: the frame rate it was trained at (clips are resampled to it); 0: images
+    # two-expert video models (Wan 2.2 14B: a high-noise and a low-noise checkpoint of the same layout): the noise level
+    # (sigma, after the shift) where sampling hands over from the high-noise expert to the low-noise one; 0: none
+    expert_boundary: float = 0.0
+    preview_frames: int = 1  # frames of a preview clip (4k+1 for the Wan VAEs); 1: a still image
+
+    @property
+    def video(self) -> bool:
+        return self.video_fps > 0
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -149,7 +159,28 @@ QWEN_IMAGE = Family(
     base_model_versions=("qwen_image", "qwen_image"), latent_channels=16,
     objectives=("flow",), extra_inputs=None, preview_cfg=4.0, in_channels=64,
 )
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX, CHROMA, ZIMAGE, FLUX2, QWEN_IMAGE)
+# Wan 2.1 text-to-video (1.3 B, 14 B) and Wan 2.2's 14 B high-noise / low-noise experts, which ComfyUI loads as the same
+# WAN21_T2V class (one checkpoint each): a rectified-flow DiT over 5-D video latents [16, 1 + (F - 1) / 4, h, w] of the
+# Wan 2.1 VAE, UMT5-XXL captions (CLIPLoader type wan), trained at 16 fps with the shift ComfyUI samples it with. The
+# file is the layout ai-toolkit writes and diffusers' WanLoraLoaderMixin converts: diffusion_model.<the model's own
+# path>.lora_A / lora_B (ComfyUI's LoraLoader maps it directly). A 2.2 expert is trained on its own range of noise
+# levels (Train Steps' expert: above or below the boundary 0.875 where ComfyUI's Wan 2.2 workflows switch models).
+WAN21 = Family(
+    name="Wan 2.1 / 2.2 14B", model_configs=("WAN21_T2V",), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("wan21_t2v", "wan21_t2v"), latent_channels=16, objectives=("flow",),
+    export_format="diffusers", file_prefix="diffusion_model", extra_inputs=None, preview_cfg=5.0, preview_steps=20,
+    video_fps=16.0, expert_boundary=0.875, preview_frames=9,
+)
+# Wan 2.2 TI2V 5 B (ComfyUI's WAN22_T2V): Wan's DiT over the Wan 2.2 VAE's 48-channel latents (16 x 16 pixels, 4 frames
+# per latent frame), trained at 24 fps; text-to-video here (its first-frame image conditioning is not trained). Same
+# file layout as Wan 2.1.
+WAN22_5B = Family(
+    name="Wan 2.2 5B", model_configs=("WAN22_T2V",), text_encoders=(), unet_naming="ldm",
+    base_model_versions=("wan22_ti2v_5b", "wan22_ti2v_5b"), latent_channels=48, objectives=("flow",),
+    export_format="diffusers", file_prefix="diffusion_model", extra_inputs=None, preview_cfg=5.0, preview_steps=20,
+    video_fps=24.0, preview_frames=9,
+)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3, FLUX, CHROMA, ZIMAGE, FLUX2, QWEN_IMAGE, WAN21, WAN22_5B)
 SUPPORTED = ", ".join(f.name for f in FAMILIES)
 
 
@@ -165,6 +196,7 @@ class Objective:
     # flow, FLUX.1-dev as loaded: the shift grows with the image size, (base_shift, max_shift, patch size) as
     # ComfyUI's ModelSamplingFlux node computes it (lora_core.diffusion.resolution_shift); None: flow_shift is fixed
     flow_shift_by_size: tuple[float, float, int] | None = None
+    expert_boundary: float = 0.0  # two-expert models (Wan 2.2 14B): the sigma where sampling switches experts
 
 
 @dataclass(frozen=True)
@@ -192,7 +224,8 @@ def model_type_name(patcher: Any) -> str:
 # Models no family entry claims and the generic path must not train: ComfyUI's class name -> why (shown to the user).
 # Everything else ComfyUI loads trains through the generic path when its sampling is one Kiln trains (:func:`objective`).
 _PIXELS = "works in pixel space (no VAE latents); LoRA Kiln trains latent diffusion models"
-_VIDEO = "is a video model: video LoRAs are not supported yet (train an image model)"
+_VIDEO = ("is a video model LoRA Kiln does not train yet (it trains Wan 2.1 text-to-video, Wan 2.2 14B text-to-video and "
+          "Wan 2.2 TI2V 5B)")
 _AUDIO = "is an audio model; LoRA Kiln trains image models"
 _THREE_D = "generates 3D assets or views; LoRA Kiln trains text-to-image models"
 _NOT_DIFFUSION = "is not a diffusion model (detection / segmentation / depth); there is nothing to train a LoRA for"
@@ -306,6 +339,9 @@ def detect(patcher: Any) -> Detected:
     if family is FLUX2:
         guidance = bool(unet_config.get("guidance_embed"))
         return Detected(family, found, flux2_variant(unet_config), guidance=guidance)
+    if family is WAN21:  # one class for 1.3 B (width 1536) and 14 B (5120; Wan 2.2's experts too)
+        spec = "wan21_t2v_14b" if int(unet_config.get("dim", 0)) >= 5120 else "wan21_t2v_1.3b"
+        return Detected(family, found, "wan21_t2v", model_spec=spec)
     return Detected(family, found, family.base_model_versions[found.prediction_type == "v_prediction"])
 
 
@@ -336,7 +372,8 @@ def objective(patcher: Any, family: Family | None = None) -> Objective:
     ms = comfy.model_sampling
     if schedule is ms.ModelSamplingDiscreteFlow and parametrisation is ms.CONST:
         return Objective("flow", torch.empty(0), flow_shift=float(sampling.shift),
-                         timestep_multiplier=float(sampling.multiplier))
+                         timestep_multiplier=float(sampling.multiplier),
+                         expert_boundary=family.expert_boundary if family is not None else 0.0)
     if schedule is ms.ModelSamplingFlux and parametrisation is ms.CONST:
         # FLUX.1-dev: sigma = e^mu / (e^mu + 1/t - 1), the network's timestep is sigma itself. As loaded, mu is the
         # 1024 px value and ComfyUI's ModelSamplingFlux node would set it per image size: trained the same way,
@@ -367,7 +404,8 @@ def objective(patcher: Any, family: Family | None = None) -> Objective:
 def lora_naming(patcher: Any, family: Family | None = None) -> KohyaNaming | PeftNaming:
     """The file names of a family's layers: kohya names with diffusers paths for SD1/SD2 UNets (ComfyUI's own LDM ->
     diffusers map), kohya names with the model's own paths for SDXL, FLUX, Qwen-Image and every generic model,
-    diffusers' layout for SD3 and Z-Image (ComfyUI's own diffusers maps: fused qkv -> to_q/to_k/to_v rows)."""
+    diffusers' layout for SD3 and Z-Image (ComfyUI's own diffusers maps: fused qkv -> to_q/to_k/to_v rows), and
+    ``diffusion_model.<own path>.lora_A/B`` for Wan (what diffusers' Wan loader converts)."""
     family = family or detect(patcher).family
     if family.export_format == "diffusers":
         return _diffusers_naming(patcher, family)
@@ -387,6 +425,10 @@ def _diffusers_naming(patcher: Any, family: Family) -> PeftNaming:
     """The family's diffusers layout from ComfyUI's own diffusers -> model key map (the one its LoraLoader uses):
     a fused layer written as its row pieces (qkv -> to_q/to_k/to_v), adaLN outputs in diffusers' order."""
     inner = "diffusion_model."
+    if not family.diffusers_map:  # the model's own paths (Wan): every layer is its own file module
+        layers = {name for name, module in patcher.model.diffusion_model.named_modules()
+                  if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.ndim == 2}
+        return PeftNaming({f"unet.{path}": (Piece(path),) for path in sorted(layers)}, prefix=family.file_prefix)
     to_diffusers = getattr(comfy.utils, family.diffusers_map)
     mapping = to_diffusers(patcher.model.model_config.unet_config, output_prefix=inner)
     present = set(patcher.model.diffusion_model.state_dict())
@@ -427,7 +469,26 @@ def sd3_variant(unet_config: dict[str, Any]) -> str:
 _CLIP_RESOLUTIONS = {"SD1ClipModel": (512, "SD1.x"), "SD2ClipModel": (768, "SD2.x")}
 
 
-def auto_resolution(clip: Any) -> tuple[int, str]:
-    """Load Dataset's ``auto`` resolution from the CLIP it is given: (pixels, what it was read from)."""
-    name = type(getattr(clip, "cond_stage_model", None)).__name__
+def auto_resolution(clip: Any, vae: Any = None) -> tuple[int, str]:
+    """Load Dataset's ``auto`` resolution from the CLIP (and VAE) it is given: (pixels, what it was read from). Wan
+    (UMT5 captions): 640 (480p-class clips, 832 x 480 holds about 640^2 pixels), 960 for Wan 2.2 5B (its 48-channel
+    VAE; a 720p model)."""
+    model = getattr(clip, "cond_stage_model", None)
+    name = type(model).__name__
+    if isinstance(model, comfy.text_encoders.wan.WanT5Model):
+        if video_vae(vae) is not None and int(vae.latent_channels) == 48:
+            return 960, "Wan 2.2 5B (720p clips)"
+        return 640, "Wan (480p clips)"
     return _CLIP_RESOLUTIONS.get(name, (1024, f"{name} (SDXL and newer)"))
+
+
+def video_vae(vae: Any) -> tuple[float, str] | None:
+    """(frame rate, model) for a video model's VAE, whose clips are resampled to the frame rate the model was trained
+    at: the Wan 2.2 VAE (48 channels) is Wan 2.2 5B's, 24 fps; other video VAEs (Wan 2.1's: Wan 2.1 and Wan 2.2 14B)
+    16 fps. None: an image VAE (a Wan 2.1 VAE encodes Qwen-Image's one-frame latents too; its clips would be refused
+    at Train Steps by the model)."""
+    if vae is None or int(getattr(vae, "latent_dim", 2)) != 3:
+        return None
+    if int(vae.latent_channels) == WAN22_5B.latent_channels:
+        return WAN22_5B.video_fps, "Wan 2.2 5B (Wan 2.2 VAE)"
+    return WAN21.video_fps, "Wan 2.1 / 2.2 14B (Wan 2.1 VAE)"

@@ -30,7 +30,7 @@ def unet_roots(patcher: Any) -> dict[str, nn.Module]:
 
 
 def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
-    """The layers to recompute in backward: ResBlocks and transformers inside each UNet block.
+    """The layers to recompute in backward: ResBlocks and transformers inside each UNet block, a DiT's blocks.
 
     Not the ``TimestepEmbedSequential`` containers themselves: the UNet iterates over their children
     (``forward_timestep_embed``) and never calls the container's ``forward``.
@@ -40,10 +40,15 @@ def checkpoint_blocks(patcher: Any) -> list[nn.Module]:
         return list(unet.joint_blocks)
     if getattr(unet, "double_blocks", None) is not None:  # FLUX.1: each double- and single-stream block
         return list(unet.double_blocks) + list(getattr(unet, "single_blocks", []))
-    containers = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
-    if getattr(unet, "middle_block", None) is not None:
-        containers.append(unet.middle_block)
-    return [layer for block in containers for layer in block if any(True for _ in layer.parameters())]
+    if getattr(unet, "input_blocks", None) is not None:  # the UNets (SD1/SD2/SDXL)
+        containers = list(unet.input_blocks) + list(getattr(unet, "output_blocks", []))
+        if getattr(unet, "middle_block", None) is not None:
+            containers.append(unet.middle_block)
+        return [layer for block in containers for layer in block if any(True for _ in layer.parameters())]
+    # the transformers (Wan's blocks, Z-Image's layers and refiners, Qwen-Image's transformer_blocks, ...): every
+    # top-level list of blocks of one class, one block at a time
+    return [block for child in unet.children() if isinstance(child, nn.ModuleList) and len(child) > 0
+            and len({type(b) for b in child}) == 1 and any(True for _ in child.parameters()) for block in child]
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ def sample_preview(
         # the empty latent ComfyUI's own Empty*LatentImage node gives this VAE (FLUX.2: 128 channels at 1/16; Qwen-Image:
         # a one-frame video latent)
         down = int(vae.spacial_compression_encode())
-        frames = (1,) if vae.latent_dim == 3 else ()
+        frames = (latent_frames(vae, family.preview_frames),) if vae.latent_dim == 3 else ()
         latent = torch.zeros(1, vae.latent_channels, *frames, height // down, width // down)
         noise = comfy.sample.prepare_noise(latent, seed)
         samples = comfy.sample.sample(
@@ -46,28 +46,63 @@ def sample_preview(
             disable_pbar=True,
         )
         image = vae.decode(samples)
-    # an inference tensor: fine for the IMAGE output and the temp file, never fed back into training
-    return image.reshape(-1, *image.shape[-3:])[:1].float().cpu()
+    # an inference tensor: fine for the IMAGE output and the temp file, never fed back into training; a video model's
+    # preview is its frames (IMAGE [F, H, W, 3], as VAE Decode gives a video)
+    return image.reshape(-1, *image.shape[-3:])[: max(1, family.preview_frames)].float().cpu()
 
 
-def save_temp_preview(image: torch.Tensor, prefix: str = "lora_kiln/preview") -> dict[str, str]:
-    """Write IMAGE [1, H, W, 3] as a PNG into ComfyUI's temp folder (emptied at start-up, like PreviewImage).
+def latent_frames(vae: Any, frames: int) -> int:
+    """Latent frames of a ``frames``-frame clip in this VAE's space (Wan: the first frame alone, then 4 per latent
+    frame), as ComfyUI's empty video latents count them."""
+    if frames <= 1:
+        return 1
+    ratio = vae.temporal_compression_decode() or 1
+    return (frames - 1) // int(ratio) + 1
 
-    Returns the reference the frontend's ``/view`` route takes: ``{"filename", "subfolder", "type": "temp"}``.
+
+def save_temp_preview(image: torch.Tensor, prefix: str = "lora_kiln/preview", fps: float = 16.0) -> dict[str, Any]:
+    """Write IMAGE [1, H, W, 3] as a PNG into ComfyUI's temp folder (emptied at start-up, like PreviewImage); a clip
+    (IMAGE [F, H, W, 3], F > 1) as an animated WEBP at ``fps``, which the browser plays wherever it shows an image
+    (the node's preview strip, the live view), as ComfyUI's own SaveAnimatedWEBP output does.
+
+    Returns the reference the frontend's ``/view`` route takes: ``{"filename", "subfolder", "type": "temp"}`` (and
+    ``"animated": True`` for a clip).
     """
     import random
     import string
 
-    from PIL import Image
-
-    arr = (image[0].clamp(0, 1) * 255).byte().cpu().numpy()
+    frames = to_pil(image)
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-        f"{prefix}_{suffix}", folder_paths.get_temp_directory(), arr.shape[1], arr.shape[0]
+        f"{prefix}_{suffix}", folder_paths.get_temp_directory(), frames[0].width, frames[0].height
     )
-    name = f"{filename}_{counter:05}_.png"
     os.makedirs(folder, exist_ok=True)
-    Image.fromarray(arr).save(os.path.join(folder, name), compress_level=1)
-    return {"filename": name, "subfolder": subfolder, "type": "temp"}
+    data, ext = encode_preview(image, fps)
+    name = f"{filename}_{counter:05}_.{ext}"
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(data)
+    ref: dict[str, Any] = {"filename": name, "subfolder": subfolder, "type": "temp"}
+    return {**ref, "animated": True} if ext == "webp" else ref
+
+
+def to_pil(image: torch.Tensor) -> list[Any]:
+    """IMAGE [F, H, W, 3] -> F PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in (image.clamp(0, 1) * 255).byte().cpu().numpy()]
+
+
+def encode_preview(image: torch.Tensor, fps: float = 16.0) -> tuple[bytes, str]:
+    """A preview's file: (bytes, extension). One frame: a PNG; a clip: an animated WEBP that loops at ``fps``."""
+    import io
+
+    frames = to_pil(image)
+    buf = io.BytesIO()
+    if len(frames) == 1:
+        frames[0].save(buf, format="PNG", compress_level=1)
+        return buf.getvalue(), "png"
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], loop=0, quality=80, method=0,
+                   duration=round(1000 / fps))
+    return buf.getvalue(), "webp"
 
 

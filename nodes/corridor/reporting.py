@@ -36,9 +36,11 @@ class NodeProgress(TrainCallback):
     def __init__(
         self, node_id: str | None, total: int, preview: Callable[[int], Any] | None = None,
         samples_dir: Path | None = None,
+        fps: float = 16.0,
     ) -> None:
         self.node_id = node_id
         self.samples_dir = samples_dir
+        self.fps = fps  # a video model's preview clips play at its frame rate
         self.total = total
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.preview = preview
@@ -117,25 +119,20 @@ class NodeProgress(TrainCallback):
             self.cancelled = True
             return
         try:
-            image = self.preview(step)  # IMAGE [1, H, W, 3]
+            image = self.preview(step)  # IMAGE [1, H, W, 3]; a video model's clip [F, H, W, 3]
         except mm.InterruptProcessingException:
             self.cancelled = True
             mm.interrupt_current_processing(True)
             return
         self.previews.append((step, image))
-        from PIL import Image
+        from . import previews
 
-        arr = (image[0].clamp(0, 1) * 255).byte().cpu().numpy()
-        pil = Image.fromarray(arr)
-        if self.samples_dir is not None:
-            import io as _io
-
+        if self.samples_dir is not None:  # a still as PNG, a video model's clip as an animated WEBP
             from ...lora_core.fileio import atomic_write_bytes
 
-            buf = _io.BytesIO()
-            pil.save(buf, format="PNG")
-            atomic_write_bytes(self.samples_dir / f"step{step:06d}.png", buf.getvalue())
-        self._update(self._value, ("JPEG", pil, 512))
+            data, ext = previews.encode_preview(image, self.fps)
+            atomic_write_bytes(self.samples_dir / f"step{step:06d}.{ext}", data)
+        self._update(self._value, ("JPEG", previews.to_pil(image[:1])[0], 512))  # the progress bar: its first frame
 
 
 def _finite(x: float) -> float | None:

@@ -359,9 +359,12 @@ def kiln_nodes(name: str, rank: int, alpha: float, model: list, clip: list, vae:
 # its detection reads real shapes) for UNETLoader, FLUX.2's tiny autoencoder (taef2: VAELoader finds its two halves in
 # vae_approx), a 16-channel TAESD (Z-Image) and a tiny Wan 2.1 VAE (Qwen-Image). The tiny Z-Image / Qwen-Image networks
 # and the Qwen text encoders come from the test-only fixture nodes (tests/fixture_nodes), which every ComfyServer loads.
+# Wan (issue 23): a tiny Wan 2.1 T2V and Wan 2.2 5B for UNETLoader (their detection reads real shapes), and Wan 2.2's
+# tiny autoencoder (TAEHV, 48 channels: the real Wan 2.2 VAE is 705 M parameters at any size ComfyUI detects).
 FILES_2026 = {"tiny_flux2.safetensors": "diffusion_models", "taef2_encoder.safetensors": "vae_approx",
               "taef2_decoder.safetensors": "vae_approx", "tiny_taesd16.safetensors": "vae",
-              "tiny_wan21.safetensors": "vae"}
+              "tiny_wan21.safetensors": "vae", "tiny_wan21_t2v.safetensors": "diffusion_models",
+              "tiny_wan22_5b.safetensors": "diffusion_models", "tiny_taew22.safetensors": "vae"}
 
 
 def build_2026_files(comfy: Path, folder: Path) -> dict[str, Path]:
@@ -369,11 +372,53 @@ def build_2026_files(comfy: Path, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     build_tiny_checkpoint(comfy, folder / "tiny_flux2.safetensors", size="flux2",
                           flags=("--vae", str(folder / "taef2"), "--vae-kind", "taef2"))
-    for kind in ("taesd16", "wan21"):
+    for kind in ("taesd16", "wan21", "taew22"):
         if not (folder / f"tiny_{kind}.safetensors").exists():
             build_tiny_checkpoint(comfy, folder / f"unused_{kind}.safetensors", size="flux2",
                                   flags=("--vae", str(folder / f"tiny_{kind}.safetensors"), "--vae-kind", kind))
+    build_tiny_checkpoint(comfy, folder / "tiny_wan21_t2v.safetensors", size="wan21")
+    build_tiny_checkpoint(comfy, folder / "tiny_wan22_5b.safetensors", size="wan22_5b")
     return {name: folder / name for name in FILES_2026}
+
+
+def write_clip(path: Path, frames: int, fps: int = 16, size: tuple[int, int] = (64, 64), seed: int = 0,
+               pts: list[int] | None = None) -> Path:
+    """A short learnable clip (a coloured disc moving across a light background) written with PyAV: .mp4 (H.264),
+    .webm (VP9) or .gif by the suffix. ``pts``: each frame's presentation time in milliseconds (a variable frame
+    rate) instead of ``fps``."""
+    from fractions import Fraction
+
+    import av
+    from PIL import Image, ImageDraw
+
+    colours = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 30)]
+    images = []
+    for i in range(frames):
+        img = Image.new("RGB", size, (245, 245, 240))
+        x = int(8 + (size[0] - 32) * i / max(1, frames - 1))
+        ImageDraw.Draw(img).ellipse([x, 16, x + 24, 40], fill=colours[seed % len(colours)])
+        images.append(img)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":  # Pillow writes GIFs (PyAV's gif encoder wants palettised frames)
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        return path
+    codec = {".mp4": "libx264", ".webm": "libvpx-vp9", ".mov": "libx264"}[path.suffix.lower()]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        if pts is not None:
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+            stream.codec_context.options = {"bf": "0"}  # no B-frames: decode order = presentation order
+        for i, img in enumerate(images):
+            frame = av.VideoFrame.from_image(img)
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
 
 
 def link_models(files: dict[str, Path], base: Path, folders: dict[str, str]) -> None:

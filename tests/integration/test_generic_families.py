@@ -163,7 +163,11 @@ def test_every_model_comfyui_loads_has_a_family_entry_or_trains_generically_or_i
     for name, (kind, why) in probe["classes"].items():
         if kind == "refused":
             assert why and len(why) > 20, (name, why)
-    assert probe["classes"]["ZImage"] == ["entry", "Z-Image"] and probe["classes"]["WAN22_T2V"][0] == "refused"
+    assert probe["classes"]["ZImage"] == ["entry", "Z-Image"]
+    assert probe["classes"]["WAN21_T2V"] == ["entry", "Wan 2.1 / 2.2 14B"]
+    assert probe["classes"]["WAN22_T2V"] == ["entry", "Wan 2.2 5B"]
+    # the other Wan variants (image-to-video, VACE, camera, ...) take inputs a text-to-video dataset lacks
+    assert probe["classes"]["WAN21_I2V"][0] == probe["classes"]["WAN21_Vace"][0] == "refused"
 
 
 @pytest.mark.parametrize("name", list(TINY_GENERIC))

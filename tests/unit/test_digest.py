@@ -142,7 +142,8 @@ VARIANTS = {"steps": 6, "learning_rate": 2e-4, "text_encoder_lr": 5e-5, "optimiz
             "batch_size": 2, "grad_accum": 2, "max_grad_norm": 0.5, "precision": "bf16",
             "gradient_checkpointing": True, "loss": "huber", "huber_delta": 0.2, "min_snr_gamma": 5.0,
             "noise_offset": 0.05, "timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.5,
-            "min_timestep": 1, "max_timestep": 999, "flow_shift": 3.0, "loss_weighting": "cosmap", "guidance": 3.5}
+            "min_timestep": 1, "max_timestep": 999, "flow_shift": 3.0, "loss_weighting": "cosmap", "guidance": 3.5,
+            "expert": "high_noise"}
 
 
 def test_every_training_setting_changes_the_digest():

@@ -20,6 +20,7 @@ from lora_core.data.latents import LatentDataset, LatentItem
 from lora_core.diffusion import (
     check_objective,
     diffusion_loss,
+    expert_sigma_range,
     flow_loss_weights,
     flow_noisy,
     model_flow_shift,
@@ -91,6 +92,40 @@ def test_sigma_density_is_diffusers_density_with_the_same_generator(sampling, me
     shifted = sample_flow_sigmas(64, config, 3.0, torch.Generator().manual_seed(7))
     assert torch.allclose(shifted, shift_sigmas(reference.clamp(1e-5, 1.0), 3.0), atol=1e-6)
     assert bool((shifted > ours).all())  # shift > 1 moves every sigma towards noise
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).float() / len(x)  # noqa: E731
+    return float((cdf(a) - cdf(b)).abs().max())
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_an_expert_trains_its_own_noise_levels_with_the_distribution_s_shape(sampling, expert):
+    """Wan 2.2 14B: the high-noise expert samples sigma >= 0.875 (after Wan's shift 8), the low-noise one below; inside
+    its range each keeps the shape of the full distribution (the full draw filtered to the range, as musubi's
+    preserve_distribution_shape does by redrawing)."""
+    config = TrainConfig(timestep_sampling=sampling, expert=expert)
+    lo, hi = expert_sigma_range(expert, 0.875)
+    ours = sample_flow_sigmas(20000, config, 8.0, torch.Generator().manual_seed(1), (lo, hi))
+    assert float(ours.min()) >= lo - 1e-6 and float(ours.max()) <= hi + 1e-6
+    full = sample_flow_sigmas(200000, TrainConfig(timestep_sampling=sampling), 8.0, torch.Generator().manual_seed(2))
+    filtered = full[(full >= lo) & (full <= hi)]
+    assert len(filtered) > 10000
+    assert _ks(ours, filtered) < 0.02
+    # and not merely any distribution on the range: the uniform one over it is far from it
+    assert _ks(ours, torch.rand(20000, generator=torch.Generator().manual_seed(3)) * (hi - lo) + lo) > 0.05
+
+
+def test_an_expert_needs_a_two_expert_model():
+    with pytest.raises(ValueError, match="expert='high_noise' is for two-expert models"):
+        expert_sigma_range("high_noise", 0.0)
+    with pytest.raises(ValueError, match="expert='low_noise' is for two-expert flow models"):
+        check_objective(TrainConfig(expert="low_noise"), "epsilon")
+    with pytest.raises(ValueError, match="expert='middle'"):
+        TrainConfig(expert="middle")
 
 
 def test_the_timestep_range_limits_the_unshifted_sigmas():

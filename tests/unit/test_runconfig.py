@@ -66,7 +66,7 @@ def test_every_shipped_example_config_is_listed_here():
 
 
 SHIPPED = {"train_sd15": (), "train_sdxl": (), "train_sd35": (), "train_flux": ("clip_l", "t5xxl", "ae"),
-           "train_chroma": ("t5xxl", "ae")}
+           "train_chroma": ("t5xxl", "ae"), "train_wan": ("t5xxl", "ae")}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -75,3 +75,6 @@ def test_the_shipped_example_configs_are_valid(name):
     assert cfg.split_files == SHIPPED[name]  # a checkpoint, FLUX.1 in separate files, Chroma in separate files
     if name in ("train_sd35", "train_flux", "train_chroma"):  # flow models: min-SNR off, the model's own shift
         assert cfg.min_snr_gamma == 0 and cfg.discrete_flow_shift == 0
+    if name == "train_wan":  # musubi's --dit / --t5 / --vae spelling, the clip settings, CLIPLoader type wan
+        assert cfg.base_model.startswith("wan2.1_t2v") and cfg.text_encoder_type == "wan"
+        assert (cfg.target_frames, cfg.frame_extraction, cfg.frame_sample, cfg.expert) == (33, "uniform", 2, "all")

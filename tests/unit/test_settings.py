@@ -22,11 +22,11 @@ ENGINE_ONLY = {
     AdapterConfig: {"conv_alpha", "use_rslora"},
     TrainConfig: {"weight_decay", "betas", "num_cycles", "loss", "huber_delta", "logit_mean",
                   "logit_std", "min_timestep", "max_timestep"},
-    DatasetConfig: {"min_bucket", "max_bucket", "bucket_step", "max_image_pixels"},
+    DatasetConfig: {"min_bucket", "max_bucket", "bucket_step", "max_image_pixels", "max_clip_seconds"},
 }
 # config keys that have no node input: kiln.py uses them around the graph
 NOT_IN_GRAPH = {"output_dir", "epochs", "resume_from_checkpoint"}
-SPLIT_MODEL = {"clip_l", "t5xxl", "ae", "fp8_base"}  # a checkpoint graph has none: test_flux_config_... has them
+SPLIT_MODEL = {"clip_l", "t5xxl", "ae", "fp8_base", "text_encoder_type"}  # a checkpoint graph has none: test_flux_config_... has them
 
 
 def node_schemas() -> dict[str, dict[str, object]]:
@@ -90,14 +90,14 @@ def test_train_steps_builds_its_train_config_from_its_inputs_through_the_table()
               "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05, "save_every": 9,
               "preview_every": 10, "preview_prompt": "p", "preview_seed": 1, "preview_size": 256, "preview_steps": 12,
               "text_encoder_lr": 5e-5, "max_grad_norm": 2.5, "timestep_sampling": "logit_normal", "flow_shift": 3.5,
-              "loss_weighting": "cosmap", "guidance": 3.5}
+              "loss_weighting": "cosmap", "guidance": 3.5, "expert": "high_noise"}
     inputs = {name: values.get(name, object()) for name in params}  # what execute's locals() holds
     config = TrainConfig(**settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, inputs))
     assert config == TrainConfig(steps=7, learning_rate=2e-4, optimizer="lion", scheduler="cosine", warmup_steps=5,
                                  schedule_steps=40, batch_size=2, grad_accum=3, precision="bf16",
                                  gradient_checkpointing=True, min_snr_gamma=1.5, noise_offset=0.05,
                                  text_encoder_lr=5e-5, max_grad_norm=2.5, timestep_sampling="logit_normal",
-                                 flow_shift=3.5, loss_weighting="cosmap", guidance=3.5)
+                                 flow_shift=3.5, loss_weighting="cosmap", guidance=3.5, expert="high_noise")
     del inputs["grad_accum"]
     with pytest.raises(ValueError, match=r"KilnTrainSteps input 'grad_accum' is missing \(it sets TrainConfig.grad_accum\)"):
         settings.engine_kwargs_from_node(TrainConfig, settings.TRAIN_NODE, inputs)
@@ -115,6 +115,7 @@ def full_config(folder: Path) -> RunConfig:
         "max_grad_norm": 2.5, "save_steps": 9, "save_precision": "bf16", "seed": 42, "sample_prompts": ["a cat"],
         "sample_every": 10, "sample_size": 256, "sample_steps": 12, "sample_cfg": 3.5, "timestep_sampling": "logit_normal",
         "discrete_flow_shift": 3.5, "weighting_scheme": "cosmap", "keep_checkpoints": 2, "guidance_scale": 3.5,
+        "expert": "low_noise", "target_frames": 49, "frame_extraction": "uniform", "frame_sample": 3, "fps": 24.0,
     })
     defaults = RunConfig.from_mapping({"base_model": "x", "train_data_dir": "y", "max_steps": 1})
     same = {k for k in RunConfig.keys() if getattr(cfg, k) == getattr(defaults, k)}
@@ -131,7 +132,8 @@ def test_graph_is_the_hand_wired_graph(tmp_path):
     assert {k: v["inputs"] for k, v in graph.items()} == {
         "1": {"ckpt_name": "sd15.safetensors"},
         "2": {"folder": str(folder), "vae": ["1", 2], "clip": ["1", 1], "resolution": 768, "bucketing": False,
-              "trigger_word": "sks", "repeats": 3, "caption_extension": ".caption", "on_error": "error"},
+              "trigger_word": "sks", "repeats": 3, "caption_extension": ".caption", "on_error": "error",
+              "frames": 49, "frame_sampling": "uniform", "windows": 3, "fps": 24.0},
         "3": {"model": ["1", 0], "name": "cat", "rank": 8, "alpha": 4.0, "targets": "attn", "algorithm": "locon",
               "conv_rank": 6, "dropout": 0.1, "init_lora": "none", "seed": 42, "train_text_encoder": True,
               "clip": ["1", 1]},
@@ -140,7 +142,8 @@ def test_graph_is_the_hand_wired_graph(tmp_path):
               "precision": "bf16", "gradient_checkpointing": True, "min_snr_gamma": 1.5, "noise_offset": 0.05,
               "save_every": 9, "preview_every": 10, "preview_prompt": "a cat", "preview_seed": 42, "preview_size": 256,
               "preview_steps": 12, "text_encoder_lr": 5e-5, "max_grad_norm": 2.5, "timestep_sampling": "logit_normal",
-              "flow_shift": 3.5, "loss_weighting": "cosmap", "keep_checkpoints": 2, "guidance": 3.5, "preview_cfg": 3.5},
+              "flow_shift": 3.5, "loss_weighting": "cosmap", "keep_checkpoints": 2, "guidance": 3.5, "preview_cfg": 3.5,
+              "expert": "low_noise"},
         "5": {"state": ["4", 0], "filename": "cat", "dtype": "bf16", "save_checkpoint": True},
     }
 
@@ -224,9 +227,27 @@ def test_a_text_encoder_loader_of_another_type_is_not_exported_as_flux_or_chroma
         train_text_encoder=False)
     graph = training_graph(cfg, 7, None, cfg.base_model, {"t5xxl": "t5xxl_fp16.safetensors", "ae": "ae.safetensors"})
     assert config_from_graph(graph) == cfg
-    graph["6"]["inputs"]["type"] = "wan"
-    with pytest.raises(ValueError, match=r"Load Dataset's CLIP comes from a CLIPLoader of type 'wan'.*kiln.py run"):
+    graph["6"]["inputs"]["type"] = "sd3"
+    with pytest.raises(ValueError, match=r"Load Dataset's CLIP comes from a CLIPLoader of type 'sd3'.*kiln.py run"):
         config_from_graph(graph)
+
+
+def test_a_wan_config_in_musubi_s_spelling_is_the_wan_graph_and_comes_back(tmp_path):
+    """musubi-tuner's Wan options (--dit, --t5, --vae; target_frames, frame_extraction, frame_sample) as a config: the
+    UNETLoader / CLIPLoader type wan / VAELoader graph with the clip settings on Load Dataset, and back."""
+    cfg = RunConfig.from_mapping({
+        "base_model": "wan2.1_t2v_1.3B_bf16.safetensors", "t5": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "vae": "wan_2.1_vae.safetensors", "text_encoder_type": "wan", "train_data_dir": str(tmp_path.resolve()),
+        "max_steps": 10, "resolution": 640, "target_frames": 33, "frame_extraction": "uniform", "frame_sample": 2,
+        "expert": "high_noise"})
+    names = {"t5xxl": cfg.t5xxl, "ae": cfg.ae}
+    graph = training_graph(cfg, 10, None, cfg.base_model, names)
+    assert graph["6"] == {"class_type": "CLIPLoader", "inputs": {"clip_name": cfg.t5xxl, "type": "wan"}}
+    assert graph["1"]["class_type"] == "UNETLoader" and graph["7"]["inputs"]["vae_name"] == cfg.ae
+    assert {k: graph["2"]["inputs"][k] for k in ("frames", "frame_sampling", "windows", "fps")} == {
+        "frames": 33, "frame_sampling": "uniform", "windows": 2, "fps": 0.0}
+    assert graph["4"]["inputs"]["expert"] == "high_noise"
+    assert config_from_graph(graph) == cfg
 
 
 def test_graph_paths_and_overrides(tmp_path, monkeypatch):
@@ -268,10 +289,11 @@ def test_engine_configs_come_from_the_table():
         steps=3, learning_rate=2e-4, text_encoder_lr=5e-5, optimizer="lion", scheduler="cosine", warmup_steps=5,
         batch_size=2, grad_accum=3, precision="bf16", gradient_checkpointing=True, min_snr_gamma=1.5,
         noise_offset=0.05, max_grad_norm=2.5, timestep_sampling="logit_normal", flow_shift=3.5, loss_weighting="cosmap",
-        guidance=3.5)
+        guidance=3.5, expert="low_noise")
     kwargs = settings.engine_kwargs(DatasetConfig, cfg.to_dict())
     assert kwargs == {"folder": "/data/cat", "caption_extension": ".caption", "trigger_word": "sks",
-                      "default_repeats": 3, "resolution": 768, "bucketing": False}
+                      "default_repeats": 3, "resolution": 768, "bucketing": False, "frames": 49,
+                      "frame_sampling": "uniform", "windows": 3, "fps": 24.0}
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -288,7 +310,8 @@ def test_kohya_aliases_and_the_set_names():
     assert settings.ALIASES == {
         "pretrained_model_name_or_path": "base_model", "network_dim": "lora_rank", "network_alpha": "lora_alpha",
         "train_batch_size": "batch_size", "max_train_steps": "max_steps", "max_train_epochs": "epochs",
-        "save_every_n_steps": "save_steps", "lr_warmup": "lr_warmup_steps", "optimizer_type": "optimizer"}
+        "save_every_n_steps": "save_steps", "lr_warmup": "lr_warmup_steps", "optimizer_type": "optimizer",
+        "t5": "t5xxl", "vae": "ae", "frames": "target_frames", "dit": "base_model"}
     assert settings.SET_NAMES == {
         "dataset": ("KilnLoadDataset", "folder"), "folder": ("KilnLoadDataset", "folder"),
         "steps": ("KilnTrainSteps", "steps"), "lr": ("KilnTrainSteps", "learning_rate"),

@@ -25,9 +25,18 @@ The 2026 families (ComfyUI v0.33+):
   detection step answered for it: ComfyUI detects Z-Image only at its real width 3840 (909 M parameters for one
   layer) and Qwen-Image at fixed widths (380 M for one block), too big for CPU tests. FLUX.2 needs no fixture: its
   detection reads real shapes, so ``nodes/tiny_checkpoint.py --size flux2`` writes a file UNETLoader loads.
+- ``TestTinyWanCLIP`` is what ``CLIPLoader(umt5_xxl, "wan")`` gives for Wan 2.1 / 2.2: ComfyUI's WanT5Tokenizer and
+  Wan text-encoder classes (UMT5: per-layer relative attention, masked tokens zeroed, captions padded to 512 tokens)
+  with a one-layer UMT5 of the real width (4096, what Wan's ``text_embedding`` is built for: ComfyUI does not read it
+  from the file). ComfyUI ships no UMT5 tokenizer (CLIPLoader takes the sentencepiece model from the encoder file's
+  ``spiece_model`` tensor), so the node trains a small byte-fallback one with UMT5's special ids (pad 0, eos 1,
+  unk 2) and sizes the embedding to it. The Wan diffusion models need no fixture:
+  ``nodes/tiny_checkpoint.py --size wan21|wan22_5b`` writes files UNETLoader detects.
 """
 
 from __future__ import annotations
+
+import functools
 
 import comfy.sd
 import comfy.sd1_clip
@@ -227,5 +236,60 @@ class TestTinyDiffusionModel:
         return (load_tiny_diffusion_model(model, seed, weight_dtype),)
 
 
+# a one-layer UMT5 of the real width (Wan's text_embedding reads 4096); vocab_size is set to the tiny tokenizer's
+TINY_UMT5 = {"d_ff": 256, "d_kv": 64, "d_model": 4096, "num_heads": 2, "num_layers": 1}
+# the tiny sentencepiece model's training text and size (byte fallback: any caption tokenizes)
+SPIECE_CORPUS = ("a cat walking on a street", "a dog running through a park in the rain",
+                 "a red car driving along a coast road at night", "portrait photo of a woman smiling",
+                 "a man riding a bicycle past old houses", "waves breaking under a blue sky, slow motion video")
+SPIECE_VOCAB = 320
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_spiece_model() -> bytes:
+    """A small sentencepiece model with UMT5's special ids (pad 0, eos 1, unk 2, no bos), trained here (the same
+    bytes every time): ComfyUI ships no UMT5 tokenizer, CLIPLoader reads it from the encoder file."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPIECE_CORPUS), model_writer=model, vocab_size=SPIECE_VOCAB, model_type="bpe",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True, hard_vocab_limit=False, num_threads=1,
+        minloglevel=2)
+    return model.getvalue()
+
+
+class TestTinyWanCLIP:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "min_length": ("INT", {"default": 512, "min": 1, "max": 4096})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed: int, min_length: int = 512):
+        """ComfyUI's Wan text encoder (``wan.te()`` + WanT5Tokenizer, what CLIPLoader type wan builds) with the
+        one-layer UMT5; ``min_length`` pads captions to that many tokens (ComfyUI's UMT5 default, 512, is the
+        node's default)."""
+        import comfy.text_encoders.wan
+
+        spiece = tiny_spiece_model()
+        cpu = torch.device("cpu")
+        options = {"umt5xxl_model_config": {**TINY_UMT5, "vocab_size": SPIECE_VOCAB}, "dtype": torch.float32,
+                   "load_device": cpu, "offload_device": cpu, "initial_device": cpu}
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer,
+                                                        comfy.text_encoders.wan.te())
+        tokenizer_data = {"spiece_model": torch.frombuffer(bytearray(spiece), dtype=torch.uint8),
+                          "umt5xxl_min_length": min_length}
+        clip = comfy.sd.CLIP(target=target, tokenizer_data=tokenizer_data, model_options=options)
+        _init_(clip.cond_stage_model, seed)
+        return (clip,)
+
+
 NODE_CLASS_MAPPINGS = {"TestTinyFluxCLIP": TestTinyFluxCLIP, "TestTinyChromaCLIP": TestTinyChromaCLIP,
-                       "TestTinyQwenCLIP": TestTinyQwenCLIP, "TestTinyDiffusionModel": TestTinyDiffusionModel}
+                       "TestTinyQwenCLIP": TestTinyQwenCLIP, "TestTinyDiffusionModel": TestTinyDiffusionModel,
+                       "TestTinyWanCLIP": TestTinyWanCLIP}
