@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...lora_core import AdapterSet, TrainState
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def with_adapters(patcher: Any, state: TrainState) -> Any:
     """A clone of ``patcher`` whose UNet runs with ``state``'s adapters (frozen); the original is untouched."""
     adapters = state.build_adapters().eval().requires_grad_(False)
     placed: dict[tuple[torch.device, torch.dtype], AdapterSet] = {}
+    fused = fused_int8_layers(patcher.model.diffusion_model)
 
     def wrapper(executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # APPLY_MODEL, not DIFFUSION_MODEL: every BaseModel calls its apply_model wrappers, while only some networks
@@ -176,12 +178,22 @@ def with_adapters(patcher: Any, state: TrainState) -> Any:
         if key not in placed:
             placed.clear()
             placed[key] = adapters.to(x.device)
-        with placed[key].attach({"unet": unet}):
+        # INT8 layers whose input activation ComfyUI fuses into the kernel at inference skip the layer's forward (and
+        # the adapter's hook on it) unless ComfyUI's training flag asks for the plain path
+        with placed[key].attach({"unet": unet}), compat.training() if fused else contextlib.nullcontext():
             return executor(*args, **kwargs)
 
     clone = patcher.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
     return clone
+
+
+def fused_int8_layers(root: nn.Module) -> bool:
+    """Whether ``root`` holds INT8 tensorwise-quantized layers, which ComfyUI v0.33 runs at inference through a kernel
+    with the input activation fused in (``comfy.ops.linear_input_act``: Wan's and LTX's feed-forward down-projections)
+    instead of calling the layer, so a forward hook on it would not run. ComfyUI takes the plain path while its
+    training flag is set (:func:`compat.training`)."""
+    return any(getattr(getattr(m, "weight", None), "_layout_cls", None) == "TensorWiseINT8Layout" for m in root.modules())
 
 
 def strip_adapters(patcher: Any) -> Any:
