@@ -8,6 +8,9 @@
     python bench/bench_floor.py --size sdxl --latent 8 --targets attn+ff all --native
                                                       # SDXL: context 2048, pooled + sizes -> y via extra_conds
     bash bench/gpu_sdxl.sh                            # the SDXL GPU rows: full SDXL UNet at 1024 px, bf16, MFU
+    python bench/bench_floor.py --size wan21 --latent 8 --frames 9 --t5-tokens 512 --targets attn+ff --no-peft
+                                                      # Wan 2.1 T2V: 5-D clip latents, UMT5 context [512, 4096]
+    bash bench/gpu_wan.sh                             # the Wan GPU row: Wan 2.1 1.3B at 480p x 33 frames, bf16
     python bench/bench_floor.py --size flux --latent 8 --targets attn+ff --no-peft --grad-ckpt
                                                       # FLUX.1: T5 context [256, 4096], CLIP-L pooled + guidance
     bash bench/gpu_flux.sh                            # the FLUX GPU rows: 12 B FLUX.1-dev at 1024 px, bf16/fp8, MFU
@@ -91,7 +94,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small",
                         choices=["tiny", "small", "sd15", "sdxl", "sdxl_full", "flux", "flux_full", "flux2",
-                                 "flux2_klein4b_full", "flux2_klein9b_full", "zimage_full"])
+                                 "flux2_klein4b_full", "flux2_klein9b_full", "zimage_full", "wan21", "wan21_1_3b_full"])
+    parser.add_argument("--frames", type=int, default=1,
+                        help="Wan: frames per sample, 4k+1 (33 = 9 latent frames); the latents are [C, T, s, s]")
     parser.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn"],
                         help="FLUX: the stored weights, as UNETLoader's weight_dtype (default: bf16 as written)")
     parser.add_argument("--t5-tokens", type=int, default=256,
@@ -140,7 +145,9 @@ def main() -> int:
     xl = not flow and model.model.adm_channels > 0  # SDXL: y = pooled text output + size embeddings
     channels = diffusion.family.latent_channels
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, channels, s, s, generator=g).to(device)
+    # a video model (Wan): clips of --frames frames, [C, 1 + (F - 1) / 4, s, s], the UMT5 context of 512 tokens
+    frames = ((args.frames - 1) // 4 + 1,) if diffusion.family.video else ()
+    x = torch.randn(b, channels, *frames, s, s, generator=g).to(device)
     ctx_shape = (args.t5_tokens, qwen_width or 4096) if flow else (77, 2048 if xl else 768)
     ctx = torch.randn(b, *ctx_shape, generator=g).to(device)
     t = (torch.rand(b, generator=g) if flow else torch.randint(0, 1000, (b,), generator=g)).to(device)
@@ -163,7 +170,7 @@ def main() -> int:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-    items = tuple(core.LatentItem(latent=torch.randn(channels, s, s, generator=g), cond=conds[i % b])
+    items = tuple(core.LatentItem(latent=torch.randn(channels, *frames, s, s, generator=g), cond=conds[i % b])
                   for i in range(max(b, 4)))
     data = core.LatentDataset(items)
     presets = sys.modules[core.__name__ + ".config"].TARGET_PRESETS  # the patterns Kiln's own presets use

@@ -53,6 +53,7 @@ SCRIPT = textwrap.dedent(
         "int8": patching.fused_int8_layers(unet),
         "adapters": len(state.specs),
         "moved": float((kiln - plain).abs().max()),
+        "checkpointed": [type(m).__name__ for m in patching.checkpoint_blocks(patcher)],
     }}))
     """
 )
@@ -69,3 +70,5 @@ def test_kiln_s_model_output_applies_its_adapters_on_int8_layers_comfyui_runs_fu
     got = json.loads(line[len("RESULT "):])
     assert got["int8"] and got["adapters"] == 2  # ffn.2 of both blocks, stored as INT8
     assert got["moved"] > 1e-3, got  # the adapters change the output (they were skipped before the fix)
+    # gradient checkpointing recomputes one Wan block at a time (the DiT's block list, found by structure)
+    assert got["checkpointed"] == ["WanAttentionBlock", "WanAttentionBlock"], got
