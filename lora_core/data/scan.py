@@ -174,7 +174,6 @@ class _Scanner:
         self.upscaled: list[str] = []
         self.ignored_dirs: list[str] = []
         self.variable_rate: list[str] = []
-        self.rotated: list[str] = []
 
     # -- reporting --------------------------------------------------------------------------------------------------
 
@@ -343,8 +342,6 @@ class _Scanner:
                 continue
             if clip is not None and clip.variable_rate:
                 self.variable_rate.append(f"{label} ({clip.source_fps:.3g} fps on average)")
-            if clip is not None and clip.rotation:
-                self.rotated.append(f"{label} ({clip.rotation} degrees)")
             if caption is not None:
                 if not caption:
                     self.empty_captions.append(label)
@@ -486,12 +483,6 @@ class _Scanner:
             self.warn(
                 f"{len(self.variable_rate)} clip(s) have a variable frame rate; they are resampled by timestamp to "
                 f"{self.config.fps:g} fps: {_names(self.variable_rate)}"
-            )
-        if self.rotated:
-            self.warn(
-                f"{len(self.rotated)} clip(s) carry a rotation flag that is not applied, so they train as stored "
-                f"(sideways or upside down): {_names(self.rotated)}; re-encode them upright, e.g. "
-                "ffmpeg -i in.mp4 out.mp4 (ffmpeg applies the rotation)"
             )
         if self.upscaled:
             self.warn(

@@ -56,14 +56,13 @@ _COUNT_EPS = 1e-6  # target frames: float noise in duration * fps
 class ClipInfo:
     """What :func:`probe_clip` found out about a clip.
 
-    * ``width`` / ``height``: the size of the decoded frames as stored (a rotation flag is not applied; see
-      ``rotation``).
+    * ``width`` / ``height``: the size of the frames as shown, upright (a rotation flag applied).
     * ``duration_s``: from the frame timestamps: last minus first, plus the last frame's own duration.
     * ``source_fps``: the average source rate, ``frame_count / duration_s`` (0 when the duration is unknown).
     * ``frame_count``: the video frames in the file (counted from its packets, not decoded).
     * ``variable_rate``: the intervals between frames differ by more than 10 % (and more than one time-base tick)
       from their median: the clip is a variable-frame-rate one and is resampled by timestamp.
-    * ``rotation``: the display rotation in degrees the file asks for (phones), 0 when none; it is not applied.
+    * ``rotation``: the display rotation in degrees the file asks for (phones), 0 when none; frames are turned by it.
     """
 
     width: int
@@ -177,8 +176,15 @@ def _to_rgb(frame: av.VideoFrame) -> Image.Image:
         rgba = frame.to_ndarray(format="rgba").astype(np.float32)
         alpha = rgba[..., 3:4] / 255.0
         rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
-        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
-    return frame.to_image().convert("RGB")
+        image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    else:
+        image = frame.to_image().convert("RGB")
+    # a phone's rotation flag, applied as players and ComfyUI's own Load Video apply it (counter-clockwise degrees)
+    turns = _rotation(frame) // 90 % 4
+    return image.transpose(_TURNS[turns]) if turns else image
+
+
+_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -300,9 +306,10 @@ def probe_clip(path: str | os.PathLike[str], max_pixels: int) -> ClipInfo:
         tolerance = max(median * _VARIABLE_TOLERANCE, tb)
         variable = any(abs(d - median) > tolerance for d in intervals)
         source_fps = count / duration if duration > 0 else Fraction(0)
+        turned = _rotation(first) in (90, 270)  # the frames as shown: upright (see _to_rgb)
         return ClipInfo(
-            width=first.width,
-            height=first.height,
+            width=first.height if turned else first.width,
+            height=first.width if turned else first.height,
             duration_s=float(duration),
             source_fps=float(source_fps),
             frame_count=count,

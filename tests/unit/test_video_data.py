@@ -541,3 +541,32 @@ def test_fingerprint_changes_when_a_clip_changes(tmp_path: Path) -> None:
     changed = dataset_fingerprint(tmp_path)
     write_clip(tmp_path / "2_more" / "b.mov", 3)  # a clip in a repeat folder counts too
     assert dataset_fingerprint(tmp_path) != changed
+
+
+def test_a_phone_s_rotation_flag_turns_the_frames_and_the_size_upright(tmp_path, monkeypatch):
+    """A clip whose display matrix says 90 degrees (phones): frames come out turned as players and ComfyUI's Load Video
+    show them (counter-clockwise), and the probed size is the upright one, so the bucket fits what trains. PyAV cannot
+    write the flag, so the flag is what ``_rotation`` reads."""
+    import lora_core.data.video as video
+
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:  # left half dark, right half light
+        stream = container.add_stream(MP4_CODEC, rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        arr = np.full((32, 64, 3), 230, np.uint8)
+        arr[:, :32] = 20
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    upright = read_clip_frames(path, 16.0, 0, 1, BIG)[0]
+    assert upright.size == (64, 32)
+    assert (probe_clip(path, BIG).width, probe_clip(path, BIG).height) == (64, 32)
+    monkeypatch.setattr(video, "_rotation", lambda frame: 90)
+    info = probe_clip(path, BIG)
+    assert (info.width, info.height, info.rotation) == (32, 64, 90)
+    turned = np.asarray(read_clip_frames(path, 16.0, 0, 1, BIG)[0], dtype=np.int16)
+    assert turned.shape == (64, 32, 3)
+    # counter-clockwise: the left (dark) half of the stored frame is now the bottom
+    assert turned[:24].mean() > 200 and turned[40:].mean() < 50
