@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import DatasetError
+from .errors import DatasetError, reading
 
 __all__ = [
     "apply_trigger",
@@ -33,14 +33,8 @@ _METADATA_COLUMNS = ("file_name", "text")
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
+    with reading(path):
         return path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError("the file does not exist", path=path, fix="Check the path") from None
-    except OSError as e:
-        raise DatasetError(
-            f"the file cannot be read ({e.strerror or e})", path=path, fix="Check its permissions"
-        ) from e
 
 
 def decode_text(data: bytes, path: str | os.PathLike[str]) -> str:

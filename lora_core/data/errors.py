@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DatasetError"]
+__all__ = ["DatasetError", "file_size", "reading"]
 
 
 class DatasetError(ValueError):
@@ -57,3 +59,25 @@ class DatasetError(ValueError):
 
 def _rebuild(problem: str, path: Path | None, fix: str, label: str | None) -> DatasetError:
     return DatasetError(problem, path=path, fix=fix, label=label)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn the OS's errors about reading ``path`` into a :class:`DatasetError` naming it and what to do."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DatasetError("the file does not exist", path=path, fix="Check the path") from None
+    except OSError as e:
+        raise DatasetError(
+            f"the file cannot be read ({e.strerror or e})", path=path, fix="Check its permissions"
+        ) from e
+
+
+def file_size(path: Path, empty_fix: str) -> int:
+    """The size of a readable, non-empty file, else a :class:`DatasetError` (``empty_fix``: what to do if empty)."""
+    with reading(path):
+        size = path.stat().st_size
+    if size == 0:
+        raise DatasetError("the file is empty (0 bytes)", path=path, fix=empty_fix)
+    return size

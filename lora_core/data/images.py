@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import DatasetError
+from .errors import DatasetError, file_size
 
 __all__ = ["IMAGE_EXTENSIONS", "MIN_IMAGE_SIDE", "image_to_tensor", "open_image"]
 
@@ -119,16 +119,7 @@ def open_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
     the header before decoding), and an image smaller than 8x8.
     """
     path = Path(path)
-    try:
-        size_on_disk = path.stat().st_size
-    except FileNotFoundError:
-        raise DatasetError("the file does not exist", path=path, fix="Check the path") from None
-    except OSError as e:
-        raise DatasetError(
-            f"the file cannot be read ({e.strerror or e})", path=path, fix="Check its permissions"
-        ) from e
-    if size_on_disk == 0:
-        raise DatasetError("the file is empty (0 bytes)", path=path, fix=_FIX_REPLACE)
+    file_size(path, _FIX_REPLACE)
 
     with _pil_pixel_limit(max_pixels):
         try:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .._validate import check_choice, check_int, check_range
 from .config import FRAME_SAMPLING
-from .errors import DatasetError
+from .errors import DatasetError, file_size
 from .images import MIN_IMAGE_SIDE
 
 __all__ = [
@@ -91,16 +91,7 @@ class ClipInfo:
 
 
 def _check_file(path: Path) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise DatasetError("the file does not exist", path=path, fix="Check the path") from None
-    except OSError as e:
-        raise DatasetError(
-            f"the file cannot be read ({e.strerror or e})", path=path, fix="Check its permissions"
-        ) from e
-    if size == 0:
-        raise DatasetError("the file is empty (0 bytes)", path=path, fix=_FIX_REENCODE)
+    file_size(path, _FIX_REENCODE)
 
 
 def _open(path: Path) -> av.container.InputContainer:
