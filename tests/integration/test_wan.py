@@ -312,3 +312,22 @@ def test_the_shipped_example_workflow_trains_with_its_loaders_pointed_at_the_tin
     assert [h[0] for h in out["kiln_history"]] == [1, 2] and len(out["kiln_previews"]) == 1
     assert out["kiln_previews"][0].get("animated")
     assert (installed.base / "models" / "loras" / "wan_example.safetensors").exists()
+
+
+def test_chained_train_steps_on_clips_continue_exactly(installed):
+    """1 + 1 chained Train Steps and one 2-step node, from one Inject LoRA on the clips folder: the same losses and the
+    same LoRA, bit for bit (the epoch order of clip windows and images is a function of the seed)."""
+    graph = train_graph(WAN21, "wan_chain_2", steps=2, gradient_checkpointing=False)
+    graph["5"]["inputs"]["save_checkpoint"] = False
+    graph["8"] = {"class_type": "KilnTrainSteps", "inputs": {**graph["4"]["inputs"], "steps": 1}}
+    graph["9"] = {"class_type": "KilnTrainSteps", "inputs": {**graph["8"]["inputs"], "state": ["8", 0]}}
+    graph["10"] = {"class_type": "KilnSaveLoRA", "inputs": {**graph["5"]["inputs"], "state": ["9", 0],
+                                                            "filename": "wan_chain_1_1"}}
+    result = installed.run(graph, timeout=1200)
+    assert result.status == "success", result.error
+    one, chained = result.history["outputs"]["4"]["kiln_history"], result.history["outputs"]["9"]["kiln_history"]
+    assert [h[0] for h in chained] == [1, 2] and chained == one
+    loras = installed.base / "models" / "loras"
+    two, one_one = load_file(str(loras / "wan_chain_2.safetensors")), load_file(str(loras / "wan_chain_1_1.safetensors"))
+    assert two.keys() == one_one.keys() and all(torch.equal(two[k], one_one[k]) for k in two)
+    assert all(v.abs().sum() > 0 for k, v in two.items() if k.endswith("lora_B.weight"))
