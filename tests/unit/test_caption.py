@@ -469,3 +469,31 @@ def test_wd14_folder_problems_are_explained(wd14_dir: Path, tmp_path: Path, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(CaptionError, match=r"optional package onnxruntime: install it.*pip install onnxruntime"):
         inspect_model_folder(wd14_dir)
+
+
+def test_a_clip_is_captioned_from_its_middle_frame_next_to_images(blip, tmp_path: Path) -> None:
+    """A folder with a clip: Auto Caption's engine opens its middle frame (what a captioner can look at), writes the
+    clip's sidecar like an image's, and Load Dataset reads it back for every window of the clip."""
+    import av
+    import numpy as np
+
+    from lora_core.data import clip_still
+
+    paths = make_images(tmp_path / "data", 1)
+    clip = tmp_path / "data" / "walk.mp4"
+    with av.open(str(clip), "w") as out:  # frame i is grey level 20 * i
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(9):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    assert abs(float(np.asarray(clip_still(clip, 10**9)).mean()) - 80) < 6  # frame 4 of 0..8
+    report = run([*paths, clip], blip, max_new_tokens=8)
+    assert [o.status for o in report.outcomes] == ["new", "new"]
+    text = clip.with_suffix(".txt").read_text(encoding="utf-8")
+    assert text and text == report.outcomes[1].caption
+    scanned = scan_dataset(DatasetConfig(folder=str(tmp_path / "data"), frames=5, frame_sampling="uniform", windows=2))
+    assert [r.caption for r in scanned.records if r.is_clip] == [text, text]
