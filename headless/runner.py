@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ import yaml
 import nodes as comfy_nodes
 
 from ..lora_core import runconfig, settings
-from ..lora_core.data import DatasetConfig, bucket_range, scan_dataset
 from ..lora_core.progress import PhaseText, format_eta, parse_phase_text
 from ..lora_core.runconfig import RunConfig
 from ..nodes.corridor import compat, folders, reporting
@@ -218,15 +216,9 @@ def checkpoint_name(base_model: str, folder: str = "checkpoints", key: str = "ba
 
 def steps_per_epoch(cfg: RunConfig) -> int:
     try:
-        scan = scan_dataset(DatasetConfig(**settings.engine_kwargs(DatasetConfig, cfg.to_dict()),
-                                          min_bucket=bucket_range(cfg.resolution)[0], max_bucket=bucket_range(cfg.resolution)[1]))
+        return cfg.steps_per_epoch()
     except ValueError as exc:
         raise KilnError(str(exc)) from None
-    per_bucket = Counter()
-    for record in scan.records:
-        per_bucket[record.bucket] += record.repeats
-    batches = sum(math.ceil(n / cfg.batch_size) for n in per_bucket.values())
-    return max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
 
 
 def graph_from_config(cfg: RunConfig, steps: int, resume: str | None) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def dataset_digest(dataset: LatentDataset) -> str:
     return h.hexdigest()
 
 
-# settings added after runs were first digested: left out at their default, so an upgrade does not retrain them
+# settings added after runs were first digested: left out at their default, so adding a setting alone does not change
+# the digest (a release that changes the engine or host sources changes it anyway: ENGINE_SOURCES / HOST_SOURCES)
 _LATER_DEFAULTS: dict[str, object] = {"expert": "all"}
 
 

@@ -167,6 +167,28 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.from_mapping({**self.to_dict(), **changes})
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch of ``train_data_dir`` as the trainer draws it: samples of one latent shape
+        (bucket and frame count) batch together (``LatentDataset.epoch_batches``). A ValueError names a bad file or
+        a missing setting."""
+        from .data import DatasetConfig, bucket_range, scan_dataset
+
+        kwargs = settings.engine_kwargs(DatasetConfig, self.to_dict())
+        if not self.fps:  # auto: Load Dataset reads the model's rate from the VAE; the highest (24) refuses no clip
+            kwargs["fps"] = 24.0
+        low, high = bucket_range(self.resolution)
+        scan = scan_dataset(DatasetConfig(**kwargs, min_bucket=low, max_bucket=high))
+        if scan.num_clips and not self.fps and self.epochs:
+            raise ValueError(
+                "epochs with video clips needs the frame rate to count the clips' windows: set fps (16 for Wan 2.1 "
+                "and Wan 2.2 14B, 24 for Wan 2.2 5B), or give max_steps instead of epochs")
+        per_shape: dict[tuple, int] = {}
+        for record in scan.records:
+            key = (record.bucket, record.frames)
+            per_shape[key] = per_shape.get(key, 0) + record.repeats
+        batches = sum(-(-n // self.batch_size) for n in per_shape.values())
+        return max(1, -(-batches // self.gradient_accumulation_steps))
+
     @property
     def split_model(self) -> bool:
         """The model comes in separate files (FLUX.1: diffusion model, CLIP-L + T5-XXL, autoencoder; Chroma: the same

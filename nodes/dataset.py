@@ -60,10 +60,13 @@ def encode_records(
     latents: list[torch.Tensor] = []
     sizes: list[Size] = []  # as kohya computes it: original size, crop top-left, bucket size
     encoded = 0
+    digests: dict[Path, str] = {}
     if progress is not None:
         progress.start(len(records))
     for i, record in enumerate(records, 1):
-        key: tuple = (file_digest(record.path), record.bucket)
+        if record.path not in digests:  # a clip's windows share one read of the file
+            digests[record.path] = file_digest(record.path)
+        key: tuple = (digests[record.path], record.bucket)
         try:
             if record.is_clip:  # its window's frames at the model's frame rate, each fitted to the bucket like an image
                 key += (config.fps, record.start, record.frames)
@@ -106,7 +109,7 @@ class KilnLoadDataset(io.ComfyNode):
             description=(
                 "Reads a folder of images and video clips with .txt/.caption sidecars or a metadata.csv/.jsonl, "
                 "validates every file, sorts them into aspect-ratio (and frame-count) buckets and encodes them once "
-                "with the VAE. Clips (.mp4 .webm .mov .gif) need a video model's VAE (Wan)."
+                "with the VAE. Clips (.mp4 .webm .mov .mkv .avi .m4v, animated .gif) train video models (a Wan VAE)."
             ),
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
@@ -133,8 +136,9 @@ class KilnLoadDataset(io.ComfyNode):
                     "a warning.")),
                 io.Int.Input("frames", default=33, min=1, max=257, step=4, optional=True, tooltip=(
                     "Video models (Wan): frames per training clip, 4k+1 as the Wan VAE needs (17, 33, 49, 81). Clips "
-                    "(.mp4 .webm .mov .gif) train as windows of this many frames; images in the same folder train "
-                    "as one-frame clips. Image models ignore it.")),
+                    "(.mp4 .webm .mov .mkv .avi .m4v, animated .gif) train as windows of this many frames; images in "
+                    "the same folder train as one-frame clips. With an image model's VAE it is 1: video files are "
+                    "left out (named in the output) and animated GIFs train as their first frame.")),
                 io.Combo.Input("frame_sampling", options=list(FRAME_SAMPLING), default="head", optional=True,
                                tooltip=(
                     "Which frames of a clip train: head = one window from the start; uniform = 'windows' windows "
@@ -170,6 +174,8 @@ class KilnLoadDataset(io.ComfyNode):
             resolution, source = families.auto_resolution(clip, vae)
             auto.append(f"resolution auto: {resolution} px for {source}")
         video = families.video_vae(vae)
+        if video is None:  # an image model: still images only (animated GIFs as their first frame, video files noted)
+            frames = 1
         fps_auto = video is not None and not fps
         if fps_auto:
             fps = video[0]
@@ -187,12 +193,6 @@ class KilnLoadDataset(io.ComfyNode):
         except ValueError as exc:  # a setting out of range (frames not 4k+1, ...)
             raise KilnUserError(f"Load Dataset: {exc}") from None
         clips = scan.num_clips
-        if clips and video is None:
-            first = next(r for r in scan.records if r.is_clip)
-            raise KilnUserError(
-                f"Load Dataset: {first.path.name} is a video clip ({clips} clip windows in {path.name}), but the VAE "
-                "connected encodes images: clips train video models (Wan 2.1 / 2.2, with the Wan VAE). Connect the "
-                "video model's VAE, or move the clips out of the folder to train this image model.")
         if clips and fps_auto:
             auto.append(f"fps auto: {fps:g} for {video[1]}")
         unit = "samples" if clips else "images"
@@ -217,6 +217,8 @@ class KilnLoadDataset(io.ComfyNode):
             )
         if scan.skipped:
             lines.append(f"skipped {len(scan.skipped)} files: " + "; ".join(f"{p.name}: {why}" for p, why in scan.skipped[:5]))
+        if clips and windows > 1 and frame_sampling == "head":
+            lines.append(f"windows={windows} applies to frame_sampling uniform; head takes one window from each clip's start")
         lines += auto
         lines += list(scan.warnings[:10])
         for line in lines:

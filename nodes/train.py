@@ -146,6 +146,11 @@ class KilnTrainSteps(io.ComfyNode):
         auto = run.detected.auto_defaults
         resolved = {name: getattr(auto, name) for name in config.auto_fields}
         config = config.resolved(auto)  # the run (and its digest) sees the values, never "auto"
+        if config.expert != "all" and not run.detected.objective.expert_boundary:  # before anything loads
+            raise KilnUserError(
+                f"expert={config.expert!r} is for two-expert models (Wan 2.2 14B: a high-noise and a low-noise "
+                f"checkpoint, one LoRA each); this {run.detected.family.name} model is a single one, trained on every "
+                "noise level: set expert to all")
         preview_steps = preview_steps or run.detected.family.preview_steps  # 0: auto, the family's
         preview_cfg = preview_cfg or run.detected.family.preview_cfg
         if run.trains_text_encoder and run.clip is None:

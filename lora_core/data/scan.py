@@ -33,7 +33,15 @@ from .captions import apply_trigger, read_caption_file, read_metadata_csv, read_
 from .config import CAPTION_EXTENSIONS, DatasetConfig
 from .errors import DatasetError
 from .images import IMAGE_EXTENSIONS, open_image
-from .video import VIDEO_EXTENSIONS, ClipInfo, available_frames, is_clip_file, probe_clip, window_starts
+from .video import (
+    VIDEO_EXTENSIONS,
+    ClipInfo,
+    available_frames,
+    is_animated,
+    is_clip_file,
+    probe_clip,
+    window_starts,
+)
 
 __all__ = ["ImageRecord", "ScanResult", "dataset_fingerprint", "file_digest", "scan_dataset"]
 
@@ -174,6 +182,9 @@ class _Scanner:
         self.upscaled: list[str] = []
         self.ignored_dirs: list[str] = []
         self.variable_rate: list[str] = []
+        self.left_out_clips: list[str] = []  # frames=1 (an image model): video files are not training data
+        self.gif_stills: list[str] = []  # frames=1: an animated GIF trains as its first frame, as before clips
+        self.animated_stills: list[str] = []  # animated WEBP / PNG: read as images (their first frame)
 
     # -- reporting --------------------------------------------------------------------------------------------------
 
@@ -314,6 +325,12 @@ class _Scanner:
             caption: str | None = None
             source: str | None = None
             as_clip = is_clip_file(path)
+            if as_clip and self.config.frames == 1:  # still images only (an image model, or frames=1 on purpose)
+                if path.suffix.lower() != ".gif":
+                    self.left_out_clips.append(label)
+                    continue
+                as_clip = False
+                self.gif_stills.append(label)
             clip: ClipInfo | None = None
             starts: list[int] = []
             try:
@@ -335,6 +352,8 @@ class _Scanner:
                 else:
                     with open_image(path, self.config.max_image_pixels) as img:
                         width, height = img.size
+                    if self.config.frames > 1 and path.suffix.lower() in (".webp", ".png") and is_animated(path):
+                        self.animated_stills.append(label)
             except DatasetError as e:
                 bad = e.path if e.path is not None else path
                 note = "" if bad == path else f"{'clip' if as_clip else 'image'} {label} was skipped"
@@ -367,18 +386,12 @@ class _Scanner:
     def probe(self, path: Path) -> tuple[ClipInfo, list[int]]:
         """Check one clip against the config: its info and the start of every training window."""
         config = self.config
-        if config.frames == 1:
-            raise DatasetError(
-                "is a video clip, but frames=1 trains on still images only",
-                path=path,
-                fix="Set frames (e.g. 33 or 81) to train on clips, or move the clip out of the folder",
-            )
         info = probe_clip(path, config.max_image_pixels)
         if info.duration_s > config.max_clip_seconds:
             raise DatasetError(
-                f"the clip is {info.duration_s:.1f} s long, over max_clip_seconds={config.max_clip_seconds:g}",
+                f"the clip is {info.duration_s:.1f} s long, over the {config.max_clip_seconds:g} s a clip may have",
                 path=path,
-                fix="Trim it, e.g. ffmpeg -i in.mp4 -t 60 -c copy out.mp4, or raise max_clip_seconds",
+                fix="Trim or split it, e.g. ffmpeg -i in.mp4 -t 60 -c copy out.mp4",
             )
         available = available_frames(info, config.fps)
         starts = window_starts(available, config.frames, config.frame_sampling, config.windows)
@@ -465,6 +478,13 @@ class _Scanner:
             if rest:
                 fix += f" ({len(rest)} more problem(s): {_names([e.label or '?' for e in rest])})"
             raise first.replace(fix=fix)
+        if not self.records and self.left_out_clips:
+            raise DatasetError(
+                f"holds only video clips ({_names(self.left_out_clips, 3)}), and frames=1 trains on still images",
+                path=self.root,
+                label="dataset",
+                fix="Clips train video models: connect a Wan model's VAE to Load Dataset and set frames (e.g. 33)",
+            )
         if not self.records:
             reasons = [f"{p.name}: {r}" for p, r in self.skipped]
             raise DatasetError(
@@ -478,6 +498,21 @@ class _Scanner:
                 f"{len(self.empty_captions)} image(s) have an empty caption"
                 f"{' (they train on the trigger word only)' if self.config.trigger_word else ''}: "
                 f"{_names(self.empty_captions)}"
+            )
+        if self.left_out_clips:
+            self.warn(
+                f"left out {len(self.left_out_clips)} video clip(s), which train video models (a Wan VAE and frames > 1)"
+                f": {_names(self.left_out_clips)}"
+            )
+        if self.gif_stills:
+            self.warn(
+                f"{len(self.gif_stills)} animated GIF(s) train as their first frame (frames=1): {_names(self.gif_stills)}"
+            )
+        if self.animated_stills:
+            self.warn(
+                f"{len(self.animated_stills)} animated WEBP/PNG file(s) train as still images (their first frame), not "
+                f"as clips: {_names(self.animated_stills)}; convert them to train on their motion, e.g. "
+                "ffmpeg -i clip.webp clip.mp4"
             )
         if self.variable_rate:
             self.warn(

@@ -42,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mov", ".gif")
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 # A .gif is a clip only when it is animated; a one-frame GIF stays an image.
 _ALWAYS_VIDEO = frozenset(VIDEO_EXTENSIONS) - {".gif"}
 
@@ -182,8 +182,18 @@ _TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.
 # public API
 
 
+def is_animated(path: str | os.PathLike[str]) -> bool:
+    """Whether PIL sees more than one frame in an image file (animated GIF / WEBP / PNG); False when it cannot open it."""
+    try:
+        with Image.open(path) as img:
+            return bool(getattr(img, "is_animated", False))
+    except Exception:  # noqa: BLE001 - broken or hostile file: open_image reports it
+        return False
+
+
 def is_clip_file(path: str | os.PathLike[str]) -> bool:
-    """Whether the scanner reads ``path`` as a clip: ``.mp4`` / ``.webm`` / ``.mov``, or an animated ``.gif``.
+    """Whether the scanner reads ``path`` as a clip: a video container (``.mp4``, ``.webm``, ``.mov``, ``.mkv``, ``.avi``,
+    ``.m4v``), or an animated ``.gif``.
 
     A GIF with one frame is an image. A GIF PIL cannot open counts as an image too, so that the image checks report
     what is wrong with it. Nothing is decoded.
@@ -192,13 +202,7 @@ def is_clip_file(path: str | os.PathLike[str]) -> bool:
     suffix = path.suffix.lower()
     if suffix in _ALWAYS_VIDEO:
         return True
-    if suffix != ".gif":
-        return False
-    try:
-        with Image.open(path) as img:
-            return bool(getattr(img, "is_animated", False))
-    except Exception:  # broken or hostile file: open_image reports it
-        return False
+    return suffix == ".gif" and is_animated(path)
 
 
 def probe_clip(path: str | os.PathLike[str], max_pixels: int) -> ClipInfo:

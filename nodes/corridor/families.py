@@ -10,6 +10,7 @@ refused at Inject LoRA by name (:func:`detect`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -341,6 +342,8 @@ def detect(patcher: Any) -> Detected:
         return Detected(family, found, flux2_variant(unet_config), guidance=guidance)
     if family is WAN21:  # one class for 1.3 B (width 1536) and 14 B (5120; Wan 2.2's experts too)
         spec = "wan21_t2v_14b" if int(unet_config.get("dim", 0)) >= 5120 else "wan21_t2v_1.3b"
+        if int(unet_config.get("dim", 0)) == 1536:  # Wan 2.1 1.3B: a single model, no Wan 2.2 expert of this size
+            found = dataclasses.replace(found, expert_boundary=0.0)
         return Detected(family, found, "wan21_t2v", model_spec=spec)
     return Detected(family, found, family.base_model_versions[found.prediction_type == "v_prediction"])
 

@@ -92,7 +92,7 @@ SCRIPT = textwrap.dedent(
 # reason the refusal gives; every other image model trains through the generic path (test_generic_families.py)
 OTHERS = {"FluxInpaint": "input image", "ChromaRadiance": "pixel space", "Stable_Cascade_C": "Wuerstchen",
           "SDXLRefiner": "refiner", "SD21UnclipH": "input image", "SDXL_instructpix2pix": "input image",
-          "LotusD": "not a diffusion model", "WAN21_T2V": "video model", "HunyuanVideo": "video model",
+          "LotusD": "not a diffusion model", "WAN21_I2V": "video model", "HunyuanVideo": "video model",
           "StableAudio": "audio model", "Hunyuan3Dv2": "3D", "SVD_img2vid": "video model"}
 
 

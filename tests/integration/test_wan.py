@@ -282,13 +282,19 @@ def test_bad_clips_are_named_or_skipped_and_the_server_stays_alive(installed):
     assert "2 samples (2 clip windows" in text, text  # good.mp4's two windows
 
 
-def test_clips_with_an_image_model_vae_are_refused_at_load_dataset_by_name(installed):
-    graph = train_graph(WAN21, "wan_image_vae", steps=1)
-    graph["3"]["inputs"]["vae_name"] = "tiny_taesd16.safetensors"
+def test_an_image_model_trains_on_the_stills_of_a_clip_folder_and_names_the_clips_it_leaves_out(installed):
+    """An SD1.5 user's folder with clips in it (the checkpoint's image VAE): Load Dataset trains what it trained before
+    clips existed (the image, the animated GIF as its first frame) and names the video files it leaves out."""
+    from test_sdxl import train_graph as sd_train_graph
+
+    graph = sd_train_graph("tiny_sd15.safetensors", "sd_on_clips", steps=1)
+    graph["2"]["inputs"].update(folder="clips", frames=33)  # the node's default; an image VAE makes it 1
     result = installed.run(graph)
-    assert result.status == "error"
-    message = result.error["exception_message"]
-    assert "is a video clip" in message and "encodes images" in message, message
+    assert result.status == "success", result.error
+    text = result.history["outputs"]["2"]["text"][0]
+    assert text.startswith("2 images (2 samples per epoch"), text
+    assert "left out 2 video clip(s)" in text and "walk.mp4" in text and "spin.webm" in text, text
+    assert "1 animated GIF(s) train as their first frame" in text and "bounce.gif" in text, text
 
 
 def test_the_shipped_example_workflow_trains_with_its_loaders_pointed_at_the_tiny_model(installed):

@@ -78,3 +78,28 @@ def test_the_shipped_example_configs_are_valid(name):
     if name == "train_wan":  # musubi's --dit / --t5 / --vae spelling, the clip settings, CLIPLoader type wan
         assert cfg.base_model.startswith("wan2.1_t2v") and cfg.text_encoder_type == "wan"
         assert (cfg.target_frames, cfg.frame_extraction, cfg.frame_sample, cfg.expert) == (33, "uniform", 2, "all")
+
+
+def test_the_headless_epoch_count_groups_clip_windows_by_frame_count_and_needs_fps_for_clips(tmp_path):
+    """kiln.py counts an epoch as the trainer batches it: samples of one latent shape (bucket and frame count)
+    together; with clips, epochs need the frame rate (auto is read from the VAE only once the graph runs)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+    with av.open(str(tmp_path / "walk.mp4"), "w") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(40):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), 5 * i, np.uint8), "rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    base = {"base_model": "wan.safetensors", "train_data_dir": str(tmp_path), "resolution": 64, "batch_size": 4,
+            "target_frames": 9, "frame_extraction": "uniform", "frame_sample": 3}
+    # 3 images (one batch) and 3 clip windows (another): not one batch of 4 and one of 2
+    assert RunConfig.from_mapping({**base, "max_steps": 10, "fps": 16}).steps_per_epoch() == 2
+    with pytest.raises(ValueError, match=r"epochs with video clips needs the frame rate.*set fps \(16 for Wan 2.1"):
+        RunConfig.from_mapping({**base, "epochs": 2}).steps_per_epoch()

@@ -121,7 +121,7 @@ def test_config_video_defaults_keep_image_datasets_as_they_were(tmp_path: Path) 
     c = cfg(tmp_path)
     assert (c.frames, c.frame_sampling, c.windows, c.fps, c.max_clip_seconds) == (1, "head", 1, 16.0, 600.0)
     assert FRAME_SAMPLING == ("head", "uniform")
-    assert VIDEO_EXTENSIONS == (".mp4", ".webm", ".mov", ".gif")
+    assert VIDEO_EXTENSIONS == (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 17, 33, 49, 81, 257])
@@ -409,18 +409,34 @@ def test_scan_resamples_to_the_configured_fps(tmp_path: Path) -> None:
         assert [r.start for r in result.records] == starts
 
 
-def test_scan_refuses_clips_when_frames_is_1(tmp_path: Path) -> None:
+def test_with_frames_1_video_files_are_left_out_by_name_and_animated_gifs_train_as_their_first_frame(
+        tmp_path: Path) -> None:
+    """frames=1 is an image model's dataset (Load Dataset sets it for an image VAE): what it trained before clips
+    existed still trains (an animated GIF as its first frame), video files are left out with a note naming them, and a
+    folder of clips alone is refused with what to connect."""
     save_image(tmp_path / "photo.png")
     write_clip(tmp_path / "a_clip.mp4", 4)
     write_gif(tmp_path / "b_anim.gif", [100, 100])
-    err = raises(scan_dataset, cfg(tmp_path))
-    msg = str(err)
-    assert msg.startswith("a_clip.mp4: is a video clip, but frames=1 trains on still images only")
-    assert "Set frames (e.g. 33 or 81) to train on clips" in msg
-    assert "1 more problem(s): b_anim.gif" in msg
-    skipped = scan_dataset(cfg(tmp_path, on_error="skip"))
-    assert [r.path.name for r in skipped.records] == ["photo.png"]
-    assert sorted(p.name for p, _ in skipped.skipped) == ["a_clip.mp4", "b_anim.gif"]
+    scan = scan_dataset(cfg(tmp_path))
+    assert [(r.path.name, r.frames) for r in scan.records] == [("b_anim.gif", 1), ("photo.png", 1)]
+    assert not scan.skipped and scan.num_clips == 0
+    assert any("left out 1 video clip(s)" in w and "a_clip.mp4" in w for w in scan.warnings), scan.warnings
+    assert any("1 animated GIF(s) train as their first frame" in w for w in scan.warnings), scan.warnings
+    only_clips = tmp_path / "clips"
+    write_clip(only_clips / "walk.mp4", 4)
+    msg = str(raises(scan_dataset, cfg(only_clips)))
+    assert "holds only video clips (walk.mp4), and frames=1 trains on still images" in msg
+    assert "connect a Wan model's VAE to Load Dataset and set frames" in msg
+
+
+def test_animated_webp_with_frames_trains_as_a_still_and_says_how_to_make_it_a_clip(tmp_path: Path) -> None:
+    frames = [Image.fromarray(grey(i)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    write_clip(tmp_path / "walk.mp4", 10)
+    scan = scan_dataset(cfg(tmp_path, frames=5))
+    assert sorted((r.path.name, r.frames) for r in scan.records) == [("anim.webp", 1), ("walk.mp4", 5)]
+    assert any("animated WEBP/PNG" in w and "anim.webp" in w and "ffmpeg -i clip.webp clip.mp4" in w
+               for w in scan.warnings), scan.warnings
 
 
 def test_scan_too_short_clip_says_how_many_frames_it_holds(tmp_path: Path) -> None:
@@ -435,8 +451,8 @@ def test_scan_too_short_clip_says_how_many_frames_it_holds(tmp_path: Path) -> No
 def test_scan_refuses_huge_clips(tmp_path: Path) -> None:
     write_clip(tmp_path / "long.mp4", 35)  # 2.19 s
     err = raises(scan_dataset, cfg(tmp_path, frames=5, max_clip_seconds=2))
-    assert str(err).startswith("long.mp4: the clip is 2.2 s long, over max_clip_seconds=2")
-    assert "Trim it" in str(err)
+    assert str(err).startswith("long.mp4: the clip is 2.2 s long, over the 2 s a clip may have")
+    assert "Trim or split it" in str(err)
 
 
 def test_scan_skips_each_bad_clip_and_goes_on(tmp_path: Path) -> None:
@@ -511,7 +527,7 @@ def test_scan_of_a_folder_without_media_lists_the_video_extensions(tmp_path: Pat
     (tmp_path / "notes.md").write_text("x")
     msg = str(raises(scan_dataset, cfg(tmp_path, frames=5)))
     assert "none with an image extension" in msg
-    assert ".mp4, .webm, .mov, .gif" in msg
+    assert ".mp4, .webm, .mov, .mkv, .avi, .m4v, .gif" in msg
 
 
 def test_fingerprint_changes_when_a_clip_changes(tmp_path: Path) -> None:
