@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 # A .gif is a clip only when it is animated; a one-frame GIF stays an image.
 _ALWAYS_VIDEO = frozenset(VIDEO_EXTENSIONS) - {".gif"}
+SEEK_AFTER_S = 3  # read_clip_frames seeks to windows that start later than this (earlier ones decode from the start)
 
 _FIX_REENCODE = "Re-encode it, e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4, or delete it"
 _VARIABLE_TOLERANCE = Fraction(1, 10)  # frame intervals further than this from their median make a clip variable-rate
@@ -346,8 +348,9 @@ def read_clip_frames(
 ) -> list[Image.Image]:
     """Decode the window ``start .. start + frames - 1`` (target-rate indices) of a clip as RGB images.
 
-    Target frame ``k`` is the source frame shown at ``t0 + k / fps``. The clip is decoded from its start and
-    decoding stops as soon as the last needed frame is known, so the rest of a long clip is never decoded. All
+    Target frame ``k`` is the source frame shown at ``t0 + k / fps``. A window starting more than
+    :data:`SEEK_AFTER_S` seconds in is decoded from the keyframe before it (else from the clip's start), and decoding
+    stops as soon as the last needed frame is known, so the rest of a long clip is never decoded. All
     returned frames have the size of the first one (a frame of another size, which some streams switch to, is
     resized to it). Raises :class:`DatasetError` when the file cannot be decoded, a frame is over ``max_pixels``,
     a frame has no timestamp, or the clip ends before the window does (it changed since it was scanned).
@@ -372,6 +375,43 @@ def read_clip_frames(
             img = img.resize(size, Image.Resampling.LANCZOS)
         out.append(img if not out or img is not out[-1] else img.copy())
 
+    # a window well into the clip: jump to the keyframe before it instead of decoding everything up to it (the first
+    # frame's timestamp, t0, is read first: the window's times count from it)
+    first = _first_pts(path) if targets[0] > SEEK_AFTER_S and path.suffix.lower() != ".gif" else None
+    try:
+        return _read_window(path, targets, frames, max_pixels, fps, start, first, emit, out)
+    except (_SeekMissed, DatasetError):  # could not seek before the window, or the stream after a seek was not one
+        if first is None:  # to trust (leading frames of an open GOP): decode from the start, which says what is wrong
+            raise
+        out.clear()
+        size = None
+        return _read_window(path, targets, frames, max_pixels, fps, start, None, emit, out)
+
+
+class _SeekMissed(Exception):
+    """A seek landed after the window's first target time (a container without a usable index)."""
+
+
+def _first_pts(path: Path) -> int | None:
+    """The presentation timestamp of a clip's first decoded frame (None when it has none)."""
+    container = _open(path)
+    try:
+        stream = _video_stream(container, path)
+        for frame in container.decode(stream):
+            return frame.pts
+        return None
+    except av.error.FFmpegError:
+        return None
+    finally:
+        container.close()
+
+
+def _read_window(
+    path: Path, targets: list[Fraction], frames: int, max_pixels: int, fps: float, start: int, first: int | None,
+    emit: Callable[[Image.Image], None], out: list[Image.Image],
+) -> list[Image.Image]:
+    """read_clip_frames' decoding loop; ``first``: the clip's first timestamp, to seek to the window from."""
+    fps_q = Fraction(fps)
     container = _open(path)
     try:
         stream = _video_stream(container, path)
@@ -380,7 +420,14 @@ def read_clip_frames(
         if tb is None or tb <= 0:
             raise DatasetError("the video stream has no time base", path=path, fix=_FIX_REENCODE)
         slack = _slack(tb)
-        t0: int | None = None
+        t0: int | None = first
+        seeked = False
+        if first is not None:
+            try:  # the keyframe at or before a second ahead of the window
+                container.seek(first + int((targets[0] - 1) / tb), stream=stream, backward=True, any_frame=False)
+                seeked = True
+            except av.error.FFmpegError:
+                raise _SeekMissed from None
         prev: tuple[av.VideoFrame, Fraction] | None = None  # the last frame decoded and its time from t0
         prev_img: Image.Image | None = None
         intervals: list[Fraction] = []
@@ -396,6 +443,8 @@ def read_clip_frames(
                 if t0 is None:
                     t0 = frame.pts
                 when = (frame.pts - t0) * tb
+                if seeked and prev is None and when > targets[0] + slack:
+                    raise _SeekMissed
                 # every pending target before this frame's time shows the previous frame
                 while prev is not None and len(out) < frames and targets[len(out)] + slack < when:
                     if prev_img is None:

@@ -570,3 +570,42 @@ def test_a_phone_s_rotation_flag_turns_the_frames_and_the_size_upright(tmp_path,
     assert turned.shape == (64, 32, 3)
     # counter-clockwise: the left (dark) half of the stored frame is now the bottom
     assert turned[:24].mean() > 200 and turned[40:].mean() < 50
+
+
+def _indexed_clip(path: Path, n: int, gop: int) -> Path:
+    """``n`` frames at 16 fps whose red and green levels encode the frame index, a keyframe every ``gop`` frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(MP4_CODEC, rate=16)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.gop_size = gop
+        for i in range(n):
+            arr = np.zeros((H, W, 3), np.uint8)
+            arr[..., 0], arr[..., 1] = STEP * (i % 30), STEP * (i // 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("gop", [8, 250])  # keyframes every half second, or only the first
+def test_a_window_late_in_a_long_clip_is_read_by_seeking_and_gives_the_frames_a_full_decode_gives(
+        tmp_path: Path, monkeypatch, gop: int) -> None:
+    import lora_core.data.video as video
+
+    clip = _indexed_clip(tmp_path / "long.mp4", 160, gop)  # 10 s
+    seeks: list[int] = []
+    real_first = video._first_pts
+    monkeypatch.setattr(video, "_first_pts", lambda p: seeks.append(1) or real_first(p))
+    late = read_clip_frames(clip, 16.0, 120, 9, BIG)  # starts at 7.5 s: past SEEK_AFTER_S, so it seeks
+    assert seeks == [1]
+    monkeypatch.setattr(video, "SEEK_AFTER_S", 10**6)
+    full = read_clip_frames(clip, 16.0, 120, 9, BIG)
+    assert len(seeks) == 1  # the full decode did not seek
+    assert [np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(late, full)] == [True] * 9
+
+    def index(img: Image.Image) -> int:
+        r, g = np.asarray(img, dtype=np.float64)[..., :2].reshape(-1, 2).mean(axis=0)
+        return round(r / STEP) + 30 * round(g / STEP)
+
+    assert [index(f) for f in late] == list(range(120, 129))
