@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from comfy_api.latest import io
@@ -70,21 +72,15 @@ def encode_records(
         try:
             if record.is_clip:  # its window's frames at the model's frame rate, each fitted to the bucket like an image
                 key += (config.fps, record.start, record.frames)
-                hit = caches.latent_cache(vae).get(key)
-                frames = [] if hit is not None else read_clip_frames(
-                    record.path, config.fps, record.start, record.frames, config.max_image_pixels)
-                pixels = torch.stack([image_to_tensor(fit_to_bucket(f, record.bucket)[0]) for f in frames]) \
-                    if frames else torch.zeros(0)
-                left = top = 0
-                if frames:
-                    _, (left, top, _, _) = fit_to_bucket(frames[0], record.bucket)
+                left = top = 0  # crop offsets are SDXL's size conditioning: no clip trains an image model
+                pixels: Any = functools.partial(_clip_pixels, record, config)  # decoded only when not cached
             else:
                 image, (left, top, _, _) = fit_to_bucket(open_image(record.path, config.max_image_pixels),
                                                          record.bucket)
                 pixels = image_to_tensor(image)
+            latent, new = caches.encode_image(vae, key, pixels)
         except DatasetError as exc:  # changed on disk since the scan
             raise KilnUserError(str(exc)) from None
-        latent, new = caches.encode_image(vae, key, pixels)
         if not bool(latent.isfinite().all()):
             raise KilnUserError(
                 f"{record.path.name}: the VAE produced NaN/inf latents for this {'clip' if record.is_clip else 'image'}."
@@ -97,6 +93,12 @@ def encode_records(
         if progress is not None:
             progress.advance(i)
     return latents, sizes, encoded
+
+
+def _clip_pixels(record: ImageRecord, config: DatasetConfig) -> torch.Tensor:
+    """A clip window's frames [F, H, W, 3], each fitted to the record's bucket like an image."""
+    frames = read_clip_frames(record.path, config.fps, record.start, record.frames, config.max_image_pixels)
+    return torch.stack([image_to_tensor(fit_to_bucket(f, record.bucket)[0]) for f in frames])
 
 
 class KilnLoadDataset(io.ComfyNode):
@@ -178,7 +180,7 @@ class KilnLoadDataset(io.ComfyNode):
             frames = 1
         fps_auto = video is not None and not fps
         if fps_auto:
-            fps = video[0]
+            fps = video[0].video_fps
         reporting.status(node_id, f"Load Dataset: checking the images in {path.name}")
         try:
             config = DatasetConfig(

@@ -121,6 +121,7 @@ class TrainingRun:
         self.start: TrainState = self.run.state  # the run's start state, with this dataset's facts (_execute)
         self.text_encoder: text_encoders.TextEncoder | None = None
         self.preview_files: list[dict[str, Any]] = []
+        self.preview_fps = self.family.video_fps or 16.0  # a video model's preview clips play at its frame rate
 
     def execute(self) -> RunOutcome:
         with torch.inference_mode(False), torch.enable_grad():
@@ -156,7 +157,7 @@ class TrainingRun:
         progress = reporting.NodeProgress(self.node_id, max(1, target - begin.step),
                                           self._preview if preview_every else None,
                                           samples_dir=folders.samples_directory(run.name),
-                                          fps=self.family.video_fps or 16.0)
+                                          fps=self.preview_fps)
         if plan.action == "reuse":
             result = TrainResult(begin)
         else:
@@ -251,7 +252,7 @@ class TrainingRun:
                                         self.family, text_adapters=self.text_encoder is not None)
         self._reload()
         try:
-            ref = {**previews.save_temp_preview(image, fps=self.family.video_fps or 16.0), "step": step}
+            ref = {**previews.save_temp_preview(image, fps=self.preview_fps), "step": step}
         except OSError as exc:  # a full temp disk must not stop training
             logger.warning("LoRA Kiln: could not save the preview of step %d: %s", step, exc)
         else:

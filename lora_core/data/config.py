@@ -53,12 +53,13 @@ class DatasetConfig:
     * ``max_image_pixels``: 1..2**31; larger images are refused before they are decoded (decompression bombs).
       Video frames are held to the same limit.
 
-    Video clips (``.mp4``, ``.webm``, ``.mov``, animated ``.gif``; see :mod:`lora_core.data.video`):
+    Video clips (``.mp4``, ``.webm``, ``.mov``, ``.mkv``, ``.avi``, ``.m4v``, animated ``.gif``; see
+    :mod:`lora_core.data.video`):
 
     * ``frames``: frames per training sample, 1..257 and ``4k+1`` (1, 5, 9, ... 33, 49, 81): the Wan VAE encodes
-      the first frame alone and then 4 at a time. ``1`` means clips are not expected: a folder with clips is
-      refused (they would silently train as stills). With ``frames > 1`` every clip gives one sample per window of
-      ``frames`` frames, and images stay one-frame samples.
+      the first frame alone and then 4 at a time. ``1`` is an image model's dataset: video files are left out (named
+      in a warning; a folder of nothing else is refused) and an animated GIF trains as its first frame. With
+      ``frames > 1`` every clip gives one sample per window of ``frames`` frames, and images stay one-frame samples.
     * ``frame_sampling``: ``"head"`` takes one window from the start of each clip; ``"uniform"`` takes ``windows``
       windows spread evenly from its start to its end.
     * ``windows``: 1..64, windows per clip with ``"uniform"`` (a short clip gives fewer; ``1`` is the head).

@@ -11,10 +11,11 @@ Captions, per image, first found wins: ``<stem><caption_extension>`` next to the
 extension (``.txt`` / ``.caption``), then ``metadata.csv`` or ``metadata.jsonl`` in the same folder (keyed by file
 name). Names are matched exactly first and then ignoring case. No caption gives ``caption=None``.
 
-Video clips (``.mp4``, ``.webm``, ``.mov``, animated ``.gif``) sit next to the images and are captioned the same way.
-With ``frames > 1`` each clip gives one record per window of ``frames`` frames at ``fps`` (see
-:func:`lora_core.data.video.window_starts`) and images give one-frame records; with ``frames == 1`` clips are
-refused, so that video never trains silently as stills.
+Video clips (``.mp4``, ``.webm``, ``.mov``, ``.mkv``, ``.avi``, ``.m4v``, animated ``.gif``) sit next to the images and
+are captioned the same way. With ``frames > 1`` each clip gives one record per window of ``frames`` frames at ``fps``
+(see :func:`lora_core.data.video.window_starts`) and images give one-frame records; with ``frames == 1`` (an image
+model) video files are left out and named in a warning, and an animated GIF trains as its first frame, as it did
+before clips.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ImageRecord:
 
     ``caption`` is ``None`` when no caption was found (Auto Caption can fill it in), otherwise the caption with the
     trigger word applied. ``width`` / ``height`` are the upright size (after EXIF orientation; for a clip the size
-    of its frames as stored); ``bucket`` is the ``(width, height)`` it trains at.
+    of its frames as shown, a rotation flag applied); ``bucket`` is the ``(width, height)`` it trains at.
 
     ``frames`` is the number of frames of the sample (1 for an image) and ``start`` the first frame of a clip's
     window, counted at the dataset's ``fps`` (see :func:`lora_core.data.video.read_clip_frames`). One clip gives one
@@ -103,8 +104,8 @@ class ImageRecord:
 
     @property
     def is_clip(self) -> bool:
-        """Read from a video file: a ``.mp4`` / ``.webm`` / ``.mov``, or a ``.gif`` sampled as more than one frame
-        (a one-frame GIF is an image)."""
+        """Read from a video file: a video container (``.mp4``, ``.webm``, ...), or a ``.gif`` sampled as more than one
+        frame (a GIF read as one frame is an image)."""
         suffix = self.path.suffix.lower()
         return suffix in VIDEO_EXTENSIONS and (suffix != ".gif" or self.frames > 1)
 

@@ -73,14 +73,16 @@ def text_cache(clip: Any) -> BoundedCache:
     return _texts.setdefault(clip.cond_stage_model, BoundedCache(TEXT_CACHE_BYTES))
 
 
-def encode_image(vae: Any, key: tuple, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def encode_image(vae: Any, key: tuple, image: torch.Tensor | Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """Latent [C, h, w] of one IMAGE [H, W, 3] ([C, t, h, w] from a video VAE), or of a clip's frames [F, H, W, 3]
     encoded as one video (VAE Encode of a video's IMAGE batch); cached per VAE by ``key`` (content digest + bucket,
-    and for a clip its window)."""
+    and for a clip its window). ``image`` may be a function giving it, called only when the cache misses."""
     cache = latent_cache(vae)
     hit = cache.get(key)
     if hit is not None:
         return hit, False
+    if callable(image):
+        image = image()
     pixels = image if image.ndim == 4 else image[None]
     with torch.no_grad():
         latent = normal_tensor(vae.encode(pixels[..., :3])[0].float().cpu())

@@ -341,8 +341,9 @@ def detect(patcher: Any) -> Detected:
         guidance = bool(unet_config.get("guidance_embed"))
         return Detected(family, found, flux2_variant(unet_config), guidance=guidance)
     if family is WAN21:  # one class for 1.3 B (width 1536) and 14 B (5120; Wan 2.2's experts too)
-        spec = "wan21_t2v_14b" if int(unet_config.get("dim", 0)) >= 5120 else "wan21_t2v_1.3b"
-        if int(unet_config.get("dim", 0)) == 1536:  # Wan 2.1 1.3B: a single model, no Wan 2.2 expert of this size
+        dim = int(unet_config.get("dim", 0))
+        spec = "wan21_t2v_14b" if dim >= 5120 else "wan21_t2v_1.3b"
+        if dim == 1536:  # Wan 2.1 1.3B: a single model, no Wan 2.2 expert of this size
             found = dataclasses.replace(found, expert_boundary=0.0)
         return Detected(family, found, "wan21_t2v", model_spec=spec)
     return Detected(family, found, family.base_model_versions[found.prediction_type == "v_prediction"])
@@ -479,19 +480,19 @@ def auto_resolution(clip: Any, vae: Any = None) -> tuple[int, str]:
     model = getattr(clip, "cond_stage_model", None)
     name = type(model).__name__
     if isinstance(model, comfy.text_encoders.wan.WanT5Model):
-        if video_vae(vae) is not None and int(vae.latent_channels) == 48:
+        if (video_vae(vae) or (None,))[0] is WAN22_5B:
             return 960, "Wan 2.2 5B (720p clips)"
         return 640, "Wan (480p clips)"
     return _CLIP_RESOLUTIONS.get(name, (1024, f"{name} (SDXL and newer)"))
 
 
-def video_vae(vae: Any) -> tuple[float, str] | None:
-    """(frame rate, model) for a video model's VAE, whose clips are resampled to the frame rate the model was trained
-    at: the Wan 2.2 VAE (48 channels) is Wan 2.2 5B's, 24 fps; other video VAEs (Wan 2.1's: Wan 2.1 and Wan 2.2 14B)
-    16 fps. None: an image VAE (a Wan 2.1 VAE encodes Qwen-Image's one-frame latents too; its clips would be refused
-    at Train Steps by the model)."""
+def video_vae(vae: Any) -> tuple[Family, str] | None:
+    """(family, what was read) for a video model's VAE: clips are resampled to the family's ``video_fps``, the rate the
+    model was trained at. The Wan 2.2 VAE (48 channels) is Wan 2.2 5B's; other video VAEs (Wan 2.1's: Wan 2.1 and
+    Wan 2.2 14B) Wan 2.1's. None: an image VAE (a Wan 2.1 VAE encodes Qwen-Image's one-frame latents too; its clips
+    would be refused at Train Steps by the model)."""
     if vae is None or int(getattr(vae, "latent_dim", 2)) != 3:
         return None
     if int(vae.latent_channels) == WAN22_5B.latent_channels:
-        return WAN22_5B.video_fps, "Wan 2.2 5B (Wan 2.2 VAE)"
-    return WAN21.video_fps, "Wan 2.1 / 2.2 14B (Wan 2.1 VAE)"
+        return WAN22_5B, "Wan 2.2 5B (Wan 2.2 VAE)"
+    return WAN21, "Wan 2.1 / 2.2 14B (Wan 2.1 VAE)"

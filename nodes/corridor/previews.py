@@ -71,10 +71,9 @@ def save_temp_preview(image: torch.Tensor, prefix: str = "lora_kiln/preview", fp
     import random
     import string
 
-    frames = to_pil(image)
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-        f"{prefix}_{suffix}", folder_paths.get_temp_directory(), frames[0].width, frames[0].height
+        f"{prefix}_{suffix}", folder_paths.get_temp_directory(), image.shape[2], image.shape[1]
     )
     os.makedirs(folder, exist_ok=True)
     data, ext = encode_preview(image, fps)
